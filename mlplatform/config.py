@@ -1,0 +1,297 @@
+"""Platform configuration: pydantic models loaded from YAML, strict about every key.
+
+    config = load_config("configs/local.yaml")
+    config = load_config({"project": "bnpl", "storage": {"root": "s3://risk-ml/prod"}})
+
+Every model forbids unknown keys; a bad value raises ``ConfigError`` naming the field and
+echoing the value. ``${VAR}`` and ``${VAR:-default}`` in YAML strings are replaced from the
+environment when the file is loaded, so a checked-in config can name an endpoint without
+holding it. Credentials never live in a config: S3 uses the environment / standard AWS chain.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from mlplatform._duration import Duration
+from mlplatform.errors import ConfigError
+
+__all__ = [
+    "OnlineStoreConfig",
+    "PlatformConfig",
+    "RayConfig",
+    "RedisOnlineStoreConfig",
+    "S3Options",
+    "ServingConfig",
+    "SqliteOnlineStoreConfig",
+    "StorageConfig",
+    "load_config",
+    "load_yaml",
+]
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_CREDENTIAL_KEYS = {
+    "access_key",
+    "access_key_id",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "key",
+    "secret",
+    "secret_access_key",
+    "session_token",
+    "token",
+    "password",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class S3Options(_Model):
+    """How to reach S3 (or an S3-compatible server). Credentials come from the environment."""
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint, e.g. http://127.0.0.1:9000 for an S3-compatible server; None = AWS.",
+    )
+    region: str | None = Field(default=None, description="AWS region, e.g. eu-west-1.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            found = sorted(k for k in data if str(k).lower() in _CREDENTIAL_KEYS)
+            if found:
+                raise ValueError(
+                    f"credentials do not belong in a config (found {found}); set AWS_ACCESS_KEY_ID/"
+                    "AWS_SECRET_ACCESS_KEY in the environment or use an instance role / AWS profile"
+                )
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"endpoint_url must be an http(s) URL such as http://127.0.0.1:9000, got {value!r}")
+        return value.rstrip("/")
+
+
+class StorageConfig(_Model):
+    """Where everything persistent lives: one root, a local directory or ``s3://bucket/prefix``."""
+
+    root: str = Field(default="./.mlplatform", description="Local path or s3://bucket/prefix.")
+    s3: S3Options = Field(default_factory=S3Options, description="S3 connection options (no credentials).")
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("storage root must not be empty; use a local path or s3://bucket/prefix")
+        if "://" not in value:
+            if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", value):
+                raise ValueError(f"malformed URI {value!r}: write s3://bucket/prefix or a local path")
+            return value
+        scheme, _, rest = value.partition("://")
+        if scheme == "file":
+            if not rest.startswith("/"):
+                raise ValueError(f"malformed URI {value!r}: file URIs need an absolute path (file:///abs/path)")
+            return rest
+        if scheme != "s3":
+            raise ValueError(f"unsupported storage scheme {scheme!r} in {value!r}: use a local path or s3://bucket/prefix")
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"missing bucket in {value!r}: write s3://bucket/prefix")
+        if not _BUCKET.match(bucket) or ".." in bucket:
+            raise ValueError(
+                f"invalid S3 bucket name {bucket!r} in {value!r}: 3-63 lowercase letters, digits, '.' or '-'"
+            )
+        if "//" in prefix:
+            raise ValueError(f"malformed URI {value!r}: empty path segment in the prefix")
+        return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+
+class RayConfig(_Model):
+    """How to reach Ray. With no address (and no RAY_ADDRESS set by a Ray job) a local Ray starts."""
+
+    address: str | None = Field(
+        default=None,
+        description="None = local Ray (or the job's cluster); 'auto' = the running cluster; or host:port / ray://host:10001.",
+    )
+    num_cpus: PositiveInt | None = Field(default=None, description="CPUs for a local Ray; None = all of this machine's.")
+    num_gpus: Annotated[int, Field(ge=0)] | None = Field(default=None, description="GPUs for a local Ray; None = detect.")
+    object_store_memory_mb: PositiveInt | None = Field(default=None, description="Object store size for a local Ray.")
+    dashboard_host: str = Field(default="127.0.0.1", description="Where a local Ray's dashboard listens.")
+    namespace: str = Field(default="mlplatform", min_length=1, description="Ray namespace for named actors and Serve.")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value in (None, "", "local"):
+            return None
+        if value == "auto":
+            return value
+        if "://" in value:
+            scheme = value.split("://", 1)[0]
+            if scheme not in ("ray", "http", "https"):
+                raise ValueError(f"Ray address must be 'auto', host:port or ray://host:port, got {value!r}")
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"Ray address must be 'auto', host:port or ray://host:port, got {value!r}")
+        return value
+
+
+class SqliteOnlineStoreConfig(_Model):
+    """The embedded online store: one SQLite file, for a single machine."""
+
+    type: Literal["sqlite"] = "sqlite"
+    path: str | None = Field(default=None, description="SQLite file; None = <storage root>/online/online.db.")
+
+
+class RedisOnlineStoreConfig(_Model):
+    """The production online store: Redis or Redis Cluster."""
+
+    type: Literal["redis"]
+    url: str = Field(description="redis://host:6379/0 or rediss://… (password from the REDIS_PASSWORD env var).")
+    key_prefix: str = Field(default="mlp", min_length=1, description="Prefix of every key this project writes.")
+    timeout: Duration = Field(default="50ms", description="Socket timeout for online reads.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if parsed.scheme not in ("redis", "rediss", "unix") or (parsed.scheme != "unix" and not parsed.hostname):
+            raise ValueError(f"expected redis://host:port[/db] or rediss://…, got {value!r}")
+        if parsed.password:
+            raise ValueError("the Redis password does not belong in a config; set REDIS_PASSWORD in the environment")
+        return value
+
+
+OnlineStoreConfig = Annotated[
+    SqliteOnlineStoreConfig | RedisOnlineStoreConfig,
+    Field(discriminator="type"),
+]
+
+
+class ServingConfig(_Model):
+    """The online decision service."""
+
+    host: str = Field(default="127.0.0.1", description="Where Ray Serve's HTTP ingress listens.")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8000, description="HTTP port.")
+    deadline: Duration = Field(default="50ms", description="Feature lookup + scoring budget before falling back.")
+    api_key_env: str = Field(default="MLP_API_KEY", min_length=1, description="Env var that holds the API key.")
+    fast_ingress: Literal["auto", "on", "off"] = Field(
+        default="auto", description="HAProxy ingress + throughput mode: auto = on when haproxy is installed."
+    )
+
+
+class PlatformConfig(_Model):
+    """Everything a ``Platform`` needs; every section has an embedded default."""
+
+    project: str = Field(
+        default="bnpl",
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="Project name: lowercase letters, digits, '_' or '-'.",
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    online_store: OnlineStoreConfig = Field(default_factory=SqliteOnlineStoreConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping with ``${VAR}`` expansion; a missing or malformed file is a ConfigError."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {str(path)!r}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return _expand_env(dict(data), "")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in err["loc"]) or "<top level>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the config reference in README.md)"
+        value = err.get("input")
+        shown = repr(value)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        lines.append(f"{loc}: {msg} (got {shown})")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | PlatformConfig | None = None) -> PlatformConfig:
+    """Build a ``PlatformConfig`` from a YAML path, a mapping, an existing config or nothing (defaults).
+
+    Raises:
+        ConfigError: the file is missing or malformed, or any field is invalid; the message
+            names every bad field and echoes its value.
+    """
+    if source is None:
+        return PlatformConfig()
+    if isinstance(source, PlatformConfig):
+        return source
+    if isinstance(source, Mapping):
+        data, where = _expand_env(dict(source), ""), "mapping"
+    elif isinstance(source, (str, os.PathLike)):
+        data, where = load_yaml(source), repr(str(source))
+    else:
+        raise ConfigError(f"config must be a YAML path, a mapping or a PlatformConfig, got {type(source).__name__}")
+    try:
+        return PlatformConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None

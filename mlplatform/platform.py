@@ -1,0 +1,82 @@
+"""``Platform``: the front door. It holds the config and the storage root and hands off to
+the parts, each in its own module.
+
+    platform = Platform.from_config("configs/local.yaml")
+    platform.features.apply(definitions)
+    training_set = platform.features.get_historical_features(entities, "underwriting_v1")
+
+Creating a Platform starts nothing: Ray is connected on first use (``platform.ray()``), so a
+Platform is cheap to make in a notebook, a job driver or a test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from mlplatform.config import PlatformConfig, load_config
+from mlplatform.storage import DatasetStore, Storage
+
+if TYPE_CHECKING:
+    from mlplatform.features.store import FeatureStore
+
+
+class Platform:
+    """One object for the whole platform; parts are attributes that load on first use.
+
+    Args:
+        config: a validated ``PlatformConfig``.
+    """
+
+    def __init__(self, config: PlatformConfig) -> None:
+        self.config = config
+        self.storage = Storage(config.storage)
+        self.datasets = DatasetStore(self.storage)
+        self._started_ray = False
+
+    @classmethod
+    def from_config(cls, source: str | os.PathLike[str] | Mapping[str, Any] | PlatformConfig | None = None) -> Platform:
+        """Build a Platform from a YAML path, a mapping, a ``PlatformConfig`` or nothing (embedded defaults).
+
+        Raises:
+            ConfigError: the config is invalid; the message names the field and the value.
+        """
+        return cls(load_config(source))
+
+    def __repr__(self) -> str:
+        return f"Platform(project={self.config.project!r}, root={self.storage.root!r})"
+
+    # --------------------------------------------------------------------------- parts
+    @cached_property
+    def features(self) -> FeatureStore:
+        """Feature definitions, backfills, training sets, materialization."""
+        from mlplatform.features.store import FeatureStore
+
+        return FeatureStore(self)
+
+    # ----------------------------------------------------------------------------- Ray
+    def ray(self) -> Any:
+        """Connect to Ray (see ``mlplatform._ray.connect``) and return the ``ray`` module."""
+        import ray
+
+        from mlplatform import _ray
+
+        if _ray.connect(self.config.ray):
+            self._started_ray = True
+        return ray
+
+    def close(self) -> None:
+        """Shut down the local Ray this Platform started (never a cluster it joined)."""
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> Platform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
