@@ -62,6 +62,8 @@ def parse_duration(value: object) -> timedelta:
 def format_duration(value: timedelta) -> str:
     """The shortest exact unit form: ``timedelta(days=90)`` -> ``'90d'``."""
     micros = round(value / timedelta(microseconds=1))
+    if micros == 0:
+        return "0s"
     for unit in ("w", "d", "h", "m", "s", "ms", "us"):
         size = round(_UNITS[unit] / timedelta(microseconds=1))
         if micros % size == 0:

@@ -1,0 +1,25 @@
+"""The feature store: definitions as code, a versioned registry, offline and online data."""
+
+from mlplatform.features.definitions import (
+    Aggregation,
+    Entity,
+    FeatureService,
+    FeatureView,
+    Field,
+    OnDemandFeatureView,
+    ParquetSource,
+    RequestSource,
+    on_demand_feature_view,
+)
+
+__all__ = [
+    "Aggregation",
+    "Entity",
+    "FeatureService",
+    "FeatureView",
+    "Field",
+    "OnDemandFeatureView",
+    "ParquetSource",
+    "RequestSource",
+    "on_demand_feature_view",
+]

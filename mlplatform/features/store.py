@@ -1,0 +1,118 @@
+"""``platform.features``: the feature store's front door.
+
+    platform.features.apply(definitions)          # register / version definitions
+    platform.features.list_feature_views()
+    platform.features.backfill("applicant_history", start, end)
+    platform.features.get_historical_features(entities, "underwriting_v1")
+
+Each capability lives in its own module; this class only hands off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from mlplatform.errors import DefinitionError
+from mlplatform.features.definitions import (
+    Definition,
+    Entity,
+    FeatureService,
+    FeatureView,
+    OnDemandFeatureView,
+    ParquetSource,
+    RequestSource,
+    parse_ref,
+)
+from mlplatform.features.registry import ApplyResult, FeatureRegistry
+
+if TYPE_CHECKING:
+    from mlplatform.platform import Platform
+
+OFFLINE_PREFIX = "offline"
+
+
+def offline_dataset(view: str) -> str:
+    """Dataset name of a view's offline data under the storage root."""
+    return f"{OFFLINE_PREFIX}/{view}"
+
+
+class FeatureStore:
+    """Definitions, offline data and (later) online data for one Platform."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self.registry = FeatureRegistry(platform.storage)
+
+    # ---------------------------------------------------------------- definitions
+    def apply(self, objects: Iterable[Definition], *, force: bool = False, dry_run: bool = False) -> ApplyResult:
+        """Register ``objects`` (and the entities and sources they use) as the next registry revision.
+
+        Returns the diff; applying unchanged definitions is a no-op that writes nothing.
+
+        Raises:
+            DefinitionError: invalid definitions or references.
+            ConflictError: a view with offline data would change how it is computed (use ``force``).
+        """
+        return self.registry.apply(objects, force=force, dry_run=dry_run, has_data=self._has_data)
+
+    def _has_data(self, view: FeatureView) -> bool:
+        return self.platform.datasets.exists(offline_dataset(view.name))
+
+    def list_entities(self) -> list[Entity]:
+        return self.registry.list("entity")  # type: ignore[return-value]
+
+    def get_entity(self, name: str) -> Entity:
+        return self.registry.get("entity", name)  # type: ignore[return-value]
+
+    def list_sources(self) -> list[ParquetSource]:
+        return self.registry.list("source")  # type: ignore[return-value]
+
+    def get_source(self, name: str) -> ParquetSource:
+        return self.registry.get("source", name)  # type: ignore[return-value]
+
+    def list_feature_views(self) -> list[FeatureView]:
+        return self.registry.list("feature_view")  # type: ignore[return-value]
+
+    def get_feature_view(self, name: str) -> FeatureView:
+        return self.registry.get("feature_view", name)  # type: ignore[return-value]
+
+    def list_request_sources(self) -> list[RequestSource]:
+        return self.registry.list("request_source")  # type: ignore[return-value]
+
+    def get_request_source(self, name: str) -> RequestSource:
+        return self.registry.get("request_source", name)  # type: ignore[return-value]
+
+    def list_on_demand_feature_views(self) -> list[OnDemandFeatureView]:
+        return self.registry.list("on_demand_feature_view")  # type: ignore[return-value]
+
+    def get_on_demand_feature_view(self, name: str) -> OnDemandFeatureView:
+        return self.registry.get("on_demand_feature_view", name)  # type: ignore[return-value]
+
+    def list_feature_services(self) -> list[FeatureService]:
+        return self.registry.list("feature_service")  # type: ignore[return-value]
+
+    def get_feature_service(self, name: str) -> FeatureService:
+        return self.registry.get("feature_service", name)  # type: ignore[return-value]
+
+    def resolve_features(self, features: FeatureService | str | Iterable[str]) -> list[str]:
+        """Turn a FeatureService, its name, or a list of refs into a checked list of ``view:feature`` refs.
+
+        Raises:
+            DefinitionError: a reference is malformed or names an unknown view or feature.
+        """
+        if isinstance(features, FeatureService):
+            refs = list(features.features)
+        elif isinstance(features, str):
+            if ":" in features:
+                refs = [features]
+            else:
+                refs = list(self.get_feature_service(features).features)
+        else:
+            refs = list(features)
+        if not refs:
+            raise DefinitionError("no features requested: pass a FeatureService or a list of 'view:feature' refs")
+        for ref in refs:
+            view, feature = parse_ref(ref)
+            self.registry.resolve_view(view).feature(feature)
+        return refs

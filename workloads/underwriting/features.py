@@ -1,0 +1,194 @@
+"""Underwriting features: what the lender knows about an applicant and a merchant at checkout.
+
+Applied with ``platform.features.apply(underwriting.features.DEFINITIONS)`` (``mlp apply``).
+Every feature carries a ``reason``: the customer-facing text used when it pushes a decision
+toward decline (adverse-action notices).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mlplatform.features import (
+    Aggregation,
+    Entity,
+    FeatureService,
+    FeatureView,
+    Field,
+    ParquetSource,
+    RequestSource,
+    on_demand_feature_view,
+)
+
+applicant = Entity(name="applicant", join_keys=["applicant_id"], description="A customer applying for credit at checkout.")
+merchant = Entity(name="merchant", join_keys=["merchant_id"], description="A store that offers pay-later at checkout.")
+
+repayment_events = ParquetSource(
+    name="repayment_events",
+    dataset="raw/underwriting/repayment_events",
+    timestamp_field="event_ts",
+    created_timestamp_field="known_ts",
+    description="Originations, payments, missed installments and delinquencies, stamped with when they were known.",
+)
+loan_outcomes = ParquetSource(
+    name="loan_outcomes",
+    dataset="raw/underwriting/outcomes",
+    timestamp_field="label_ts",
+    description="Default outcome of each loan, knowable 120 days after origination.",
+)
+applications = ParquetSource(
+    name="applications",
+    dataset="raw/underwriting/applications",
+    timestamp_field="application_ts",
+    description="Checkout applications.",
+)
+
+_WINDOWS = {"30d": "30 days", "90d": "90 days", "365d": "12 months"}
+
+
+def _history_aggregations() -> list[Aggregation]:
+    aggs = []
+    for window, words in _WINDOWS.items():
+        aggs += [
+            Aggregation(
+                name=f"loans_{window}", column="is_loan", function="sum", window=window,
+                description=f"Loans taken in the last {words}.",
+                reason=f"Number of recent loans in the last {words}",
+            ),
+            Aggregation(
+                name=f"late_installments_{window}", column="is_late", function="sum", window=window,
+                description=f"Installments paid late in the last {words}.",
+                reason=f"Late payments in the last {words}",
+            ),
+            Aggregation(
+                name=f"missed_installments_{window}", column="is_missed", function="sum", window=window,
+                description=f"Installments missed in the last {words}.",
+                reason=f"Missed payments in the last {words}",
+            ),
+            Aggregation(
+                name=f"max_days_past_due_{window}", column="days_past_due", function="max", window=window,
+                description=f"Worst delinquency (days past due) in the last {words}.",
+                reason=f"Serious delinquency in the last {words}",
+            ),
+        ]
+    aggs += [
+        Aggregation(
+            name="outstanding_balance", column="balance_delta", function="sum", window="365d",
+            description="Principal originated minus payments over the last 12 months.",
+            reason="Amount currently owed on other loans",
+        ),
+        Aggregation(
+            name="avg_loan_amount_365d", column="loan_amount", function="mean", window="365d",
+            description="Average loan amount over the last 12 months.",
+            reason="Limited history of loans of this size",
+        ),
+    ]
+    return aggs
+
+
+applicant_history = FeatureView(
+    name="applicant_history",
+    entities=[applicant],
+    source=repayment_events,
+    aggregations=_history_aggregations(),
+    ttl="400d",
+    description="The applicant's repayment history as known at each day's end.",
+    owner="credit-risk",
+)
+
+merchant_risk = FeatureView(
+    name="merchant_risk",
+    entities=[merchant],
+    source=loan_outcomes,
+    aggregations=[
+        Aggregation(
+            name="default_rate_90d", column="default", function="mean", window="90d",
+            description="Share of this merchant's loans whose outcome became known in the last 90 days that defaulted.",
+            reason="Elevated risk at this merchant",
+        ),
+        Aggregation(
+            name="outcomes_90d", column="default", function="count", window="90d",
+            description="Loan outcomes that became known in the last 90 days.",
+            reason="Limited history at this merchant",
+        ),
+    ],
+    ttl="120d",
+    description="How loans at this merchant have turned out.",
+    owner="credit-risk",
+)
+
+merchant_activity = FeatureView(
+    name="merchant_activity",
+    entities=[merchant],
+    source=applications,
+    aggregations=[
+        Aggregation(
+            name="applications_90d", function="count", window="90d",
+            description="Checkout applications at this merchant in the last 90 days.",
+            reason="Limited history at this merchant",
+        ),
+    ],
+    ttl="120d",
+    description="Checkout volume at this merchant.",
+    owner="credit-risk",
+)
+
+checkout = RequestSource(
+    name="checkout",
+    schema=[
+        Field(name="amount", dtype="float64", description="Order amount."),
+        Field(name="term", dtype="int64", description="Number of installments."),
+    ],
+    description="Fields of the checkout application itself.",
+)
+
+
+@on_demand_feature_view(
+    sources=[checkout, applicant_history],
+    schema=[
+        Field(name="order_amount", dtype="float64", description="Order amount.", reason="Order amount is high"),
+        Field(name="term_installments", dtype="int64", description="Installments in the plan.", reason="Length of the payment plan"),
+        Field(
+            name="amount_to_avg_prior",
+            dtype="float64",
+            description="Order amount divided by the applicant's average loan over the last 12 months (null without history).",
+            reason="Order amount is high compared with your previous purchases",
+        ),
+    ],
+)
+def checkout_features(df: pd.DataFrame) -> pd.DataFrame:
+    """Request-time features of the checkout, relative to the applicant's history."""
+    amount = df["amount"].astype("float64")
+    prior = df["avg_loan_amount_365d"].astype("float64")
+    ratio = np.where(prior > 0, amount / prior.where(prior > 0, np.nan), np.nan)
+    return pd.DataFrame(
+        {
+            "order_amount": amount,
+            "term_installments": df["term"].astype("int64"),
+            "amount_to_avg_prior": ratio,
+        },
+        index=df.index,
+    )
+
+
+underwriting_v1 = FeatureService(
+    name="underwriting_v1",
+    features=[applicant_history, merchant_risk, merchant_activity, checkout_features],
+    description="Features of the checkout underwriting model.",
+    owner="credit-risk",
+)
+
+DEFINITIONS = [
+    applicant,
+    merchant,
+    repayment_events,
+    loan_outcomes,
+    applications,
+    applicant_history,
+    merchant_risk,
+    merchant_activity,
+    checkout,
+    checkout_features,
+    underwriting_v1,
+]
