@@ -1,0 +1,1 @@
+"""Workloads built on mlplatform; each package exposes ``Config`` and ``run``."""

@@ -1,0 +1,67 @@
+"""The underwriting main job, step by step (``mlp run configs/underwriting.yaml``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlplatform.features.listing import describe_registry
+from mlplatform.platform import Platform
+from workloads.underwriting.generate import DataConfig
+
+Echo = Callable[[str], None]
+RAW_PREFIX = "raw/underwriting"
+TABLES = ("applicants", "merchants", "applications", "installments", "repayment_events", "outcomes")
+
+
+class Config(BaseModel):
+    """The underwriting workload file (configs/underwriting.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workload: Literal["underwriting"] = "underwriting"
+    platform: str | dict[str, Any] = Field(default="local.yaml", description="Platform config path or mapping.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Synthetic data size, period and seed.")
+
+
+def definitions() -> list[Any]:
+    from workloads.underwriting.features import DEFINITIONS
+
+    return list(DEFINITIONS)
+
+
+def generate_data(platform: Platform, config: Config, echo: Echo = print) -> bool:
+    """Generate the synthetic data unless the same data (same config) is already published.
+
+    Returns True if data was generated.
+    """
+    wanted = json.loads(config.data.model_dump_json())
+    datasets = platform.datasets
+    current = [
+        datasets.get(f"{RAW_PREFIX}/{t}").metadata.get("data_config") if datasets.exists(f"{RAW_PREFIX}/{t}") else None
+        for t in TABLES
+    ]
+    if all(c == wanted for c in current):
+        echo(f"[generate] up to date: {config.data.applications:,} applications under {platform.storage.uri(RAW_PREFIX)}")
+        return False
+    from workloads.underwriting.generate import generate
+
+    generate(platform, config.data, prefix=RAW_PREFIX)
+    return True
+
+
+def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any]:
+    """Generate data → apply the underwriting definitions → list them."""
+    started = time.monotonic()
+    echo(f"mlplatform: underwriting workload on {platform!r}")
+    platform.storage.check_reachable()
+    generate_data(platform, config, echo)
+    result = platform.features.apply(definitions())
+    echo(f"[apply] {result}")
+    echo(describe_registry(platform.features))
+    echo(f"done in {time.monotonic() - started:.1f}s")
+    return {"apply": result}
