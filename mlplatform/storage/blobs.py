@@ -217,11 +217,13 @@ class Storage:
 
     def list(self, prefix: str) -> list[str]:
         """Names directly under ``prefix`` (files and folders), sorted; [] when it does not exist."""
+        base = self.path(prefix).rstrip("/")
         try:
-            entries = self.fs.ls(self.path(prefix), detail=False, refresh=True)
+            entries = self.fs.ls(base, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+        # S3 "directory marker" objects list as the folder itself; they are not children.
+        return sorted({posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != base})
 
     def walk_files(self, prefix: str) -> Iterator[str]:
         """Every file under ``prefix``, as keys relative to the root."""
