@@ -106,10 +106,13 @@ class StagedWrite:
         self,
         *,
         replace: Literal["all", "partitions"] = "all",
+        replace_partitions: Iterable[str] = (),
         metadata: dict[str, Any] | None = None,
         partitioned: bool = False,
     ) -> DatasetVersion:
-        return self.store._commit_staged(self, replace=replace, metadata=metadata, partitioned=partitioned)
+        return self.store._commit_staged(
+            self, replace=replace, replace_partitions=replace_partitions, metadata=metadata, partitioned=partitioned
+        )
 
 
 class DatasetStore:
@@ -198,6 +201,7 @@ class DatasetStore:
         *,
         partition_by: str | None = None,
         replace: Literal["all", "partitions"] = "all",
+        replace_partitions: Iterable[str] = (),
         metadata: dict[str, Any] | None = None,
     ) -> DatasetVersion:
         """Write ``data`` and commit it as the next version of ``name`` in one atomic step.
@@ -208,7 +212,9 @@ class DatasetStore:
                 is given (a filesystem path for ``storage.arrow_fs``).
             partition_by: a column whose values name partitions (Hive style ``col=value/``).
             replace: ``"all"`` makes the new files the whole dataset; ``"partitions"`` keeps the
-                previous version's files except those in partitions this write produced.
+                previous version's files except those in partitions this write produced or
+                listed in ``replace_partitions`` (so a re-run range that now yields no rows
+                for a day still removes that day's old rows).
             metadata: JSON-able facts recorded in the manifest (e.g. the view version).
 
         Returns:
@@ -219,7 +225,12 @@ class DatasetStore:
         """
         staged = self.begin(name)
         self._write(staged.path, data, partition_by)
-        return staged.commit(replace=replace, metadata=metadata, partitioned=partition_by is not None)
+        return staged.commit(
+            replace=replace,
+            replace_partitions=replace_partitions,
+            metadata=metadata,
+            partitioned=partition_by is not None,
+        )
 
     def begin(self, name: str) -> StagedWrite:
         """Start a write whose files are produced elsewhere (e.g. by Ray tasks).
@@ -236,7 +247,13 @@ class DatasetStore:
         return StagedWrite(self, name, key, self.storage.path(key))
 
     def _commit_staged(
-        self, staged: StagedWrite, *, replace: str, metadata: dict[str, Any] | None, partitioned: bool
+        self,
+        staged: StagedWrite,
+        *,
+        replace: str,
+        replace_partitions: Iterable[str],
+        metadata: dict[str, Any] | None,
+        partitioned: bool,
     ) -> DatasetVersion:
         if replace == "partitions" and not partitioned:
             raise StorageError("replace='partitions' needs a partitioned write (partition_by)")
@@ -249,7 +266,14 @@ class DatasetStore:
                 self.storage.path(f"{staged.name}/{new_files[0].path}"), filesystem=self.storage.arrow_fs
             )
             schema = _schema_to_text(schema_obj.remove_metadata())
-        return self._commit(staged.name, new_files, replace=replace, schema=schema, metadata=metadata or {})
+        return self._commit(
+            staged.name,
+            new_files,
+            replace=replace,
+            replace_partitions=set(replace_partitions),
+            schema=schema,
+            metadata=metadata or {},
+        )
 
     def _write(self, staging: str, data: Any, partition_by: str | None) -> None:
         import pyarrow as pa
@@ -300,6 +324,7 @@ class DatasetStore:
         new_files: list[DatasetFile],
         *,
         replace: str,
+        replace_partitions: set[str] | None = None,
         schema: str,
         metadata: dict[str, Any],
     ) -> DatasetVersion:
@@ -308,7 +333,7 @@ class DatasetStore:
             parent = self.get(name, versions[-1]) if versions else None
             files = list(new_files)
             if replace == "partitions" and parent is not None:
-                rewritten = {f.partition for f in new_files}
+                rewritten = {f.partition for f in new_files} | (replace_partitions or set())
                 files = [f for f in parent.files if f.partition not in rewritten] + files
             number = (versions[-1] + 1) if versions else 1
             version = DatasetVersion(
