@@ -11,7 +11,7 @@ Each capability lives in its own module; this class only hands off.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import DefinitionError
 from mlplatform.features.definitions import (
@@ -27,6 +27,8 @@ from mlplatform.features.definitions import (
 from mlplatform.features.registry import ApplyResult, FeatureRegistry
 
 if TYPE_CHECKING:
+    import ray.data
+
     from mlplatform.platform import Platform
 
 OFFLINE_PREFIX = "offline"
@@ -94,6 +96,31 @@ class FeatureStore:
 
     def get_feature_service(self, name: str) -> FeatureService:
         return self.registry.get("feature_service", name)  # type: ignore[return-value]
+
+    # --------------------------------------------------------------- training sets
+    def get_historical_features(
+        self,
+        entity_df: Any,
+        features: FeatureService | str | Iterable[str],
+        *,
+        entity_timestamp: str = "event_timestamp",
+        full_feature_names: bool = False,
+        as_known_at: bool = False,
+        include_event_timestamps: bool = False,
+    ) -> ray.data.Dataset:
+        """Point-in-time-correct features for each entity row; see
+        ``mlplatform.features.retrieval.get_historical_features`` for the exact semantics."""
+        from mlplatform.features.retrieval import get_historical_features
+
+        return get_historical_features(
+            self,
+            entity_df,
+            features,
+            entity_timestamp=entity_timestamp,
+            full_feature_names=full_feature_names,
+            as_known_at=as_known_at,
+            include_event_timestamps=include_event_timestamps,
+        )
 
     def resolve_features(self, features: FeatureService | str | Iterable[str]) -> list[str]:
         """Turn a FeatureService, its name, or a list of refs into a checked list of ``view:feature`` refs.
