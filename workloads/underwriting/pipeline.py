@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlplatform.features.listing import describe_registry
 from mlplatform.platform import Platform
 from workloads.underwriting.generate import DataConfig
+from workloads.underwriting.training_set import TrainingSetConfig
 
 Echo = Callable[[str], None]
 RAW_PREFIX = "raw/underwriting"
@@ -26,6 +27,7 @@ class Config(BaseModel):
     workload: Literal["underwriting"] = "underwriting"
     platform: str | dict[str, Any] = Field(default="local.yaml", description="Platform config path or mapping.")
     data: DataConfig = Field(default_factory=DataConfig, description="Synthetic data size, period and seed.")
+    training_set: TrainingSetConfig = Field(default_factory=TrainingSetConfig, description="Training-set cut and splits.")
 
 
 def definitions() -> list[Any]:
@@ -54,8 +56,27 @@ def generate_data(platform: Platform, config: Config, echo: Echo = print) -> boo
     return True
 
 
+def backfill_views(platform: Platform, config: Config, echo: Echo = print) -> None:
+    """Backfill every view over the data period, skipping views whose data is current."""
+    from mlplatform.features.store import offline_dataset
+
+    start, end = config.data.start, config.data.end
+    for view in platform.features.list_feature_views():
+        name = offline_dataset(view.name)
+        if platform.datasets.exists(name):
+            meta = platform.datasets.get(name).metadata
+            if meta.get("data_version") == view.data_version and meta.get("start") == start.isoformat() and meta.get(
+                "end"
+            ) == end.isoformat():
+                echo(f"[backfill] {view.name}: up to date")
+                continue
+        platform.features.backfill(view, start, end, echo=echo)
+
+
 def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any]:
-    """Generate data → apply the underwriting definitions → list them."""
+    """Generate data → apply definitions → backfill → training set."""
+    from workloads.underwriting import training_set
+
     started = time.monotonic()
     echo(f"mlplatform: underwriting workload on {platform!r}")
     platform.storage.check_reachable()
@@ -63,5 +84,12 @@ def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any
     result = platform.features.apply(definitions())
     echo(f"[apply] {result}")
     echo(describe_registry(platform.features))
+    backfill_views(platform, config, echo)
+    snapshot = training_set.build(platform, config.training_set, config.data.end)
+    echo(
+        f"[training set] {snapshot.name} v{snapshot.version}: {snapshot.rows:,} rows, hash {snapshot.content_hash}, "
+        + ", ".join(f"{k}={v['rows']:,}" for k, v in snapshot.splits.items())
+        + f" at {snapshot.uri}"
+    )
     echo(f"done in {time.monotonic() - started:.1f}s")
-    return {"apply": result}
+    return {"apply": result, "training_set": snapshot}

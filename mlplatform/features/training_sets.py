@@ -1,0 +1,149 @@
+"""Training-set snapshots: a point-in-time training set frozen as a versioned dataset, with
+the lineage training records (path, rows, content hash, feature definition versions).
+
+    snapshot = save_training_set(platform, "underwriting_v1", ds, features=refs, label="default",
+                                 timestamp_column="application_ts", splits=boundaries)
+    train = load_training_set(platform, "underwriting_v1", split="train")
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from mlplatform.errors import DataError
+from mlplatform.features.definitions import parse_ref
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from mlplatform.platform import Platform
+
+PREFIX = "training_sets"
+SPLIT_COLUMN = "split"
+_MOD = (1 << 61) - 1
+
+
+@dataclass(frozen=True)
+class TrainingSetSnapshot:
+    """What a model was trained on: enough to find, verify and reproduce it."""
+
+    name: str
+    version: int
+    uri: str
+    rows: int
+    content_hash: str
+    label: str
+    timestamp_column: str
+    features: list[str]
+    feature_versions: dict[str, str]
+    splits: dict[str, dict[str, Any]]
+    time_range: dict[str, str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def assign_split(ts_micros: Any, boundaries: dict[str, tuple[datetime, datetime]]) -> Any:
+    """Name of the split each timestamp falls in: ``[start, end)`` per split; None outside all."""
+    import numpy as np
+
+    out = np.full(len(ts_micros), None, dtype=object)
+    for split, (start, end) in boundaries.items():
+        lo, hi = int(start.timestamp() * 1e6), int(end.timestamp() * 1e6)
+        out[(ts_micros >= lo) & (ts_micros < hi)] = split
+    return out
+
+
+def save_training_set(
+    platform: Platform,
+    name: str,
+    ds: ray.data.Dataset,
+    *,
+    features: list[str],
+    label: str,
+    timestamp_column: str,
+    splits: dict[str, tuple[datetime, datetime]],
+    metadata: dict[str, Any] | None = None,
+) -> TrainingSetSnapshot:
+    """Assign out-of-time splits by ``timestamp_column`` and publish the rows as the next version
+    of ``training_sets/NAME``. Rows outside every split are dropped (say so in ``splits``).
+
+    The content hash is order-independent (a sum of row hashes), so the same rows give the
+    same hash however the cluster partitioned them.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def tag(batch: pa.Table) -> pa.Table:
+        ts = batch.column(timestamp_column).cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        labels = assign_split(ts.to_numpy(zero_copy_only=False), splits)
+        batch = batch.append_column(SPLIT_COLUMN, pa.array(labels, type=pa.string()))
+        return batch.filter(pc.is_valid(batch.column(SPLIT_COLUMN)))
+
+    tagged = ds.map_batches(tag, batch_format="pyarrow").materialize()
+    if label not in tagged.schema().names:
+        raise DataError(f"label column {label!r} is not in the training set; columns: {tagged.schema().names}")
+    partials = tagged.map_batches(_row_hash_batch, batch_format="pandas").take_all()
+    digest = sum(int(p["h"]) for p in partials) % _MOD
+    counts: dict[str, int] = {}
+    for p in partials:
+        for split, n in p["counts"].items():
+            counts[split] = counts.get(split, 0) + int(n)
+    views = sorted({parse_ref(r)[0] for r in features})
+    feature_versions = {v: platform.features.registry.resolve_view(v).version for v in views}
+    ts_stats = tagged.min(timestamp_column), tagged.max(timestamp_column)
+    version = platform.datasets.publish(
+        f"{PREFIX}/{name}",
+        tagged,
+        metadata={},
+    )
+    snapshot = TrainingSetSnapshot(
+        name=name,
+        version=version.version,
+        uri=platform.storage.uri(f"{PREFIX}/{name}"),
+        rows=version.rows,
+        content_hash=f"{digest:016x}",
+        label=label,
+        timestamp_column=timestamp_column,
+        features=list(features),
+        feature_versions=feature_versions,
+        splits={
+            s: {"start": b[0].isoformat(), "end": b[1].isoformat(), "rows": counts.get(s, 0)} for s, b in splits.items()
+        },
+        time_range={"min": str(ts_stats[0]), "max": str(ts_stats[1])},
+        metadata=metadata or {},
+    )
+    platform.storage.write_json(f"{PREFIX}/{name}/_snapshots/{version.version:012d}.json", snapshot.to_json())
+    return snapshot
+
+
+def get_training_set(platform: Platform, name: str, version: int | None = None) -> TrainingSetSnapshot:
+    """The snapshot record of ``training_sets/NAME`` (latest version by default)."""
+    manifest = platform.datasets.get(f"{PREFIX}/{name}", version)
+    data = platform.storage.read_json(f"{PREFIX}/{name}/_snapshots/{manifest.version:012d}.json")
+    return TrainingSetSnapshot(**data)
+
+
+def load_training_set(
+    platform: Platform, name: str, *, version: int | None = None, split: str | None = None
+) -> ray.data.Dataset:
+    """The rows of a snapshot (optionally one split) as a ``ray.data.Dataset``."""
+    platform.ray()
+    ds = platform.datasets.read(f"{PREFIX}/{name}", version)
+    if split is not None:
+        ds = ds.filter(expr=f"{SPLIT_COLUMN} == '{split}'")
+    return ds
+
+
+def _row_hash_batch(batch: Any) -> Any:
+    import pandas as pd
+
+    columns = sorted(batch.columns)
+    hashed = pd.util.hash_pandas_object(batch[columns], index=False).to_numpy().astype("uint64")
+    # Python ints: an order-independent sum that cannot overflow.
+    total = int((hashed % _MOD).astype(object).sum()) % _MOD if len(hashed) else 0
+    counts = batch[SPLIT_COLUMN].value_counts().to_dict()
+    return pd.DataFrame({"h": [str(total)], "counts": [counts]})

@@ -1,0 +1,90 @@
+"""The underwriting training set: every loan whose outcome was knowable by the cutoff, joined
+point-in-time with ``underwriting_v1`` as of its application, split out of time.
+
+Entity rows come from ``raw/underwriting/applications`` joined to ``outcomes`` (label
+``default``). Only loans with ``label_ts <= cutoff`` are used: a label is a fact about the
+future of the application and is unknown until its 120-day horizon has passed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mlplatform.features.training_sets import TrainingSetSnapshot, save_training_set
+
+if TYPE_CHECKING:
+    from mlplatform.platform import Platform
+
+RAW = "raw/underwriting"
+_EPSILON = timedelta(microseconds=1)
+LABEL = "default"
+TIMESTAMP = "application_ts"
+ENTITY_COLUMNS = [
+    "application_id",
+    "applicant_id",
+    "merchant_id",
+    "merchant_category",
+    "amount",
+    "term",
+    "currency",
+    "application_ts",
+]
+
+
+class TrainingSetConfig(BaseModel):
+    """How the underwriting training set is cut: cutoff and out-of-time split fractions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(default="underwriting_v1", description="Snapshot name under training_sets/.")
+    feature_service: str = Field(default="underwriting_v1", description="Features to join.")
+    cutoff: datetime | None = Field(default=None, description="Labels knowable by this time; None = data end.")
+    train: float = Field(default=0.70, gt=0, lt=1, description="Share of the application period for training.")
+    validation: float = Field(default=0.15, gt=0, lt=1, description="Next share, for early stopping.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> TrainingSetConfig:
+        if self.train + self.validation >= 1:
+            raise ValueError(f"train + validation must leave room for test, got {self.train} + {self.validation}")
+        return self
+
+
+def entity_rows(platform: Platform, cutoff: datetime):  # noqa: ANN201 - pyarrow.Table
+    """Applications whose label is knowable at ``cutoff``, with their label."""
+    import pyarrow.compute as pc
+
+    datasets = platform.datasets
+    apps = datasets.read_table(f"{RAW}/applications", columns=ENTITY_COLUMNS)
+    outcomes = datasets.read_table(f"{RAW}/outcomes", columns=["application_id", "label_ts", LABEL])
+    outcomes = outcomes.filter(pc.less_equal(outcomes.column("label_ts"), cutoff))
+    return apps.join(outcomes, "application_id", join_type="inner").drop_columns(["label_ts"])
+
+
+def build(platform: Platform, config: TrainingSetConfig, data_end: datetime) -> TrainingSetSnapshot:
+    """Join, split out of time and publish the training-set snapshot."""
+    import pyarrow.compute as pc
+
+    cutoff = config.cutoff or data_end
+    rows = entity_rows(platform, cutoff)
+    start = pc.min(rows.column(TIMESTAMP)).as_py()
+    end = pc.max(rows.column(TIMESTAMP)).as_py()
+    span = end - start
+    train_end = start + span * config.train
+    valid_end = train_end + span * config.validation
+    # splits are [start, end); the last one must include the latest application
+    splits = {"train": (start, train_end), "validation": (train_end, valid_end), "test": (valid_end, end + _EPSILON)}
+    refs = platform.features.resolve_features(config.feature_service)
+    ds = platform.features.get_historical_features(rows, refs, entity_timestamp=TIMESTAMP)
+    return save_training_set(
+        platform,
+        config.name,
+        ds,
+        features=refs,
+        label=LABEL,
+        timestamp_column=TIMESTAMP,
+        splits=splits,
+        metadata={"feature_service": config.feature_service, "cutoff": cutoff.isoformat()},
+    )
