@@ -1,0 +1,458 @@
+"""Point-in-time join of an entity dataset with feature views, distributed over Ray.
+
+Ray Data's joins are equality-only, so the as-of join is built as a hash shuffle from Ray core
+tasks: every block of both sides is cut into N buckets by a hash of the join keys (one task
+per block, ``num_returns=N``), then one task per bucket runs the single-partition kernel
+(:func:`mlplatform.features._asof.asof_join`) on its entity rows and feature rows. A worker
+holds one bucket, never the dataset, and the driver only handles object references.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mlplatform.errors import DataError
+from mlplatform.features._asof import UTC_MICROS, asof_join, to_utc
+
+if TYPE_CHECKING:
+    import ray.data
+
+__all__ = ["ViewJoin", "point_in_time_join"]
+
+# A bucket of about this many bytes (both sides together) is comfortable for one worker: the
+# kernel's temporaries are a few int64 arrays the length of the bucket.
+TARGET_BUCKET_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ViewJoin:
+    """One feature view's part in a point-in-time join.
+
+    Args:
+        name: the view's name; prefixes output columns when ``full_feature_names`` is set.
+        join_keys: key columns, named the same in the entity and the feature dataset.
+        features: the view's feature rows.
+        event_ts: the feature rows' event timestamp column.
+        created_ts: the feature rows' created (ingestion) timestamp column, or None.
+        feature_columns: feature columns to bring over.
+        ttl: how old an event may be relative to the entity timestamp; None = any age.
+    """
+
+    name: str
+    join_keys: tuple[str, ...]
+    features: ray.data.Dataset
+    event_ts: str
+    created_ts: str | None
+    feature_columns: tuple[str, ...]
+    ttl: timedelta | None
+
+
+def point_in_time_join(
+    entities: ray.data.Dataset,
+    views: Sequence[ViewJoin],
+    *,
+    entity_ts: str,
+    as_known_at: bool = False,
+    full_feature_names: bool = False,
+    include_event_timestamps: bool = False,
+    num_partitions: int | None = None,
+) -> ray.data.Dataset:
+    """Build a training set: each entity row with each view's feature values as of its time.
+
+        >>> training = point_in_time_join(
+        ...     ray.data.read_parquet("applications/"),
+        ...     [ViewJoin("applicant_stats", ("applicant_id",), stats_ds, "event_ts", "created_ts",
+        ...               ("n_loans", "late_ratio"), timedelta(days=90))],
+        ...     entity_ts="applied_at", as_known_at=True)
+
+    Semantics, exactly (the kernel, :func:`~mlplatform.features._asof.asof_join`, states them
+    in full):
+
+    * Every entity row appears exactly once with its own columns unchanged; duplicates each
+      appear; rows with no usable feature row get nulls. The entity timestamp column comes
+      back as ``timestamp[us, tz=UTC]`` (naive input is read as UTC, aware input converted).
+    * For each view, the value is taken from the feature row with equal join keys (null keys
+      never match) and the greatest event timestamp with ``t - ttl <= event <= t`` (both
+      inclusive; ``ttl=None`` is unbounded). Event ties go to the greatest created timestamp,
+      then to the greatest feature values compared column by column (null < NaN < numbers),
+      so the result is independent of row order and partitioning.
+    * ``as_known_at=True`` also ignores feature rows created after ``t``. A view without a
+      created column uses its event time as created time.
+    * Output columns are named ``feature`` or, with ``full_feature_names``, ``view__feature``;
+      ``include_event_timestamps`` adds ``view__event_timestamp``, the matched row's event time.
+    * Output row order is not the input order (rows come back grouped by hash bucket).
+
+    How it runs: one hash shuffle per distinct set of join keys (views sharing keys share a
+    shuffle; different keys, e.g. applicant then merchant, are chained). It runs eagerly: when
+    this returns, the result is computed and held in the object store, not on the driver.
+    With ``num_partitions`` given, blocks are partitioned while they are read; without it the
+    inputs are read first so their size can pick N (about one bucket per
+    ``TARGET_BUCKET_BYTES``, at least one per cluster CPU). One very frequent key lands in one
+    bucket: memory per worker is bounded by the largest bucket.
+
+    Args:
+        entities: entity rows: every view's join keys, ``entity_ts`` and any other columns.
+        views: the feature views to join, in output column order.
+        entity_ts: the entity timestamp column.
+        as_known_at: ignore feature rows whose created time is after the entity time.
+        full_feature_names: name outputs ``view__feature`` instead of ``feature``.
+        include_event_timestamps: add ``view__event_timestamp`` per view.
+        num_partitions: hash buckets per shuffle; default from data size and cluster CPUs.
+
+    Returns:
+        A materialized ``ray.data.Dataset`` of the entity rows with the feature columns.
+
+    Raises:
+        DataError: a column is missing (the message lists the available ones), two outputs
+            would share a name or collide with an entity column, key types disagree, or a
+            ttl is negative.
+    """
+    import ray
+
+    if not views:
+        raise DataError("point_in_time_join needs at least one feature view; got none")
+    if num_partitions is not None and num_partitions < 1:
+        raise DataError(f"num_partitions must be at least 1, got {num_partitions}")
+    plans, empty_entities = _plan_views(entities, views, entity_ts, full_feature_names, include_event_timestamps)
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    entity_blocks: list[_Block] | None = None
+    current: list[Any] | None = None  # entity rows as object refs, after the previous shuffle
+    for group in _group_by_keys(plans):
+        feature_blocks = {p.view.name: _blocks(p.view.features.select_columns(p.read_columns)) for p in group}
+        if num_partitions is not None:
+            n = num_partitions
+        else:
+            # Sizing needs the sizes: read the inputs now (into the object store, not here).
+            feature_blocks = {name: list(blocks) for name, blocks in feature_blocks.items()}
+            if entity_blocks is None:
+                entity_blocks = list(_blocks(entities))
+            total = sum(b.size_bytes for b in entity_blocks)
+            total += sum(b.size_bytes for blocks in feature_blocks.values() for b in blocks)
+            n = max(cpus, math.ceil(total / TARGET_BUCKET_BYTES))
+        if current is None:
+            source = entity_blocks if entity_blocks is not None else _blocks(entities)
+        else:
+            source = (_Block(ref, None, 0) for ref in current)
+        keys = group[0].view.join_keys
+        entity_parts = _shuffle(source, keys, n, _Prepare(entity_ts=entity_ts))
+        parts = [entity_parts]
+        for p in group:
+            prepare = _Prepare(event_ts=p.view.event_ts, created_ts=p.view.created_ts, join_keys=keys)
+            parts.append(_shuffle(feature_blocks[p.view.name], keys, n, prepare))
+        spec = _BucketSpec(
+            entity_ts=entity_ts,
+            as_known_at=as_known_at,
+            views=tuple(p.kernel_args for p in group),
+            part_counts=tuple(len(side[0]) for side in parts),
+            empty_entities=empty_entities,
+            empty_features=tuple(p.empty_features for p in group),
+        )
+        join_bucket = _remote_tasks().join_bucket
+        current = [
+            join_bucket.remote(spec, *[ref for side in parts for ref in side[bucket]]) for bucket in range(n)
+        ]
+    assert current is not None
+    return ray.data.from_arrow_refs(current)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: validate everything against the schemas before any work starts.
+
+
+@dataclass(frozen=True)
+class _ViewPlan:
+    view: ViewJoin
+    read_columns: list[str]
+    kernel_args: dict[str, Any]
+    empty_features: pa.Table
+
+
+def _plan_views(
+    entities: ray.data.Dataset,
+    views: Sequence[ViewJoin],
+    entity_ts: str,
+    full_feature_names: bool,
+    include_event_timestamps: bool,
+) -> tuple[list[_ViewPlan], pa.Table]:
+    """Check every name and type, and work out each view's columns and output names."""
+    entity_schema = _arrow_schema(entities.schema(), "entity dataset")
+    _require(entity_schema, [entity_ts], "entity dataset")
+    # An entity dataset without blocks still yields a (typed, empty) result.
+    empty_entities = entity_schema.empty_table()
+    empty_entities = empty_entities.set_column(
+        entity_schema.get_field_index(entity_ts), entity_ts, pa.array([], UTC_MICROS)
+    )
+    produced: dict[str, str] = {}
+    plans = []
+    for view in views:
+        _require(entity_schema, view.join_keys, "entity dataset", f" (join key of view {view.name!r})")
+        if view.ttl is not None and view.ttl < timedelta(0):
+            raise DataError(f"view {view.name!r}: ttl must not be negative, got {view.ttl!r}")
+        read = list(
+            dict.fromkeys(
+                [*view.join_keys, view.event_ts, *([view.created_ts] if view.created_ts else []), *view.feature_columns]
+            )
+        )
+        feature_schema = _arrow_schema(view.features.schema(), f"feature dataset of view {view.name!r}")
+        _require(feature_schema, read, f"feature dataset of view {view.name!r}")
+        for key in view.join_keys:
+            _check_key_types(key, entity_schema.field(key).type, feature_schema.field(key).type, view.name)
+        outputs = [f"{view.name}__{c}" if full_feature_names else c for c in view.feature_columns]
+        event_output = f"{view.name}__event_timestamp" if include_event_timestamps else None
+        for name in [*outputs, *([event_output] if event_output else [])]:
+            if name in entity_schema.names:
+                raise DataError(
+                    f"view {view.name!r} would output column {name!r}, which the entity dataset already has; "
+                    "rename the entity column or use full_feature_names=True"
+                )
+            if name in produced:
+                raise DataError(
+                    f"views {produced[name]!r} and {view.name!r} would both output column {name!r}; "
+                    "use full_feature_names=True"
+                )
+            produced[name] = view.name
+        kernel_args = dict(
+            join_keys=list(view.join_keys),
+            event_ts=view.event_ts,
+            created_ts=view.created_ts,
+            feature_columns=list(view.feature_columns),
+            ttl=view.ttl,
+            output_names=outputs,
+            event_ts_output=event_output,
+        )
+        empty = pa.schema([feature_schema.field(c) for c in read]).empty_table()
+        plans.append(_ViewPlan(view, read, kernel_args, empty))
+    return plans, empty_entities
+
+
+def _group_by_keys(plans: list[_ViewPlan]) -> Iterator[list[_ViewPlan]]:
+    """Views sharing join keys share one shuffle; groups keep first-appearance order."""
+    groups: dict[tuple[str, ...], list[_ViewPlan]] = {}
+    for plan in plans:
+        groups.setdefault(tuple(plan.view.join_keys), []).append(plan)
+    yield from groups.values()
+
+
+def _arrow_schema(schema: Any, what: str) -> pa.Schema:
+    if schema is None:
+        raise DataError(f"the {what} has no schema (is it empty?); cannot join it")
+    fields = []
+    for name, typ in zip(schema.names, schema.types):
+        fields.append(pa.field(name, typ if isinstance(typ, pa.DataType) else pa.null()))
+    return pa.schema(fields)
+
+
+def _require(schema: pa.Schema, columns: Sequence[str], what: str, role: str = "") -> None:
+    for column in columns:
+        if column not in schema.names:
+            raise DataError(f"column {column!r}{role} is not in the {what}; available columns: {schema.names}")
+
+
+def _check_key_types(key: str, left: pa.DataType, right: pa.DataType, view: str) -> None:
+    def kind(t: pa.DataType) -> str:
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if pa.types.is_integer(t):
+            return "integer"
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            return "string"
+        return "other" if not pa.types.is_null(t) else "unknown"
+
+    lk, rk = kind(left), kind(right)
+    if "other" in (lk, rk):
+        raise DataError(f"join key {key!r} of view {view!r} must be integer or string, got {left} / {right}")
+    if "unknown" not in (lk, rk) and lk != rk:
+        raise DataError(
+            f"join key {key!r} is {left} in the entity dataset but {right} in view {view!r}; "
+            "cast one side so both are integers or both are strings"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The shuffle.
+
+
+@dataclass(frozen=True)
+class _Block:
+    ref: Any
+    block_slice: tuple[int, int] | None
+    size_bytes: int
+
+
+def _blocks(ds: ray.data.Dataset) -> Iterator[_Block]:
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry, block_slice in zip(bundle.blocks, bundle.slices):
+            size = entry.metadata.size_bytes or 0
+            if block_slice is None:
+                yield _Block(entry.ref, None, size)
+            else:
+                rows = entry.metadata.num_rows or max(block_slice.num_rows, 1)
+                yield _Block(entry.ref, (block_slice.start_offset, block_slice.end_offset),
+                             size * block_slice.num_rows // max(rows, 1))
+
+
+@dataclass(frozen=True)
+class _Prepare:
+    """What a partition task does to a block before cutting it into buckets."""
+
+    entity_ts: str | None = None  # entity side: normalise this column to UTC
+    event_ts: str | None = None  # feature side: normalise, drop rows that can never match
+    created_ts: str | None = None
+    join_keys: tuple[str, ...] = ()
+
+
+def _shuffle(blocks, keys: tuple[str, ...], n: int, prepare: _Prepare) -> list[list[Any]]:
+    """Submit one partition task per block; returns refs indexed [bucket][block]."""
+    partition = _remote_tasks().partition
+    by_bucket: list[list[Any]] = [[] for _ in range(n)]
+    for block in blocks:
+        refs = partition.options(num_returns=n).remote(block.ref, block.block_slice, keys, n, prepare)
+        if n == 1:
+            refs = [refs]
+        for bucket, ref in enumerate(refs):
+            by_bucket[bucket].append(ref)
+    return by_bucket
+
+
+def _partition_block(block: Any, block_slice: tuple[int, int] | None, keys: tuple[str, ...], n: int,
+                     prepare: _Prepare) -> Any:
+    table = _as_arrow(block, prepare.entity_ts)
+    if block_slice is not None:
+        table = table.slice(block_slice[0], block_slice[1] - block_slice[0])
+    table = _prepare(table, prepare)
+    if n == 1:
+        return table
+    bucket = _bucket_ids(table, keys, n)
+    order = np.argsort(bucket, kind="stable")
+    ends = np.cumsum(np.bincount(bucket, minlength=n))
+    grouped = table.take(order)
+    starts = np.concatenate([[0], ends[:-1]])
+    return tuple(grouped.slice(int(s), int(e - s)) for s, e in zip(starts, ends))
+
+
+def _as_arrow(block: Any, ts_column: str | None) -> pa.Table:
+    if isinstance(block, pa.Table):
+        return block
+    if isinstance(block, pd.DataFrame):
+        frame = block
+        if ts_column is not None and ts_column in frame.columns:
+            # Object columns mixing naive and aware datetimes cannot go through Arrow as they are.
+            at = list(frame.columns).index(ts_column)
+            table = pa.Table.from_pandas(frame.drop(columns=[ts_column]), preserve_index=False)
+            return table.add_column(at, ts_column, to_utc(frame[ts_column]))
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(block).to_arrow()
+
+
+def _prepare(table: pa.Table, prepare: _Prepare) -> pa.Table:
+    def normalise(t: pa.Table, column: str) -> pa.Table:
+        at = t.schema.get_field_index(column)
+        return t.set_column(at, column, to_utc(t.column(column)))
+
+    if prepare.entity_ts is not None:
+        return normalise(table, prepare.entity_ts)
+    table = normalise(table, prepare.event_ts)
+    if prepare.created_ts is not None:
+        table = normalise(table, prepare.created_ts)
+    # Rows with a null key or event time can never match: don't ship them.
+    needed = [prepare.event_ts, *prepare.join_keys]
+    if any(table.column(c).null_count for c in needed):
+        mask = functools.reduce(pc.and_, [pc.is_valid(table.column(c)) for c in needed])
+        table = table.filter(mask)
+    return table
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads nearby ids over all buckets."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _bucket_ids(table: pa.Table, keys: tuple[str, ...], n: int) -> np.ndarray:
+    """Bucket of each row by a hash of its keys, equal on both sides for equal key values.
+
+    Integers of any width hash by their int64 value and strings by their UTF-8 text, so an
+    int32 key meets an int64 key and a string meets a large_string. Nulls hash as 0 (the rows
+    must land somewhere; they never match).
+    """
+    h = np.zeros(table.num_rows, dtype=np.uint64)
+    for key in keys:
+        column = table.column(key)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if pa.types.is_integer(column.type):
+            values = pc.fill_null(column.cast(pa.int64()), 0).to_numpy().view(np.uint64)
+        else:
+            encoded = column.cast(pa.large_string()).dictionary_encode()
+            if encoded.num_chunks == 0:
+                continue
+            words = encoded.chunk(0).dictionary.to_numpy(zero_copy_only=False).astype(object)
+            hashed = pd.util.hash_array(words) if words.size else np.zeros(0, np.uint64)
+            indices = pa.chunked_array([c.indices for c in encoded.chunks], encoded.type.index_type)
+            valid = indices.is_valid().to_numpy()
+            values = np.zeros(table.num_rows, dtype=np.uint64)
+            values[valid] = hashed[pc.drop_null(indices).to_numpy()]
+        h = _mix(h * _GOLDEN + values)
+    return (h % np.uint64(n)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-bucket join.
+
+
+@dataclass(frozen=True)
+class _BucketSpec:
+    entity_ts: str
+    as_known_at: bool
+    views: tuple[dict[str, Any], ...]
+    part_counts: tuple[int, ...]  # entity parts, then each view's parts
+    empty_entities: pa.Table
+    empty_features: tuple[pa.Table, ...]
+
+
+def _join_bucket(spec: _BucketSpec, *parts: pa.Table) -> pa.Table:
+    sides: list[list[pa.Table]] = []
+    at = 0
+    for count in spec.part_counts:
+        sides.append(list(parts[at : at + count]))
+        at += count
+    entities = _concat(sides[0]) if sides[0] else spec.empty_entities
+    for args, tables, empty in zip(spec.views, sides[1:], spec.empty_features):
+        features = _concat(tables) if tables else empty
+        entities = asof_join(entities, features, entity_ts=spec.entity_ts, as_known_at=spec.as_known_at, **args)
+    return entities
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    if len(tables) == 1:
+        return tables[0]
+    # Blocks of one dataset may disagree on nullability or an all-null column's type.
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+@functools.cache
+def _remote_tasks():
+    import ray
+
+    class Tasks:
+        partition = ray.remote(_partition_block)
+        join_bucket = ray.remote(_join_bucket)
+
+    return Tasks
