@@ -554,9 +554,10 @@ def generate(platform: Platform, config: DataConfig, *, prefix: str = "raw/under
     for table, write in staged.items():
         versions[table] = write.commit(metadata={**meta, "rows": rows[table]})
     elapsed = time.perf_counter() - started
+    shard_s = [float(s["seconds"]) for s in stats]
     print(
         f"generated {config.applications:,} applications in {n_shards} shards in {elapsed:.1f}s "
-        f"under {platform.storage.uri(prefix)}: "
+        f"(a shard {min(shard_s):.1f}-{max(shard_s):.1f}s) under {platform.storage.uri(prefix)}: "
         + ", ".join(f"{t} {versions[t].rows:,}" for t in TABLES)
     )
     return {t: versions[t] for t in TABLES}
