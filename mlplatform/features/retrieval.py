@@ -86,7 +86,7 @@ def get_historical_features(
     entities = entities.map_batches(normalise, batch_format="pyarrow", zero_copy_batch=True)
 
     joins = []
-    for view, names in plan["views"].items():
+    for view, names in plan["views"]:
         joins.append(
             ViewJoin(
                 name=view.name,
@@ -110,31 +110,36 @@ def get_historical_features(
         joined = joined.map_batches(
             _OnDemand(plan["odfvs"], full_feature_names), batch_format="pandas", zero_copy_batch=False
         )
-    hidden = [_out(v.name, f, full_feature_names) for v, names in plan["views"].items() for f in names if f"{v.name}:{f}" not in refs]
+    hidden = [
+        _out(v.name, f, full_feature_names) for v, names in plan["views"] for f in names if f"{v.name}:{f}" not in refs
+    ]
     if hidden:
         joined = joined.drop_columns(hidden)
     return joined
 
 
 def _plan(store: FeatureStore, refs: list[str]) -> dict[str, Any]:
-    """Which columns to join from which views, including inputs on-demand views need."""
-    views: dict[FeatureView, list[str]] = {}
-    odfvs: dict[OnDemandFeatureView, list[str]] = {}
+    """Which columns to join from which views, including inputs on-demand views need.
+
+    Returns ``{"views": [(FeatureView, [feature, ...])], "odfvs": [(OnDemandFeatureView, [...])]}``.
+    """
+    views: dict[str, tuple[FeatureView, list[str]]] = {}
+    odfvs: dict[str, tuple[OnDemandFeatureView, list[str]]] = {}
     for ref in refs:
         view_name, feature = parse_ref(ref)
         view = store.registry.resolve_view(view_name)
-        target = views if isinstance(view, FeatureView) else odfvs
-        target.setdefault(view, [])  # type: ignore[arg-type]
-        if feature not in target[view]:  # type: ignore[index]
-            target[view].append(feature)  # type: ignore[index]
-    for odfv in odfvs:
+        target: dict[str, Any] = views if isinstance(view, FeatureView) else odfvs
+        names = target.setdefault(view.name, (view, []))[1]
+        if feature not in names:
+            names.append(feature)
+    for odfv, _ in list(odfvs.values()):
         for source in odfv.sources:
             if isinstance(source, FeatureView):
-                names = views.setdefault(source, [])
+                names = views.setdefault(source.name, (source, []))[1]
                 for f in source.features:
                     if f.name not in names:
                         names.append(f.name)
-    return {"views": views, "odfvs": odfvs}
+    return {"views": list(views.values()), "odfvs": list(odfvs.values())}
 
 
 def _out(view: str, feature: str, full: bool) -> str:
@@ -144,14 +149,14 @@ def _out(view: str, feature: str, full: bool) -> str:
 class _OnDemand:
     """Applies on-demand views to joined batches (the same ``transform`` serving calls)."""
 
-    def __init__(self, odfvs: dict[OnDemandFeatureView, list[str]], full: bool) -> None:
+    def __init__(self, odfvs: list[tuple[OnDemandFeatureView, list[str]]], full: bool) -> None:
         self.odfvs = odfvs
         self.full = full
 
     def __call__(self, batch: Any) -> Any:
         import pandas as pd
 
-        for odfv, wanted in self.odfvs.items():
+        for odfv, wanted in self.odfvs:
             inputs = pd.DataFrame(index=batch.index)
             for source in odfv.sources:
                 fields = source.schema_ if isinstance(source, RequestSource) else source.features
@@ -210,10 +215,10 @@ def _arrow_from_pandas(frame: Any) -> Any:
 def _check_entity_columns(entities: ray.data.Dataset, plan: dict[str, Any], entity_timestamp: str) -> None:
     names = set(entities.schema().names)
     required = {entity_timestamp: "the entity timestamp (entity_timestamp=...)"}
-    for view in plan["views"]:
+    for view, _ in plan["views"]:
         for key in view.join_keys:
             required.setdefault(key, f"join key of view {view.name!r}")
-    for odfv in plan["odfvs"]:
+    for odfv, _ in plan["odfvs"]:
         for source in odfv.sources:
             if isinstance(source, RequestSource):
                 for f in source.schema_:

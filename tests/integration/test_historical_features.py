@@ -168,7 +168,7 @@ def test_entity_input_kinds_and_full_names(platform, tmp_path):
 
 def test_clear_errors(platform):
     platform.features.apply([merchant_stats, history])
-    entities = pd.DataFrame({"merchant": [1], "event_timestamp": [T0]})
+    entities = pd.DataFrame({"merchant": [1], "applicant_id": [1], "event_timestamp": [T0]})
     with pytest.raises(DataError, match="has no offline data; run backfill"):
         platform.features.get_historical_features(entities, ["history:score"])
     _publish(platform, merchant_stats, _feature_rows(np.random.default_rng(1), 5, 3, "merchant_id", "rate", False))
