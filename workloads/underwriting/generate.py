@@ -520,7 +520,8 @@ def generate(platform: Platform, config: DataConfig, *, prefix: str = "raw/under
     shard, ~250k applications by default) and writes one Parquet file per table under that
     table's staging folder; then every table is committed, so readers never see part of a run.
     Works the same with the storage root on local disk or on S3. Each manifest's metadata holds
-    ``data_config`` (the config as JSON), ``rows`` and ``shards``.
+    ``data_config`` (the config as JSON), ``rows`` and ``shards``. Prints one summary line:
+    rows per table, seconds, the fastest and slowest shard.
 
     Returns:
         ``{table: DatasetVersion}`` for every table in ``TABLES``, named ``f"{prefix}/{table}"``.
