@@ -21,6 +21,8 @@ from mlplatform.storage import DatasetStore, Storage
 
 if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
+    from mlplatform.models.registry import ModelRegistry
+    from mlplatform.training.api import Training
 
 
 class Platform:
@@ -55,6 +57,20 @@ class Platform:
         from mlplatform.features.store import FeatureStore
 
         return FeatureStore(self)
+
+    @cached_property
+    def models(self) -> ModelRegistry:
+        """The model registry: versions, aliases, lineage, checksummed artifacts."""
+        from mlplatform.models.registry import ModelRegistry
+
+        return ModelRegistry(self)
+
+    @cached_property
+    def training(self) -> Training:
+        """Distributed training and tuning on Ray Train / Ray Tune."""
+        from mlplatform.training.api import Training
+
+        return Training(self)
 
     # ----------------------------------------------------------------------------- Ray
     def ray(self) -> Any:
