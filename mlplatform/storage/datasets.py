@@ -105,7 +105,7 @@ class StagedWrite:
     def commit(
         self,
         *,
-        replace: Literal["all", "partitions"] = "all",
+        replace: Literal["all", "partitions", "append"] = "all",
         replace_partitions: Iterable[str] = (),
         metadata: dict[str, Any] | None = None,
         partitioned: bool = False,
@@ -200,7 +200,7 @@ class DatasetStore:
         data: pa.Table | ray.data.Dataset | Callable[[str], None],
         *,
         partition_by: str | None = None,
-        replace: Literal["all", "partitions"] = "all",
+        replace: Literal["all", "partitions", "append"] = "all",
         replace_partitions: Iterable[str] = (),
         metadata: dict[str, Any] | None = None,
     ) -> DatasetVersion:
@@ -211,7 +211,8 @@ class DatasetStore:
                 the cluster) or a callable that writes Parquet files under the staging path it
                 is given (a filesystem path for ``storage.arrow_fs``).
             partition_by: a column whose values name partitions (Hive style ``col=value/``).
-            replace: ``"all"`` makes the new files the whole dataset; ``"partitions"`` keeps the
+            replace: ``"all"`` makes the new files the whole dataset; ``"append"`` adds them to the
+                previous version's files; ``"partitions"`` keeps the
                 previous version's files except those in partitions this write produced or
                 listed in ``replace_partitions`` (so a re-run range that now yields no rows
                 for a day still removes that day's old rows).
@@ -332,6 +333,8 @@ class DatasetStore:
             versions = self.versions(name)
             parent = self.get(name, versions[-1]) if versions else None
             files = list(new_files)
+            if replace == "append" and parent is not None:
+                files = list(parent.files) + files
             if replace == "partitions" and parent is not None:
                 rewritten = {f.partition for f in new_files} | (replace_partitions or set())
                 files = [f for f in parent.files if f.partition not in rewritten] + files
