@@ -215,7 +215,7 @@ def _choose_rows(
         source = None
 
     # Order every feature row by (key, event, created, feature values): its preference rank.
-    by_event, event_code = _compose(k_f, event, n_codes)
+    by_event, event_query = _compose(k_f, event, n_codes)
     order = np.argsort(by_event)
     _break_ties(order, by_event, created if created_ts else None, features, feature_columns, source)
 
@@ -224,30 +224,30 @@ def _choose_rows(
         # keep a running best rank per key: the best row available by then. Ranks of key k all
         # exceed those of smaller keys, so one global running max never crosses a key boundary.
         available = np.maximum(event, created)
-        search_codes, query_code = _compose(k_f, available, n_codes)
+        search_codes, query = _compose(k_f, available, n_codes)
         by_available = np.argsort(search_codes, kind="stable")
         rank = np.empty_like(order)
         rank[order] = np.arange(order.size)
         best_sorted = order[np.maximum.accumulate(rank[by_available])]
         search_sorted = search_codes[by_available]
-        key_sorted = k_f[by_available]
     else:
         # Usable iff event <= t: the last row at or before t in preference order wins.
-        query_code = event_code
+        query = event_query
         best_sorted = order
         search_sorted = by_event[order]
-        key_sorted = k_f[order]
 
     ask = np.flatnonzero((k_e >= 0) & t_ok)
     if ask.size == 0:
         return chosen
-    q = query_code(k_e[ask], t[ask])
+    q, key_floor = query(k_e[ask], t[ask])
     # Sorted needles make searchsorted cache-friendly (~10x faster than random order).
     q_order = np.argsort(q)
     pos = np.empty_like(q_order)
     pos[q_order] = np.searchsorted(search_sorted, q[q_order], side="right") - 1
+    # The row found is the last one at or below q; it is of the asked key iff its code is
+    # not below that key's floor.
     hit = pos >= 0
-    hit[hit] = key_sorted[pos[hit]] == k_e[ask[hit]]
+    hit[hit] = search_sorted[pos[hit]] > key_floor[hit]
     winner = best_sorted[pos[hit]]
     if ttl is not None:
         # The winner has the greatest event among usable rows, so checking its event alone
@@ -262,9 +262,10 @@ def _choose_rows(
 def _compose(k: np.ndarray, times: np.ndarray, n_codes: int):
     """Encode (key code, time) as one sortable int64 per row, plus the matching query encoder.
 
-    The query encoder maps (key, t) to a code q such that, for rows of the same key,
-    ``row_code <= q`` iff ``time <= t``; rows of other keys sort entirely below or above.
-    Times are offset from their minimum when that fits in int64, else replaced by ranks.
+    Key k owns the code range ``(k * width, (k + 1) * width)``: its rows have codes strictly
+    inside it. The query encoder maps (k, t) to ``(q, k * width)`` where, for rows of key k,
+    ``row_code <= q`` iff ``time <= t``. Times are offset from their minimum when that fits
+    in int64, else replaced by ranks.
     """
     lo, hi = int(times.min()), int(times.max())
     span = hi - lo
@@ -272,16 +273,18 @@ def _compose(k: np.ndarray, times: np.ndarray, n_codes: int):
         width = span + 2
         codes = k * width + (times - lo + 1)
 
-        def query(qk: np.ndarray, qt: np.ndarray) -> np.ndarray:
-            return qk * width + (np.clip(qt, lo - 1, hi) - lo + 1)
+        def query(qk: np.ndarray, qt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            floor = qk * width
+            return floor + (np.clip(qt, lo - 1, hi) - lo + 1), floor
 
         return codes, query
     distinct, rank = np.unique(times, return_inverse=True)
     width = distinct.size + 1
     codes = k * width + (rank.astype(np.int64) + 1)
 
-    def query_ranked(qk: np.ndarray, qt: np.ndarray) -> np.ndarray:
-        return qk * width + np.searchsorted(distinct, qt, side="right")
+    def query_ranked(qk: np.ndarray, qt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        floor = qk * width
+        return floor + np.searchsorted(distinct, qt, side="right"), floor
 
     return codes, query_ranked
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -95,8 +96,8 @@ def point_in_time_join(
     How it runs: one hash shuffle per distinct set of join keys (views sharing keys share a
     shuffle; different keys, e.g. applicant then merchant, are chained). It runs eagerly: when
     this returns, the result is computed and held in the object store, not on the driver.
-    With ``num_partitions`` given, blocks are partitioned while they are read; without it the
-    inputs are read first so their size can pick N (about one bucket per
+    All inputs are read concurrently. With ``num_partitions`` given, blocks are partitioned
+    while they are read; without it the inputs are read first so their size can pick N (about one bucket per
     ``TARGET_BUCKET_BYTES``, at least one per cluster CPU). One very frequent key lands in one
     bucket: memory per worker is bounded by the largest bucket.
 
@@ -126,42 +127,64 @@ def point_in_time_join(
     plans, empty_entities = _plan_views(entities, views, entity_ts, full_feature_names, include_event_timestamps)
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    entity_blocks: list[_Block] | None = None
-    current: list[Any] | None = None  # entity rows as object refs, after the previous shuffle
-    for group in _group_by_keys(plans):
-        feature_blocks = {p.view.name: _blocks(p.view.features.select_columns(p.read_columns)) for p in group}
+    _remote_tasks()  # define the remote functions once, before threads use them
+    groups = list(_group_by_keys(plans))
+    keys_of = {p.view.name: tuple(g[0].view.join_keys) for g in groups for p in g}
+    entity_prepare = _Prepare(entity_ts=entity_ts)
+
+    def feature_input(p: _ViewPlan) -> Iterator[_Block]:
+        return _blocks(p.view.features.select_columns(p.read_columns))
+
+    def feature_prepare(p: _ViewPlan) -> _Prepare:
+        return _Prepare(event_ts=p.view.event_ts, created_ts=p.view.created_ts, join_keys=keys_of[p.view.name])
+
+    # Every input is read at the same time, each by its own Ray Data execution driven from its
+    # own thread: a read is mostly waiting, and reading one after another adds up the latency.
+    with ThreadPoolExecutor(max_workers=len(plans) + 1, thread_name_prefix="pit-join-read") as pool:
         if num_partitions is not None:
-            n = num_partitions
+            # N is known: partition each block as soon as it has been read.
+            n_fixed = num_partitions
+            entity_first = pool.submit(_shuffle, _blocks(entities), keys_of[plans[0].view.name], n_fixed, entity_prepare)
+            feature_parts = {
+                p.view.name: pool.submit(_shuffle, feature_input(p), keys_of[p.view.name], n_fixed, feature_prepare(p))
+                for p in plans
+            }
         else:
-            # Sizing needs the sizes: read the inputs now (into the object store, not here).
-            feature_blocks = {name: list(blocks) for name, blocks in feature_blocks.items()}
-            if entity_blocks is None:
-                entity_blocks = list(_blocks(entities))
-            total = sum(b.size_bytes for b in entity_blocks)
-            total += sum(b.size_bytes for blocks in feature_blocks.values() for b in blocks)
-            n = max(cpus, math.ceil(total / TARGET_BUCKET_BYTES))
-        if current is None:
-            source = entity_blocks if entity_blocks is not None else _blocks(entities)
-        else:
-            source = (_Block(ref, None, 0) for ref in current)
-        keys = group[0].view.join_keys
-        entity_parts = _shuffle(source, keys, n, _Prepare(entity_ts=entity_ts))
-        parts = [entity_parts]
-        for p in group:
-            prepare = _Prepare(event_ts=p.view.event_ts, created_ts=p.view.created_ts, join_keys=keys)
-            parts.append(_shuffle(feature_blocks[p.view.name], keys, n, prepare))
-        spec = _BucketSpec(
-            entity_ts=entity_ts,
-            as_known_at=as_known_at,
-            views=tuple(p.kernel_args for p in group),
-            part_counts=tuple(len(side[0]) for side in parts),
-            empty_entities=empty_entities,
-            empty_features=tuple(p.empty_features for p in group),
-        )
-        join_bucket = _remote_tasks().join_bucket
-        current = [
-            join_bucket.remote(spec, *[ref for side in parts for ref in side[bucket]]) for bucket in range(n)
-        ]
+            # Sizing N needs the sizes: read the inputs first (into the object store, not here).
+            entity_read = pool.submit(list, _blocks(entities))
+            feature_read = {p.view.name: pool.submit(list, feature_input(p)) for p in plans}
+
+        current: list[Any] | None = None  # entity rows as object refs, after the previous shuffle
+        for group in groups:
+            keys = keys_of[group[0].view.name]
+            if num_partitions is not None:
+                n = n_fixed
+                if current is None:
+                    entity_parts = entity_first.result()
+                else:
+                    entity_parts = _shuffle((_Block(ref, None, 0) for ref in current), keys, n, entity_prepare)
+                parts = [entity_parts, *(feature_parts[p.view.name].result() for p in group)]
+            else:
+                feature_blocks = [feature_read[p.view.name].result() for p in group]
+                entity_blocks = entity_read.result()
+                total = sum(b.size_bytes for b in entity_blocks)
+                total += sum(b.size_bytes for blocks in feature_blocks for b in blocks)
+                n = max(cpus, math.ceil(total / TARGET_BUCKET_BYTES))
+                source = entity_blocks if current is None else [_Block(ref, None, 0) for ref in current]
+                parts = [_shuffle(source, keys, n, entity_prepare)]
+                parts += [_shuffle(blocks, keys, n, feature_prepare(p)) for p, blocks in zip(group, feature_blocks)]
+            spec = _BucketSpec(
+                entity_ts=entity_ts,
+                as_known_at=as_known_at,
+                views=tuple(p.kernel_args for p in group),
+                part_counts=tuple(len(side[0]) for side in parts),
+                empty_entities=empty_entities,
+                empty_features=tuple(p.empty_features for p in group),
+            )
+            join_bucket = _remote_tasks().join_bucket
+            current = [
+                join_bucket.remote(spec, *[ref for side in parts for ref in side[bucket]]) for bucket in range(n)
+            ]
     assert current is not None
     return ray.data.from_arrow_refs(current)
 
@@ -410,7 +433,8 @@ def _bucket_ids(table: pa.Table, keys: tuple[str, ...], n: int) -> np.ndarray:
             values = np.zeros(table.num_rows, dtype=np.uint64)
             values[valid] = hashed[pc.drop_null(indices).to_numpy()]
         h = _mix(h * _GOLDEN + values)
-    return (h % np.uint64(n)).astype(np.int64)
+    # Small ints: numpy's stable argsort is a radix sort for 16-bit values.
+    return (h % np.uint64(n)).astype(np.int16 if n <= np.iinfo(np.int16).max else np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
