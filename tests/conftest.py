@@ -81,3 +81,84 @@ def s3_bucket(s3_server):
     name = f"mlp-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+class RedisServer:
+    """A running redis-server on loopback: ``url`` for clients, ``proc`` to pause or stop it."""
+
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+
+def _start_redis(directory: Path, *extra: str) -> RedisServer:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail(
+            "redis-server is not installed; the Redis online store tests run against a real one: "
+            "apt-get install redis-server (CI's setup script installs it)"
+        )
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return RedisServer(proc, port)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not answer PING on 127.0.0.1:{port} within 30s")
+
+
+def _stop_redis(server: RedisServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free loopback port for the whole session (no persistence).
+
+    Yields a ``RedisServer`` (``.url``, ``.proc``). Tests keep apart by key namespace (e.g. a
+    unique project per test), not by flushing.
+    """
+    server = _start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        _stop_redis(server)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server(tmp_path_factory):
+    """A one-node Redis Cluster (all 16384 slots on one server): it refuses cross-slot
+    commands exactly as a real cluster does, so it checks a key layout is cluster-safe."""
+    import redis
+
+    server = _start_redis(tmp_path_factory.mktemp("redis-cluster"), "--cluster-enabled", "yes")
+    try:
+        client = redis.Redis(port=server.port, decode_responses=True)
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + 30.0
+        while "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the one-node Redis Cluster did not reach cluster_state:ok within 30s")
+            time.sleep(0.05)
+        client.close()
+        yield server
+    finally:
+        _stop_redis(server)

@@ -1,0 +1,415 @@
+"""The online store contract, run against every backend: SQLite, a real redis-server, and a
+real one-node Redis Cluster (which refuses cross-slot commands as a big cluster does).
+
+No Ray here: the stores are plain Python objects.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from mlplatform import ConflictError, DataError, Entity, FeatureView, Field, ParquetSource, Platform, ServingError
+from mlplatform.online import FeatureStatus, OnlineStoreUnavailable, open_online_store
+from mlplatform.online.base import encode_key
+from mlplatform.online.redis import RedisOnlineStore
+from mlplatform.online.sqlite import SqliteOnlineStore
+
+PRESENT, NOT_FOUND, OUTSIDE = FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.OUTSIDE_MAX_AGE
+T0 = datetime(2024, 3, 1, 12, tzinfo=UTC)
+NOW = T0 + timedelta(hours=1)
+
+applicant = Entity(name="applicant", join_keys=["applicant_id"])
+merchant = Entity(name="merchant", join_keys=["merchant_id"], value_type="string")
+source = ParquetSource(name="ev", dataset="raw/ev", timestamp_field="ts")
+scores = FeatureView(
+    name="scores",
+    entities=[applicant],
+    source=source,
+    ttl="2d",
+    schema=[
+        Field(name="score"),
+        Field(name="n", dtype="int64"),
+        Field(name="label", dtype="string"),
+        Field(name="flag", dtype="bool"),
+        Field(name="seen", dtype="timestamp"),
+    ],
+)
+pairs = FeatureView(name="pairs", entities=[applicant, merchant], source=source, schema=[Field(name="amount")])
+FEATURES = ["score", "n", "label", "flag", "seen"]
+
+
+def row(key, score, *, at=T0, created=None, **extra):
+    out = {"applicant_id": key, "event_timestamp": at, "score": score, "n": 1, "label": "a", "flag": True, "seen": T0}
+    if created is not None:
+        out["created_timestamp"] = created
+    return out | extra
+
+
+def values(store, view, keys, feature="score", now=NOW):
+    return [r[feature].value for r in store.read(view, keys, [feature], now)]
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis_cluster"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        online = SqliteOnlineStore(tmp_path / "online.db")
+    else:
+        server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster_server")
+        online = RedisOnlineStore(
+            server.url,
+            project=f"t{uuid.uuid4().hex[:10]}",  # a fresh namespace per test
+            timeout=timedelta(seconds=2),  # generous: this machine is loaded; outage tests use a short one
+            cleanup_grace=timedelta(milliseconds=100),
+        )
+    yield online
+    online.close()
+
+
+def materialize(store, view, rows):
+    generation = store.begin(view)
+    store.write(view, generation, rows)
+    store.publish(view, generation)
+    return generation
+
+
+# ------------------------------------------------------------------------------ basics
+
+
+def test_write_publish_read_every_value_type(store):
+    assert store.current_generation(scores) is None
+    materialize(
+        store,
+        scores,
+        [
+            row(1, 0.5, n=7, label="x", flag=False, seen=T0 - timedelta(days=1)),
+            row(2, 2, n=-3, label="ü ☃", flag=True),  # an int into a float feature reads as a float
+        ],
+    )
+    got = store.read(scores, [(1,), (2,)], FEATURES, NOW)
+    assert {f: v.value for f, v in got[0].items()} == {
+        "score": 0.5, "n": 7, "label": "x", "flag": False, "seen": T0 - timedelta(days=1),
+    }
+    assert got[1]["score"].value == 2.0 and isinstance(got[1]["score"].value, float)
+    assert got[1]["label"].value == "ü ☃" and got[1]["n"].value == -3
+    assert all(v.status == PRESENT and v.event_timestamp == T0 for r in got for v in r.values())
+    assert store.read_one(scores, (1,), FEATURES, NOW) == got[0]
+    assert store.read_one(scores, [1], ["n"], NOW) == {"n": got[0]["n"]}
+    assert store.current_generation(scores) is not None
+
+
+def test_rows_as_arrow_and_pandas(store):
+    frame = pd.DataFrame(
+        {
+            "applicant_id": [1, 2],
+            "event_timestamp": [T0.replace(tzinfo=None), T0],  # naive is UTC
+            "score": [1.0, float("nan")],  # NaN is null
+            "n": [1, 2],
+            "label": ["a", None],
+            "flag": [True, False],
+            "seen": [T0, T0],
+            "unrelated": [0, 0],
+        }
+    )
+    materialize(store, scores, frame)
+    assert values(store, scores, [(1,), (2,)]) == [1.0, None]
+    generation = store.begin(scores)
+    store.write(scores, generation, pa.Table.from_pandas(frame.assign(score=[5.0, 6.0], event_timestamp=T0), preserve_index=False))
+    store.publish(scores, generation)
+    assert values(store, scores, [(1,), (2,)]) == [5.0, 6.0]
+
+
+def test_not_found(store):
+    materialize(store, scores, [row(1, 1.0)])
+    missing = store.read_one(scores, (99,), ["score", "label"], NOW)
+    assert missing["score"] == (None, NOT_FOUND, None) and missing["label"].status == NOT_FOUND
+    assert store.read_one(pairs, (1, "m"), ["amount"], NOW)["amount"].status == NOT_FOUND  # never materialized
+
+
+def test_nulls_are_present_values(store):
+    materialize(store, scores, [{"applicant_id": 1, "event_timestamp": T0, "score": None, "label": None}])
+    got = store.read_one(scores, (1,), ["score", "label", "n"], NOW)
+    assert all(v.value is None and v.status == PRESENT and v.event_timestamp == T0 for v in got.values())
+
+
+def test_multi_column_and_string_keys(store):
+    materialize(
+        store,
+        pairs,
+        [
+            {"applicant_id": 1, "merchant_id": "m1", "event_timestamp": T0, "amount": 10.0},
+            {"applicant_id": 1, "merchant_id": "m2", "event_timestamp": T0, "amount": 20.0},
+            {"applicant_id": 2, "merchant_id": "m1", "event_timestamp": T0, "amount": 30.0},
+            {"applicant_id": 3, "merchant_id": "{x}:*[]", "event_timestamp": T0, "amount": 40.0},  # awkward characters
+        ],
+    )
+    keys = [(1, "m1"), (1, "m2"), (2, "m1"), (2, "m2"), (3, "{x}:*[]")]
+    assert values(store, pairs, keys, "amount") == [10.0, 20.0, 30.0, None, 40.0]
+    # 1 and "1" are different keys
+    materialize(store, scores, [row(1, 1.0), row("1", 2.0)])
+    assert values(store, scores, [(1,), ("1",)]) == [1.0, 2.0]
+
+
+def test_key_encoding():
+    import numpy as np
+
+    assert encode_key((np.int64(5), "a")) == encode_key([5.0, "a"]) == '[5,"a"]'
+    for bad in [(None,), (True,), (1.5,), (b"x",)]:
+        with pytest.raises(DataError, match="join key"):
+            encode_key(bad)
+
+
+def test_missing_key_or_timestamp_column_is_a_data_error(store):
+    generation = store.begin(scores)
+    with pytest.raises(DataError, match="applicant_id"):
+        store.write(scores, generation, [{"event_timestamp": T0, "score": 1.0}])
+    with pytest.raises(DataError, match="event_timestamp"):
+        store.write(scores, generation, pa.table({"applicant_id": [1], "score": [1.0]}))
+
+
+# -------------------------------------------------------------------------------- time
+
+
+def test_ttl_is_enforced_on_read(store):
+    materialize(store, scores, [row(1, 1.0), row(2, 2.0, at=T0 - timedelta(days=3))])
+    fresh, stale = store.read(scores, [(1,), (2,)], ["score", "label"], NOW)
+    assert fresh["score"].value == 1.0
+    assert stale["score"] == (None, OUTSIDE, T0 - timedelta(days=3)) and stale["label"].value is None
+    # the window is inclusive: exactly ttl old is still usable; a microsecond more is not
+    assert store.read_one(scores, (1,), ["score"], T0 + timedelta(days=2))["score"].status == PRESENT
+    late = store.read_one(scores, (1,), ["score"], T0 + timedelta(days=2, microseconds=1))["score"]
+    assert late == (None, OUTSIDE, T0)
+    # a view without ttl never expires
+    materialize(store, pairs, [{"applicant_id": 1, "merchant_id": "m", "event_timestamp": T0, "amount": 1.0}])
+    assert values(store, pairs, [(1, "m")], "amount", now=T0 + timedelta(days=3650)) == [1.0]
+
+
+def test_a_row_from_after_now_is_not_yet_usable(store):
+    materialize(store, scores, [row(1, 1.0)])
+    assert store.read_one(scores, (1,), ["score"], T0 - timedelta(microseconds=1))["score"] == (None, NOT_FOUND, None)
+    assert store.read_one(scores, (1,), ["score"], T0)["score"].value == 1.0
+    # naive now is UTC
+    assert store.read_one(scores, (1,), ["score"], T0.replace(tzinfo=None))["score"].value == 1.0
+
+
+# --------------------------------------------------------------------------- generations
+
+
+def test_unpublished_generation_is_invisible_and_publish_replaces_the_state(store):
+    materialize(store, scores, [row(1, 1.0), row(2, 2.0)])
+    generation = store.begin(scores)
+    store.write(scores, generation, [row(1, 10.0), row(3, 30.0)])
+    assert values(store, scores, [(1,), (2,), (3,)]) == [1.0, 2.0, None]
+    store.publish(scores, generation)
+    # the new generation is the whole state: key 2, absent from it, is gone
+    assert values(store, scores, [(1,), (2,), (3,)]) == [10.0, None, 30.0]
+    assert store.current_generation(scores) == generation
+    store.publish(scores, generation)  # publishing twice is harmless
+    assert values(store, scores, [(1,)]) == [10.0]
+
+
+def test_aborted_generation_is_invisible_and_dead(store):
+    materialize(store, scores, [row(1, 1.0)])
+    before = store.current_generation(scores)
+    generation = store.begin(scores)
+    store.write(scores, generation, [row(1, 99.0), row(2, 99.0)])
+    store.abort(scores, generation)
+    store.abort(scores, generation)  # twice is harmless
+    assert values(store, scores, [(1,), (2,)]) == [1.0, None]
+    assert store.current_generation(scores) == before
+    with pytest.raises(ConflictError, match="aborted"):
+        store.write(scores, generation, [row(1, 5.0)])
+    with pytest.raises(ConflictError, match="aborted"):
+        store.publish(scores, generation)
+    assert values(store, scores, [(1,)]) == [1.0]
+
+
+def test_a_killed_writers_generation_is_superseded_by_the_next_begin(store):
+    materialize(store, scores, [row(1, 1.0)])
+    killed = store.begin(scores)
+    store.write(scores, killed, [row(1, 66.0)])
+    # the writer dies here, never publishing; a re-run begins again
+    rerun = store.begin(scores)
+    assert rerun != killed
+    with pytest.raises(ConflictError, match="superseded"):
+        store.write(scores, killed, [row(1, 67.0)])  # a zombie writer cannot touch anything
+    with pytest.raises(ConflictError):
+        store.publish(scores, killed)
+    assert values(store, scores, [(1,)]) == [1.0]
+    store.write(scores, rerun, [row(1, 2.0)])
+    store.publish(scores, rerun)
+    assert values(store, scores, [(1,)]) == [2.0]
+
+
+def test_rerun_is_idempotent(store):
+    rows = [row(k, float(k), at=T0 - timedelta(minutes=k)) for k in range(20)]
+    materialize(store, scores, rows)
+    first = store.read(scores, [(k,) for k in range(21)], FEATURES, NOW)
+    generation = store.begin(scores)
+    store.write(scores, generation, rows)
+    store.write(scores, generation, rows[::-1])  # replayed batches change nothing
+    store.publish(scores, generation)
+    assert store.read(scores, [(k,) for k in range(21)], FEATURES, NOW) == first
+
+
+def test_within_a_generation_the_newer_row_wins_in_any_order(store):
+    generation = store.begin(scores)
+    newest = row(1, 3.0, at=T0, created=T0 + timedelta(hours=2))
+    store.write(scores, generation, [newest])
+    store.write(scores, generation, [row(1, 1.0, at=T0 - timedelta(hours=1))])  # older event
+    store.write(scores, generation, [row(1, 2.0, at=T0, created=T0 + timedelta(hours=1))])  # same event, created earlier
+    store.write(scores, generation, [row(2, 1.0, at=T0, created=T0), row(2, 2.0, at=T0, created=T0)])  # exact tie: last wins
+    store.publish(scores, generation)
+    assert values(store, scores, [(1,), (2,)], now=T0 + timedelta(hours=3)) == [3.0, 2.0]
+
+
+def test_reader_during_a_write_sees_only_complete_states(store):
+    keys = [(k,) for k in range(60)]
+    materialize(store, scores, [row(k, 0.0) for k in range(60)])
+    reader = pickle.loads(pickle.dumps(store))  # its own connection, as in another process
+    seen: set[tuple] = set()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read_forever() -> None:
+        try:
+            while not stop.is_set():
+                seen.add(tuple(values(reader, scores, keys)))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=read_forever)
+    thread.start()
+    try:
+        for version in (1.0, 2.0, 3.0):
+            generation = store.begin(scores)
+            for at in range(0, 60, 10):  # several batches, readers interleaved
+                store.write(scores, generation, [row(k, version) for k in range(at, at + 10)])
+                time.sleep(0.01)
+            store.publish(scores, generation)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+        reader.close()
+    assert not errors, errors
+    assert seen <= {tuple([v] * 60) for v in (0.0, 1.0, 2.0, 3.0)}, "a reader saw a partial generation"
+    assert tuple([3.0] * 60) in seen
+
+
+def test_store_is_picklable_and_reopens(store):
+    materialize(store, scores, [row(1, 1.0)])
+    copy = pickle.loads(pickle.dumps(store))
+    assert values(copy, scores, [(1,)]) == [1.0]
+    copy.close()
+    assert values(copy, scores, [(1,)]) == [1.0]  # reconnects
+
+
+# ------------------------------------------------------------------------------- upserts
+
+
+def test_upsert_is_visible_at_once_and_keeps_the_newer_row(store):
+    store.upsert(scores, [row(1, 1.0)])  # no generation yet: one is created
+    assert values(store, scores, [(1,)]) == [1.0]
+    materialize(store, scores, [row(1, 2.0), row(2, 2.0)])
+    store.upsert(scores, [row(1, 5.0, at=T0 + timedelta(minutes=1)), row(3, 3.0)])
+    assert values(store, scores, [(1,), (2,), (3,)], now=T0 + timedelta(minutes=5)) == [5.0, 2.0, 3.0]
+    store.upsert(scores, [row(1, 0.0, at=T0)])  # older than what is stored: ignored
+    assert values(store, scores, [(1,)], now=T0 + timedelta(minutes=5)) == [5.0]
+    store.upsert(scores, [row(1, 6.0, at=T0 + timedelta(minutes=1), created=T0 + timedelta(minutes=9))])  # same event, known later
+    assert values(store, scores, [(1,)], now=T0 + timedelta(minutes=5)) == [6.0]
+
+
+def test_upsert_during_a_rebuild_survives_the_publish(store):
+    materialize(store, scores, [row(1, 1.0)])
+    generation = store.begin(scores)
+    store.write(scores, generation, [row(1, 2.0), row(2, 2.0)])
+    pushed = row(2, 9.0, at=T0 + timedelta(minutes=1))
+    store.upsert(scores, [pushed])
+    later = T0 + timedelta(minutes=2)
+    assert values(store, scores, [(1,), (2,)], now=later) == [1.0, 9.0]  # visible now
+    store.write(scores, generation, [row(2, 2.5)])  # the rebuild's older row does not overwrite it
+    store.publish(scores, generation)
+    assert values(store, scores, [(1,), (2,)], now=later) == [2.0, 9.0]  # and still there after
+
+
+# -------------------------------------------------------------------------------- outages
+
+
+def test_redis_down_raises_quickly():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = RedisOnlineStore(f"redis://127.0.0.1:{port}/0", project="p", timeout=timedelta(milliseconds=50))
+    for _ in range(3):  # every call, not only the first
+        started = time.monotonic()
+        with pytest.raises(OnlineStoreUnavailable, match="unavailable") as info:
+            down.read_one(scores, (1,), ["score"], NOW)
+        assert time.monotonic() - started < 0.5
+    assert isinstance(info.value, ServingError)
+
+
+def test_hung_redis_raises_within_the_timeout(redis_server):
+    store = RedisOnlineStore(redis_server.url, project=f"t{uuid.uuid4().hex[:8]}", timeout=timedelta(milliseconds=100))
+    store.upsert(scores, [row(1, 1.0)])
+    assert values(store, scores, [(1,)]) == [1.0]
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # accepts connections, answers nothing
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(OnlineStoreUnavailable):
+                store.read_one(scores, (1,), ["score"], NOW)
+            assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert values(store, scores, [(1,)]) == [1.0]  # and it recovers by itself
+    store.close()
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def test_store_from_config(tmp_path, redis_server, monkeypatch):
+    local = Platform.from_config({"storage": {"root": str(tmp_path)}})
+    store = open_online_store(local.config, local.storage)
+    assert isinstance(store, SqliteOnlineStore) and store.path == str(tmp_path / "online" / "online.db")
+    explicit = Platform.from_config({"storage": {"root": str(tmp_path)}, "online_store": {"type": "sqlite", "path": str(tmp_path / "x.db")}})
+    assert open_online_store(explicit.config, explicit.storage).path == str(tmp_path / "x.db")
+    monkeypatch.chdir(tmp_path)
+    on_s3 = Platform.from_config({"project": "risk", "storage": {"root": "s3://bucket/prefix"}})
+    assert open_online_store(on_s3.config, on_s3.storage).path == str(tmp_path / ".mlplatform-online" / "risk.db")
+    remote = Platform.from_config(
+        {"project": "risk", "online_store": {"type": "redis", "url": redis_server.url, "timeout": "20ms", "key_prefix": "k"}}
+    )
+    redis_store = open_online_store(remote.config, remote.storage)
+    assert isinstance(redis_store, RedisOnlineStore)
+    assert (redis_store.timeout, redis_store.key_prefix, redis_store.project) == (timedelta(milliseconds=20), "k", "risk")
+
+
+def test_redis_password_comes_from_the_environment(redis_server, monkeypatch):
+    import redis
+
+    admin = redis.Redis(port=redis_server.port)
+    admin.config_set("requirepass", "s3cret")  # the shared server, for this test only
+    try:
+        monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+        without = RedisOnlineStore(redis_server.url, project="p", timeout=timedelta(seconds=1))
+        with pytest.raises(OnlineStoreUnavailable, match="REDIS_PASSWORD"):
+            without.read_one(scores, (1,), ["score"], NOW)
+        monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+        store = RedisOnlineStore(redis_server.url, project="p", timeout=timedelta(seconds=1))
+        assert store.read_one(scores, (1,), ["score"], NOW)["score"].status == NOT_FOUND
+        assert b"s3cret" not in pickle.dumps(store)  # the password never travels to Ray tasks
+        store.close()
+    finally:
+        redis.Redis(port=redis_server.port, password="s3cret").config_set("requirepass", "")
