@@ -1,0 +1,6 @@
+"""Models: the registry (versions, aliases, lineage, checksummed safe artifacts) and the
+reason codes that explain a score (``mlplatform.models.reasons``)."""
+
+from mlplatform.models.registry import LoadedModel, ModelRegistry, ModelVersion
+
+__all__ = ["LoadedModel", "ModelRegistry", "ModelVersion"]
