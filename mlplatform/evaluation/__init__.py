@@ -1,0 +1,5 @@
+"""Evaluation of default scores (``metrics``) and the model card that presents it (``card``)."""
+
+from mlplatform.evaluation.metrics import Evaluation, evaluate
+
+__all__ = ["Evaluation", "evaluate"]
