@@ -44,7 +44,7 @@ from mlplatform.models.artifacts import MODEL_FILES, Flavor, check_flavor, deser
 if TYPE_CHECKING:
     from mlplatform.platform import Platform
 
-__all__ = ["LoadedModel", "ModelRegistry", "ModelVersion"]
+__all__ = ["LoadedModel", "ModelRegistry", "ModelVersion", "complete_lineage", "library_versions"]
 
 PREFIX = "models"
 RECORD_FORMAT = "mlplatform.model_version/1"
@@ -181,7 +181,7 @@ class ModelRegistry:
             "model_file": model_file,
             "artifact_prefix": prefix,
             "artifacts": artifacts,
-            "lineage": _lineage(lineage, {f: a["sha256"] for f, a in artifacts.items()}),
+            "lineage": {**complete_lineage(lineage), "artifacts": {f: a["sha256"] for f, a in artifacts.items()}},
             "metrics": _jsonable(dict(metrics)),
             "params": _jsonable(dict(params)),
             "description": description,
@@ -321,7 +321,11 @@ class ModelRegistry:
 
 
 # -------------------------------------------------------------------------- lineage
-def _lineage(given: Mapping[str, Any], artifacts: dict[str, str]) -> dict[str, Any]:
+def complete_lineage(given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with what can be found out filled in, as stored by ``register`` (less the
+    artifact hashes) and shown by the model card: the training-set snapshot as a dict, its
+    ``feature_versions`` and ``data_time_range``, ``code_version``/``code_dirty`` and
+    ``libraries`` — each only when not given. JSON-safe."""
     out = dict(given)
     ts = out.get("training_set")
     if ts is not None:
@@ -335,7 +339,6 @@ def _lineage(given: Mapping[str, Any], artifacts: dict[str, str]) -> dict[str, A
         out["code_version"], dirty = _git_state()
         out.setdefault("code_dirty", dirty)
     out.setdefault("libraries", dict(library_versions()))
-    out["artifacts"] = artifacts
     return _jsonable(out)
 
 

@@ -3,6 +3,9 @@ and the model card's files."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -116,3 +119,70 @@ def test_bad_input_is_a_data_error():
         evaluate([0, 1, 1], [0.1, 0.2])
     with pytest.raises(DataError, match="segment 'term' has 1 values"):
         evaluate([0, 1], [0.1, 0.2], segments={"term": [3]})
+
+
+# ------------------------------------------------------------------------ model card
+def test_model_card_files_and_contents(tmp_path):
+    from mlplatform import Platform
+    from mlplatform.evaluation import write_model_card
+    from mlplatform.models.reasons import Reason
+    from mlplatform.storage import sha256_hex
+
+    y_tr, s_tr = scores(seed=10)
+    evs = {}
+    for split, seed, shift in (("train", 10, 0.0), ("validation", 11, 0.1), ("test", 12, 0.3)):
+        y, s = scores(seed=seed, shift=shift)
+        term = np.where(np.arange(len(y)) % 2 == 0, 3, 6)
+        category = np.array(["fashion", "travel"] * (len(y) // 2), dtype=object)
+        category[:8] = "jewellery"
+        y = y.copy()
+        y[:8] = 0  # jewellery: one outcome only -> n/a
+        evs[split] = evaluate(y, s, segments={"term": term, "merchant_category": category},
+                              reference_score=None if split == "train" else s_tr)
+    lineage = {
+        "training_set": {"name": "underwriting_v1", "version": 4, "uri": "/root/training_sets/underwriting_v1",
+                         "rows": 12000, "content_hash": "1f2e3d4c5b6a7988",
+                         "splits": {"train": {"start": "2024-01-01", "end": "2024-07-01", "rows": 8000}},
+                         "feature_versions": {"applicant_history": "ab12cd"}, "time_range": {"min": "2024-01-01", "max": "2024-09-30"}},
+        "feature_service": "underwriting_v1",
+        "code_version": "0123456789abcdef",
+    }
+    examples = [
+        {"id": 1042, "score": 0.41, "reasons": [
+            Reason("missed_installments_90d", "Missed payments in the last 90 days", 0.83, 2.0),
+            Reason("default_rate_90d", "Elevated risk at this merchant", 0.31, 0.12),
+        ]},
+        {"id": 7, "score": 0.33, "reasons": ["Amount currently owed on other loans"]},
+    ]
+    files = write_model_card(
+        evs, model_name="underwriting_pd", version=3, lineage=lineage, params={"num_leaves": 31, "learning_rate": 0.05},
+        feature_importance={"missed_installments_90d": 120.0, "default_rate_90d": 60.0, "amount": 20.0},
+        reason_examples=examples, out=os.environ.get("MLP_CARD_DIR", tmp_path / "card"),
+    )
+    assert set(files) == {"model_card.md", "roc.png", "calibration.png", "score_distribution.png", "lift.png"}
+    for name, data in files.items():
+        assert (Path(os.environ.get("MLP_CARD_DIR", tmp_path / "card")) / name).read_bytes() == data
+        if name.endswith(".png"):
+            assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    md = files["model_card.md"].decode()
+    for png in ("roc.png", "calibration.png", "score_distribution.png", "lift.png"):
+        assert f"]({png})" in md  # embedded with a relative link
+    assert "# Model card: underwriting_pd — version 3" in md
+    assert f"| test | {evs['test'].n:,} |" in md and f"{evs['test'].auc:.3f}" in md
+    assert f"{evs['test'].psi:.3f}" in md and "PSI" in md
+    assert "### merchant_category" in md and "| jewellery |" in md and "n/a" in md
+    assert "| 1 | `missed_installments_90d` | 120.0 | 60.0% |" in md
+    assert "**Applicant 1042**" in md and "1. Missed payments in the last 90 days (`missed_installments_90d` = 2" in md
+    assert "1f2e3d4c5b6a7988" in md and "`applicant_history`" in md and "0123456789abcdef" in md
+    assert "## Intended use" in md and "## Limitations" in md
+    assert "## Calibration" in md and "Mean predicted" in md
+
+    # The registry stores the card with checksums, and it can be written under a storage root too.
+    platform = Platform.from_config({"storage": {"root": str(tmp_path / "root")}})
+    write_model_card({"test": evs["test"]}, model_name="m", version=None, lineage={}, params={},
+                     feature_importance=None, reason_examples=[], out="reports/m", storage=platform.storage)
+    assert "(version assigned at registration)" in platform.storage.read_bytes("reports/m/model_card.md").decode()
+    text_model = "tree\nversion=v4\n"  # registering needs no real model to check the files
+    mv = platform.models.register("m", flavor="lightgbm", model=text_model, lineage=lineage, metrics={}, params={}, files=files)
+    assert mv.artifacts["model_card.md"] == sha256_hex(files["model_card.md"])
+    assert platform.storage.read_artifact(f"{mv.artifact_prefix}/lift.png", mv.artifacts["lift.png"]) == files["lift.png"]
