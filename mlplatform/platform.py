@@ -22,6 +22,7 @@ from mlplatform.storage import DatasetStore, Storage
 if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
     from mlplatform.models.registry import ModelRegistry
+    from mlplatform.serving.api import Serving
     from mlplatform.training.api import Training
 
 
@@ -62,6 +63,7 @@ class Platform:
     def models(self) -> ModelRegistry:
         """The model registry: versions, aliases, lineage, checksummed artifacts."""
         from mlplatform.models.registry import ModelRegistry
+    from mlplatform.serving.api import Serving
 
         return ModelRegistry(self)
 
@@ -71,6 +73,13 @@ class Platform:
         from mlplatform.training.api import Training
 
         return Training(self)
+
+    @cached_property
+    def serving(self) -> Serving:
+        """The online application on Ray Serve: feature server, decisions, decision log, replay."""
+        from mlplatform.serving.api import Serving
+
+        return Serving(self)
 
     # ----------------------------------------------------------------------------- Ray
     def ray(self) -> Any:
