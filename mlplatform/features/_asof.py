@@ -199,7 +199,8 @@ def _choose_rows(
     event, event_ok = _micros(features.column(event_ts))
     if created_ts is not None:
         created, created_ok = _micros(features.column(created_ts))
-        created = np.where(created_ok, created, event)
+        if not created_ok.all():
+            created = np.where(created_ok, created, event)
     else:
         created = event
     k_e, k_f, n_codes = _factorize_keys(entities, features, join_keys)
@@ -217,7 +218,9 @@ def _choose_rows(
     # Order every feature row by (key, event, created, feature values): its preference rank.
     by_event, event_query = _compose(k_f, event, n_codes)
     order = np.argsort(by_event)
-    _break_ties(order, by_event, created if created_ts else None, features, feature_columns, source)
+    by_event_sorted = by_event[order]
+    del by_event
+    _break_ties(order, by_event_sorted, created if created_ts else None, features, feature_columns, source)
 
     if as_known_at and created_ts is not None:
         # A row is usable at t iff max(event, created) <= t. Sort by that availability time and
@@ -234,7 +237,7 @@ def _choose_rows(
         # Usable iff event <= t: the last row at or before t in preference order wins.
         query = event_query
         best_sorted = order
-        search_sorted = by_event[order]
+        search_sorted = by_event_sorted
 
     ask = np.flatnonzero((k_e >= 0) & t_ok)
     if ask.size == 0:
@@ -271,7 +274,9 @@ def _compose(k: np.ndarray, times: np.ndarray, n_codes: int):
     span = hi - lo
     if n_codes * (span + 2) < _INT64_BUDGET:
         width = span + 2
-        codes = k * width + (times - lo + 1)
+        codes = k * width
+        codes += times
+        codes -= lo - 1
 
         def query(qk: np.ndarray, qt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             floor = qk * width
@@ -291,7 +296,7 @@ def _compose(k: np.ndarray, times: np.ndarray, n_codes: int):
 
 def _break_ties(
     order: np.ndarray,
-    codes: np.ndarray,
+    sorted_codes: np.ndarray,
     created: np.ndarray | None,
     features: pa.Table,
     feature_columns: list[str],
@@ -299,9 +304,9 @@ def _break_ties(
 ) -> None:
     """Reorder, in place, runs of equal (key, event) codes by (created, feature values).
 
-    Ties are rare, so only the rows inside tie runs go through Arrow's multi-key sort.
+    ``sorted_codes`` are the codes in ``order``. Ties are rare, so only the rows inside tie
+    runs go through Arrow's multi-key sort.
     """
-    sorted_codes = codes[order]
     same = sorted_codes[1:] == sorted_codes[:-1]
     if not same.any():
         return

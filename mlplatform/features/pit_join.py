@@ -154,25 +154,35 @@ def point_in_time_join(
             entity_read = pool.submit(list, _blocks(entities))
             feature_read = {p.view.name: pool.submit(list, feature_input(p)) for p in plans}
 
+        # The driver drops each ref as soon as the tasks that need it are submitted, so Ray can
+        # free every input block once it has been partitioned, and every bucket once joined.
         current: list[Any] | None = None  # entity rows as object refs, after the previous shuffle
+        entity_bytes = 0
         for group in groups:
             keys = keys_of[group[0].view.name]
             if num_partitions is not None:
                 n = n_fixed
                 if current is None:
                     entity_parts = entity_first.result()
+                    del entity_first
                 else:
                     entity_parts = _shuffle((_Block(ref, None, 0) for ref in current), keys, n, entity_prepare)
-                parts = [entity_parts, *(feature_parts[p.view.name].result() for p in group)]
+                feature_sides = [feature_parts.pop(p.view.name).result() for p in group]
             else:
-                feature_blocks = [feature_read[p.view.name].result() for p in group]
-                entity_blocks = entity_read.result()
-                total = sum(b.size_bytes for b in entity_blocks)
-                total += sum(b.size_bytes for blocks in feature_blocks for b in blocks)
+                feature_blocks = [feature_read.pop(p.view.name).result() for p in group]
+                if current is None:
+                    source = entity_read.result()
+                    del entity_read
+                    entity_bytes = sum(b.size_bytes for b in source)
+                else:
+                    source = [_Block(ref, None, 0) for ref in current]
+                total = entity_bytes + sum(b.size_bytes for blocks in feature_blocks for b in blocks)
                 n = max(cpus, math.ceil(total / TARGET_BUCKET_BYTES))
-                source = entity_blocks if current is None else [_Block(ref, None, 0) for ref in current]
-                parts = [_shuffle(source, keys, n, entity_prepare)]
-                parts += [_shuffle(blocks, keys, n, feature_prepare(p)) for p, blocks in zip(group, feature_blocks)]
+                entity_parts = _shuffle(source, keys, n, entity_prepare)
+                feature_sides = [_shuffle(b, keys, n, feature_prepare(p)) for p, b in zip(group, feature_blocks)]
+                del source, feature_blocks
+            parts = [entity_parts, *feature_sides]
+            del entity_parts, feature_sides
             spec = _BucketSpec(
                 entity_ts=entity_ts,
                 as_known_at=as_known_at,
@@ -185,6 +195,7 @@ def point_in_time_join(
             current = [
                 join_bucket.remote(spec, *[ref for side in parts for ref in side[bucket]]) for bucket in range(n)
             ]
+            del parts
     assert current is not None
     return ray.data.from_arrow_refs(current)
 
