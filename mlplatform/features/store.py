@@ -29,6 +29,7 @@ from mlplatform.features.registry import ApplyResult, FeatureRegistry
 if TYPE_CHECKING:
     import ray.data
 
+    from mlplatform.features.backfill import BackfillResult
     from mlplatform.platform import Platform
 
 OFFLINE_PREFIX = "offline"
@@ -96,6 +97,21 @@ class FeatureStore:
 
     def get_feature_service(self, name: str) -> FeatureService:
         return self.registry.get("feature_service", name)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ backfills
+    def backfill(self, view: str | FeatureView, start: Any, end: Any, *, echo: Any = print) -> BackfillResult:
+        """Compute ``view``'s offline rows for ``(start, end]`` with Ray Data and publish them,
+        replacing that range; see ``mlplatform.features.backfill.backfill`` for the exact semantics.
+
+            platform.features.backfill("applicant_history", "2024-01-01", "2024-07-01")
+
+        Raises:
+            NotFoundError: the view or its source dataset does not exist.
+            DataError: bad range, or a source column is missing or unusable.
+        """
+        from mlplatform.features.backfill import backfill
+
+        return backfill(self.platform, view, start, end, echo=echo)
 
     # --------------------------------------------------------------- training sets
     def get_historical_features(
