@@ -21,6 +21,7 @@ from mlplatform.storage import DatasetStore, Storage
 
 if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
+    from mlplatform.jobs.submit import Jobs
     from mlplatform.models.registry import ModelRegistry
     from mlplatform.serving.api import Serving
     from mlplatform.training.api import Training
@@ -56,6 +57,7 @@ class Platform:
     def features(self) -> FeatureStore:
         """Feature definitions, backfills, training sets, materialization."""
         from mlplatform.features.store import FeatureStore
+    from mlplatform.jobs.submit import Jobs
 
         return FeatureStore(self)
 
@@ -80,6 +82,13 @@ class Platform:
         from mlplatform.serving.api import Serving
 
         return Serving(self)
+
+    @cached_property
+    def jobs(self) -> Jobs:
+        """Ray jobs on the cluster: submit, follow, status."""
+        from mlplatform.jobs.submit import Jobs
+
+        return Jobs(self)
 
     # ----------------------------------------------------------------------------- Ray
     def ray(self) -> Any:
