@@ -57,7 +57,6 @@ class Platform:
     def features(self) -> FeatureStore:
         """Feature definitions, backfills, training sets, materialization."""
         from mlplatform.features.store import FeatureStore
-    from mlplatform.jobs.submit import Jobs
 
         return FeatureStore(self)
 
@@ -65,7 +64,6 @@ class Platform:
     def models(self) -> ModelRegistry:
         """The model registry: versions, aliases, lineage, checksummed artifacts."""
         from mlplatform.models.registry import ModelRegistry
-    from mlplatform.serving.api import Serving
 
         return ModelRegistry(self)
 
