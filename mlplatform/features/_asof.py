@@ -228,7 +228,7 @@ def _choose_rows(
         # exceed those of smaller keys, so one global running max never crosses a key boundary.
         available = np.maximum(event, created)
         search_codes, query = _compose(k_f, available, n_codes)
-        by_available = np.argsort(search_codes, kind="stable")
+        by_available = np.argsort(search_codes)  # order within equal times is irrelevant
         rank = np.empty_like(order)
         rank[order] = np.arange(order.size)
         best_sorted = order[np.maximum.accumulate(rank[by_available])]
@@ -247,8 +247,8 @@ def _choose_rows(
     q_order = np.argsort(q)
     pos = np.empty_like(q_order)
     pos[q_order] = np.searchsorted(search_sorted, q[q_order], side="right") - 1
-    # The row found is the last one at or below q; it is of the asked key iff its code is
-    # not below that key's floor.
+    # The row found is the last one at or below q; it is of the asked key iff its code lies
+    # above that key's floor (codes of smaller keys are all at or below it).
     hit = pos >= 0
     hit[hit] = search_sorted[pos[hit]] > key_floor[hit]
     winner = best_sorted[pos[hit]]
