@@ -67,6 +67,12 @@ def to_utc(values: Any) -> pa.Array | pa.ChunkedArray:
         return _from_pandas(pd.Series(values.to_pandas()), chunked=isinstance(values, pa.ChunkedArray))
     if isinstance(values, (pd.Series, pd.Index)):
         return _from_pandas(pd.Series(values), chunked=False)
+    try:
+        inferred = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        inferred = None
+    if inferred is not None and (pa.types.is_integer(inferred.type) or pa.types.is_timestamp(inferred.type)):
+        return to_utc(inferred)
     return _from_pandas(pd.Series(values), chunked=False)
 
 

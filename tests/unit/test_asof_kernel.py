@@ -307,6 +307,10 @@ def test_to_utc_normalises_naive_aware_and_mixed_columns():
     assert to_utc(pa.array(["2024-01-01T12:00:00Z"])).type == UTC_MICROS
     chunked = to_utc(pa.chunked_array([pa.array([1_000_000], pa.timestamp("ms", tz="Asia/Tokyo"))]))
     assert isinstance(chunked, pa.ChunkedArray) and chunked.type == UTC_MICROS
+    assert to_utc([1_000_000, None]).to_pylist() == [datetime(1970, 1, 1, 0, 0, 1, tzinfo=timezone.utc), None]
+    assert to_utc(np.array(["2024-01-01T12:00:00.0000019"], "datetime64[ns]")).to_pylist() == [
+        datetime(2024, 1, 1, 12, 0, 0, 1, tzinfo=timezone.utc)
+    ]
     with pytest.raises(DataError, match="cannot read timestamps"):
         to_utc(pd.Series(["not a time"]))
 
