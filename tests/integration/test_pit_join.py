@@ -237,3 +237,16 @@ def test_empty_entity_dataset_gives_empty_typed_result(ray_session):
     out = collect(ray, out)
     assert out.num_rows == 0
     assert out.schema.field("v").type == pa.float64()
+
+
+def test_view_without_feature_rows_gives_nulls_not_missing_rows(ray_session):
+    ray = ray_session
+    entities = ray.data.from_arrow(pa.table({"k": [1, 2, 2], "ts": pa.array([BASE] * 3, UTC_MICROS)}))
+    no_rows = pa.table({"k": pa.array([], pa.int64()), "event_ts": pa.array([], UTC_MICROS), "v": pa.array([], pa.float64())})
+    features = ray.data.from_arrow(no_rows).filter(expr="k > 0")  # zero rows, possibly zero blocks
+    out = point_in_time_join(entities, [ViewJoin("f", ("k",), features, "event_ts", None, ("v",), None)],
+                             entity_ts="ts", include_event_timestamps=True)
+    out = collect(ray, out)
+    assert sorted(out.column("k").to_pylist()) == [1, 2, 2]
+    assert out.column("v").to_pylist() == [None] * 3
+    assert out.schema.field("f__event_timestamp").type == UTC_MICROS
