@@ -4,12 +4,9 @@ unique gapless versions under concurrent registration, tamper detection, aliases
 from __future__ import annotations
 
 import json
-import os
+import multiprocessing
 import pickle
 import struct
-import subprocess
-import sys
-import textwrap
 
 import lightgbm as lgb
 import numpy as np
@@ -187,48 +184,36 @@ def test_unknown_names_versions_and_aliases(local, booster):
     assert [v.version for v in local.models.list("pd")] == [1]  # failed registrations took no number
 
 
-_WORKER = textwrap.dedent(
-    """
-    import json, sys
-    from mlplatform import Platform
-
-    config, worker, model_path = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def _register_three(config, worker, text, start, results):
+    """One racing process: its own Platform and storage client, three registrations."""
     platform = Platform.from_config(config)
-    text = open(model_path).read()
-    print("ready", flush=True)
-    sys.stdin.readline()  # start together, to race for the same numbers
+    platform.models.names()  # open the storage client (~1 s of botocore set-up on S3) before the race
+    start.wait()  # start together, to race for the same numbers
     for i in range(3):
         mv = platform.models.register(
             "race", flavor="lightgbm", model=text, lineage={"worker": worker, "i": i},
             metrics={}, params={}, files={"note.txt": f"{worker}-{i}".encode()},
         )
-        print(mv.version, flush=True)
-    """
-)
+        results.put(mv.version)
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_concurrent_registrations_get_unique_gapless_versions(kind, request, tmp_path, booster):
     platform = _platform(kind, request, tmp_path)
-    model_path = tmp_path / "model.txt"
-    model_path.write_text(booster.model_to_string())
+    # fork: the workers start in milliseconds with everything imported; each builds its own
+    # Platform (and S3 client), and the environment (credentials) is inherited.
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Barrier(8), ctx.Queue()
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, json.dumps(platform.config.model_dump(mode="json")), str(w), str(model_path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
-        )
+        ctx.Process(target=_register_three, args=(platform.config, w, booster.model_to_string(), start, results))
         for w in range(8)
     ]
     for p in procs:
-        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        p.start()
+    claimed = [results.get(timeout=120) for _ in range(24)]
     for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    claimed = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        claimed += [int(v) for v in out.split()]
+        p.join(timeout=60)
+        assert p.exitcode == 0
 
     assert sorted(claimed) == list(range(1, 25))
     versions = platform.models.list("race")
