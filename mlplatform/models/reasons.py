@@ -144,11 +144,14 @@ class ReasonCoder:
             raise DataError(f"the row lacks model features {missing}; pass None for a missing value") from None
         x = np.empty((1, len(names)))
         for j, v in enumerate(values):
+            if _missing(v):
+                x[0, j] = np.nan
+                continue
             cats = categories.get(j)
-            if cats is not None:
-                x[0, j] = cats.get(v, np.nan)
-            else:
-                x[0, j] = np.nan if v is None else v
+            try:
+                x[0, j] = cats.get(v, np.nan) if cats is not None else v  # unseen category: missing, as in training
+            except (TypeError, ValueError):
+                raise DataError(f"feature {names[j]!r} has value {v!r}, which is not a number") from None
         contrib = self.booster.predict(x, pred_contrib=True, num_threads=1)[0]
         return Explained(self._rank(contrib, values), float(contrib.sum()))
 
@@ -281,9 +284,12 @@ def _categories(booster: Any) -> dict[int, dict[Any, int]]:
     return {j: {cat: code for code, cat in enumerate(cats)} for j, cats in zip(categorical, lists, strict=True)}
 
 
+def _missing(value: Any) -> bool:
+    # None, NaN, and pandas' NA / NaT (compared by type name so pandas need not be imported).
+    return value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ in ("NAType", "NaTType")
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+    return None if _missing(value) else value

@@ -137,3 +137,19 @@ def test_texts_come_from_feature_definitions(tmp_path):
     service = next(d for d in DEFINITIONS if d.kind == "feature_service")
     from_service = reason_texts_from_definitions(service, platform.features.registry)
     assert from_service["missed_installments_90d"] == "Missed payments in the last 90 days"
+
+
+def test_missing_values_and_unseen_categories_in_a_row(data):
+    booster, df = data
+    coder = ReasonCoder(booster, TEXTS)
+    row = {k: (None if pd.isna(v) else v) for k, v in df.iloc[0].to_dict().items()}
+    as_none = coder.explain_row(row | {"balance": None, "category": "unseen"})
+    as_na = coder.explain_row(row | {"balance": pd.NA, "category": np.nan})
+    frame = df.iloc[:1].copy()
+    frame["balance"] = np.nan
+    frame["category"] = pd.Categorical([None], categories=df["category"].cat.categories)
+    assert as_none == as_na
+    assert as_none.raw_score == pytest.approx(booster.predict(frame, raw_score=True)[0], abs=1e-9)
+    assert all(r.value is not pd.NA for r in as_na.reasons)
+    with pytest.raises(DataError, match="'amount' has value 'lots'"):
+        coder.explain_row(row | {"amount": "lots"})
