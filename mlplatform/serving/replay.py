@@ -152,12 +152,15 @@ def encode_features(booster: lightgbm.Booster, features: Mapping[str, Any]) -> n
     """One row as the model's ``(1, n_features)`` float matrix, encoded exactly as
     ``ReasonCoder.explain_row`` encodes it: columns in ``booster.feature_name()`` order;
     None / NaN -> NaN; a categorical feature -> its code in the model's pandas category list
-    (NaN when the value is not in the list).
+    (NaN when the value is not in the list, as LightGBM's pandas path codes it).
 
     Raises:
-        DataError: a model feature is not a key of ``features``.
+        DataError: a model feature is not a key of ``features``, or a numeric feature's
+            value is not a number.
     """
-    from mlplatform.models.reasons import _model_info  # the one encoding shared with reason codes
+    # The model facts and the missing-value rule of the online path; keep this loop in step
+    # with ReasonCoder.explain_row (test_replay checks both against LightGBM's pandas path).
+    from mlplatform.models.reasons import _missing, _model_info
 
     info = _model_info(booster)
     if not isinstance(features, Mapping):
@@ -168,11 +171,14 @@ def encode_features(booster: lightgbm.Booster, features: Mapping[str, Any]) -> n
     x = np.empty((1, len(info.names)))
     for j, name in enumerate(info.names):
         value = features[name]
+        if _missing(value):
+            x[0, j] = np.nan
+            continue
         cats = info.categories.get(j)
-        if cats is not None:
-            x[0, j] = cats.get(value, np.nan)
-        else:
-            x[0, j] = np.nan if value is None else value
+        try:
+            x[0, j] = cats.get(value, np.nan) if cats is not None else value  # unseen category: missing
+        except (TypeError, ValueError):
+            raise DataError(f"feature {name!r} has value {value!r}, which is not a number") from None
     return x
 
 

@@ -136,6 +136,13 @@ def test_encoding_matches_the_reason_coder(boosters):
     np.testing.assert_array_equal(got, expected)
     with pytest.raises(DataError, match=r"lack model features \['income'\]"):
         encode_features(booster, {k: v for k, v in rows[0].items() if k != "income"})
+    with pytest.raises(DataError, match="'income' has value 'n/a', which is not a number"):
+        encode_features(booster, rows[0] | {"income": "n/a"})
+    # The online path's own score input: the raw score it sums equals predict's raw score.
+    coder = ReasonCoder(booster, {})
+    for row in rows:
+        raw = float(booster.predict(encode_features(booster, row), raw_score=True)[0])
+        assert coder.explain_row(row).raw_score == pytest.approx(raw, abs=1e-9)
 
 
 def test_a_score_that_is_not_bit_identical_is_reported(platform, boosters, tmp_path):
