@@ -142,12 +142,13 @@ def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
         DataError: a key is missing or unknown, or a value has the wrong type or is not valid
             JSON / UTC ISO time; the message names the key and the value.
     """
-    if not isinstance(record, Mapping):
+    # On the request path: the common case (a dict of exact types) takes the cheap checks.
+    if type(record) is not dict and not isinstance(record, Mapping):
         raise DataError(f"a decision record must be a mapping, got {type(record).__name__}")
     missing = [k for k in _FIELDS if k not in record]
     if missing:
         raise DataError(f"decision record {record.get('decision_id')!r} lacks keys {missing}")
-    unknown = sorted(set(record) - set(_FIELDS))
+    unknown = sorted(set(record) - set(_FIELDS)) if len(record) != len(_FIELDS) else None
     if unknown:
         raise DataError(f"decision record {record.get('decision_id')!r} has unknown keys {unknown}; allowed: {list(_FIELDS)}")
     out: dict[str, Any] = {}
@@ -159,7 +160,8 @@ def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
                 out[key] = None
                 continue
             raise DataError(f"decision record {record['decision_id']!r}: {key} must not be None")
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        kind = type(value)
+        if kind not in types and (kind is bool or not isinstance(value, types)):
             raise DataError(
                 f"decision record {record['decision_id']!r}: {key} must be {'/'.join(t.__name__ for t in types)}, "
                 f"got {type(value).__name__} {value!r:.80}"
