@@ -528,22 +528,17 @@ class DecisionLog:
             segments = claim.segments()
             state = claim.read_state()
             published = self._published(state["txids"])
-            rows: list[dict[str, Any]] = []
-            dropped = 0
-            if not published:
-                for name in segments:
-                    got, bad = _read_segment(os.path.join(claim.path, name))
-                    rows.extend(got)
-                    dropped += bad
+            table, dropped = (None, 0) if published else _read_segments([os.path.join(claim.path, n) for n in segments])
+            rows = 0 if table is None else table.num_rows
             versions: tuple[int, ...] = ()
-            if not published and rows:
+            if rows:
                 try:
-                    version = self._publish(claim, state, segments, rows)
+                    version = self._publish(claim, state, segments, table)
                 except PlatformError:
                     raise
                 except Exception as exc:  # the filesystem's own errors (OSError, botocore…)
                     raise StorageError(
-                        f"could not publish {len(rows)} decisions to {self.storage.uri(DATASET)!r}: {exc}; "
+                        f"could not publish {rows} decisions to {self.storage.uri(DATASET)!r}: {exc}; "
                         "they stay claimed in the spool and the next compact() retries them"
                     ) from exc
                 versions = (version.version,)
@@ -553,7 +548,7 @@ class DecisionLog:
                 _unlink(os.path.join(claim.path, name))
             _remove_claim(claim.path, claim.fd)
             claim.fd = -1
-            return CompactionResult(tuple(segments), len(rows), dropped, versions, int(recovered))
+            return CompactionResult(tuple(segments), rows, dropped, versions, int(recovered))
         finally:
             if claim.fd >= 0:
                 os.close(claim.fd)  # the claim stays; a later compact takes it over
@@ -565,13 +560,11 @@ class DecisionLog:
         listed = {f.path.split("/")[1] for f in self.datasets.get(DATASET).files}
         return bool(listed.intersection(txids))
 
-    def _publish(self, claim: _Claim, state: dict[str, Any], segments: list[str], rows: list[dict[str, Any]]) -> DatasetVersion:
-        import pyarrow as pa
+    def _publish(self, claim: _Claim, state: dict[str, Any], segments: list[str], table: pa.Table) -> DatasetVersion:
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        schema = _schema()
-        table = pa.Table.from_pylist(rows, schema=schema)
-        table = table.append_column("date", pa.array([r["created_at"][:10] for r in rows], pa.string()))
+        table = table.append_column("date", pc.utf8_slice_codeunits(table["created_at"], 0, 10))  # UTC: checked on append
 
         def write(staging: str) -> None:
             # Recorded before any byte is staged: if this process dies after the commit, the
@@ -585,7 +578,7 @@ class DecisionLog:
 
         return self.datasets.publish(
             DATASET, write, partition_by="date", replace="append",
-            metadata={"segments": segments, "claim": os.path.basename(claim.path), "rows": len(rows)},
+            metadata={"segments": segments, "claim": os.path.basename(claim.path), "rows": table.num_rows},
         )
 
     # ------------------------------------------------------------------------- lookup
@@ -696,9 +689,38 @@ def _parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
     return records, dropped
 
 
-def _read_segment(path: str) -> tuple[list[dict[str, Any]], int]:
-    with open(path, "rb") as f:
-        return _parse_lines(f.read())
+def _read_segments(paths: list[str]) -> tuple[pa.Table | None, int]:
+    """The valid lines of ``paths`` as one table (None if there are none), and how many lines
+    were dropped. Only the CRC check runs in Python; Arrow parses the JSON, off the GIL, so a
+    compaction on a serving replica costs its request path little."""
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    payloads, dropped, longest = [], 0, 0
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        for line in data.split(b"\n"):
+            if not line:
+                continue
+            payload = line[9:]
+            try:
+                ok = line[8:9] == b" " and int(line[:8], 16) == zlib.crc32(payload)
+            except ValueError:
+                ok = False
+            if ok:
+                payloads.append(payload)
+                longest = max(longest, len(payload))
+            else:
+                dropped += 1
+    if not payloads:
+        return None, dropped
+    table = pajson.read_json(
+        pa.BufferReader(b"\n".join(payloads)),
+        read_options=pajson.ReadOptions(block_size=max(1 << 20, 2 * longest + 2)),
+        parse_options=pajson.ParseOptions(explicit_schema=_schema(), unexpected_field_behavior="error"),
+    )
+    return table, dropped
 
 
 # ------------------------------------------------------------------------ filesystem
