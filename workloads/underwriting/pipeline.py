@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlplatform.features.listing import describe_registry
 from mlplatform.platform import Platform
 from workloads.underwriting.generate import DataConfig
+from workloads.underwriting.model import ModelConfig
+from workloads.underwriting.serve import ServeConfig
 from workloads.underwriting.training_set import TrainingSetConfig
 
 Echo = Callable[[str], None]
@@ -28,6 +30,8 @@ class Config(BaseModel):
     platform: str | dict[str, Any] = Field(default="local.yaml", description="Platform config path or mapping.")
     data: DataConfig = Field(default_factory=DataConfig, description="Synthetic data size, period and seed.")
     training_set: TrainingSetConfig = Field(default_factory=TrainingSetConfig, description="Training-set cut and splits.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Training, tuning and registration.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Deployment and sample decisions.")
 
 
 def definitions() -> list[Any]:
@@ -74,8 +78,13 @@ def backfill_views(platform: Platform, config: Config, echo: Echo = print) -> No
 
 
 def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any]:
-    """Generate data → apply definitions → backfill → training set."""
-    from workloads.underwriting import training_set
+    """Generate data → apply definitions → backfill → training set → train (or tune) →
+    evaluate + model card → register + promote → materialize → deploy → sample decisions.
+
+    Every step skips itself when its output is already there and unchanged, so re-running
+    the job resumes where it stopped.
+    """
+    from workloads.underwriting import model, serve, training_set
 
     started = time.monotonic()
     echo(f"mlplatform: underwriting workload on {platform!r}")
@@ -91,5 +100,19 @@ def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any
         + ", ".join(f"{k}={v['rows']:,}" for k, v in snapshot.splits.items())
         + f" at {snapshot.uri}"
     )
-    echo(f"done in {time.monotonic() - started:.1f}s")
-    return {"apply": result, "training_set": snapshot}
+    version = model.train_register_promote(platform, config.model, snapshot, echo)
+    card = model.model_card_uri(platform, version)
+    echo(f"[model card] {card}")
+    platform.features.materialize_incremental(config.data.end, echo=echo)
+    deployed, decisions = None, []
+    if config.serve.deploy:
+        deployed, decisions = serve.deploy_and_decide(platform, config.model.name, config.serve, echo)
+    echo(f"done in {time.monotonic() - started:.1f}s; model card: {card}")
+    return {
+        "apply": result,
+        "training_set": snapshot,
+        "model": version,
+        "model_card": card,
+        "deployed": deployed,
+        "decisions": decisions,
+    }

@@ -1,0 +1,115 @@
+"""Deploy the decision service and send it sample checkouts (the end of ``mlp run``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mlplatform.errors import ServingError
+
+if TYPE_CHECKING:
+    from mlplatform.platform import Platform
+    from mlplatform.serving.api import DeployedApp
+
+Echo = Callable[[str], None]
+
+
+class ServeConfig(BaseModel):
+    """The serving step of the workload file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deploy: bool = Field(default=True, description="Deploy the decision service at the end of the run.")
+    num_replicas: int = Field(default=1, ge=1, description="Replicas of the serving application.")
+    sample_decisions: int = Field(default=3, ge=0, description="Sample checkouts to send once deployed.")
+
+
+def ensure_api_key(platform: Platform, echo: Echo) -> str:
+    """The API key from the environment; for a local demo root without one, a generated key
+    stored next to the data (mode 0600) — its path is printed, never the key."""
+    name = platform.config.serving.api_key_env
+    key = os.environ.get(name)
+    if key:
+        return key
+    if platform.storage.is_s3:
+        raise ServingError(f"set the API key in ${name} (16+ characters) before deploying to a cluster")
+    path = os.path.join(platform.storage.root, "serving", "api_key")
+    if os.path.exists(path):
+        key = open(path).read().strip()
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        key = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        echo(f"[deploy] no ${name} set: generated an API key in {path} (export {name}=$(cat {path}))")
+    os.environ[name] = key
+    return key
+
+
+def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
+    """Recent real applications from the synthetic data, replayed as new checkouts a day later:
+    the riskiest-looking first (largest amounts of repeat applicants), so a decline with reasons
+    shows up."""
+    import pyarrow.compute as pc
+
+    apps = platform.datasets.read_table(
+        "raw/underwriting/applications",
+        columns=["application_id", "applicant_id", "merchant_id", "amount", "currency", "term", "application_ts"],
+    )
+    last = pc.max(apps.column("application_ts")).as_py()
+    recent = apps.filter(pc.greater(apps.column("application_ts"), last - timedelta(days=30))).to_pandas()
+    recent = recent.sort_values("amount", ascending=False).head(max(count, 1) * 20)
+    picked = recent.sample(n=min(count, len(recent)), random_state=1) if len(recent) else recent
+    out = []
+    for i, row in enumerate(picked.itertuples()):
+        out.append(
+            {
+                "application_id": f"sample-{row.application_id}-{i}",
+                "applicant_id": int(row.applicant_id),
+                "merchant_id": int(row.merchant_id),
+                "amount": round(float(row.amount) * 1.5, 2),
+                "currency": row.currency,
+                "term": int(row.term),
+                "timestamp": (last + timedelta(days=1)).isoformat(),
+            }
+        )
+    return out
+
+
+def post_decision(url: str, key: str, application: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"{url}/v1/decisions",
+        data=json.dumps(application).encode(),
+        headers={"Content-Type": "application/json", "X-API-Key": key},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def deploy_and_decide(platform: Platform, model_name: str, config: ServeConfig, echo: Echo) -> tuple[DeployedApp, list]:
+    key = ensure_api_key(platform, echo)
+    deployed = platform.serving.deploy(model_name, num_replicas=config.num_replicas)
+    echo(f"[deploy] {deployed.name}: {model_name} v{deployed.model_version} at {deployed.url} ({deployed.ingress} ingress)")
+    decisions = []
+    for application in sample_applications(platform, config.sample_decisions):
+        answer = post_decision(deployed.url, key, application)
+        decisions.append(answer)
+        reasons = "; ".join(r["text"] for r in answer.get("reasons", [])) or "-"
+        pd_ = answer.get("probability_of_default")
+        echo(
+            f"[decide] {application['application_id']} amount {application['amount']:.2f} {application['currency']} "
+            f"x{application['term']}: {answer['decision'].upper()}"
+            + (f" (PD {pd_:.3f})" if pd_ is not None else "")
+            + (" [fallback: " + str(answer.get("fallback_reason")) + "]" if answer.get("fallback") else "")
+            + f" reasons: {reasons}"
+        )
+    return deployed, decisions
