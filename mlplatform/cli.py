@@ -52,13 +52,155 @@ def cmd_features(args: argparse.Namespace) -> None:
         print(describe_registry(platform.features))
 
 
+def cmd_backfill(args: argparse.Namespace) -> None:
+    workload = _workload(args)
+    data = workload.config.data
+    with workload.platform() as platform:
+        views = args.view or [v.name for v in platform.features.list_feature_views()]
+        for view in views:
+            platform.features.backfill(view, args.start or data.start, args.end or data.end)
+
+
+def cmd_materialize(args: argparse.Namespace) -> None:
+    workload = _workload(args)
+    data = workload.config.data
+    with workload.platform() as platform:
+        views = args.view or None
+        if args.start:
+            platform.features.materialize(args.start, args.end or data.end, views)
+        else:
+            platform.features.materialize_incremental(args.end or data.end, views)
+
+
+def _snapshot(platform, workload):  # noqa: ANN001, ANN202
+    from mlplatform.features.training_sets import get_training_set
+
+    return get_training_set(platform, workload.config.training_set.name)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from workloads.underwriting import model
+
+    workload = _workload(args)
+    config = workload.config.model
+    if args.tune is False:
+        config = config.model_copy(update={"tune": None})
+    with workload.platform() as platform:
+        version = model.train_register_promote(platform, config, _snapshot(platform, workload), print)
+        print(f"model card: {model.model_card_uri(platform, version)}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from workloads.underwriting import model
+
+    workload = _workload(args)
+    config = workload.config.model
+    if not config.tune:
+        from mlplatform.errors import ConfigError
+
+        raise ConfigError(f"{args.workload}: no 'model.tune' section (search_space, num_samples) to tune with")
+    with workload.platform() as platform:
+        version = model.train_register_promote(platform, config, _snapshot(platform, workload), print)
+        print(f"model card: {model.model_card_uri(platform, version)}")
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    workload = _workload(args)
+    with workload.platform() as platform:
+        names = [args.name] if args.name else platform.models.names()
+        for name in names:
+            aliases = platform.models.aliases(name)
+            for v in platform.models.list(name):
+                tags = ",".join(a for a, n in aliases.items() if n == v.version)
+                auc = v.metrics.get("test_auc")
+                print(
+                    f"{name:<16} v{v.version:<4} {v.flavor:<9} {v.created_at[:19]}  "
+                    f"test_auc={'n/a' if auc is None else f'{auc:.4f}'}  {tags}"
+                )
+
+
+def cmd_models_promote(args: argparse.Namespace) -> None:
+    workload = _workload(args)
+    with workload.platform() as platform:
+        platform.models.set_alias(args.name, args.alias, args.version)
+        print(f"{args.name}: {args.alias} -> v{args.version}")
+
+
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from workloads.underwriting.serve import ensure_api_key
+
+    workload = _workload(args)
+    platform = workload.platform()
+    ensure_api_key(platform, print)
+    deployed = platform.serving.deploy(args.model, num_replicas=args.replicas, blocking=not args.detach)
+    print(f"deployed {deployed.model_name} v{deployed.model_version} at {deployed.url}")
+
+
+def cmd_decide(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from mlplatform.config import load_config
+    from mlplatform.errors import DataError, ServingError
+    from workloads.underwriting.serve import post_decision
+
+    text = args.application
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    try:
+        application = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"--application is not JSON: {exc}") from None
+    config = load_config(args.config)
+    key = os.environ.get(config.serving.api_key_env)
+    if not key:
+        raise ServingError(f"set ${config.serving.api_key_env} to the decision service's API key")
+    url = args.url or f"http://{config.serving.host}:{config.serving.port}"
+    try:
+        print(json.dumps(post_decision(url, key, application), indent=2))
+    except OSError as exc:
+        raise ServingError(f"decision service at {url} did not answer: {exc}") from None
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    workload = _workload(args)
+    with workload.platform() as platform:
+        result = platform.batch.score(args.model, args.input, alias=args.alias, output=args.output)
+        print(result)
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from mlplatform.errors import JobError
+    from mlplatform.jobs.submit import Jobs
+
+    command = list(args.entrypoint)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise JobError("nothing to run: mlp submit --address URL -- mlp run configs/underwriting.yaml")
+    import shlex
+
+    result = Jobs().submit(
+        shlex.join(command), address=args.address, working_dir=args.working_dir, wait=not args.no_wait
+    )
+    print(f"job {result.job_id}: {result.status}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from mlplatform.jobs.submit import Jobs
+
+    for row in Jobs().status(args.job_id, address=args.address):
+        print(f"{row['job_id']:<28} {row['status']:<10} {row['entrypoint']}" + (f"  ({row['message']})" if row["message"] else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlp",
         description="mlplatform: feature store, training, model registry and serving on one Ray cluster.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for platform errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help="one of the commands below")
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -78,6 +220,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("features", cmd_features, "List registered entities, feature views and feature services.")
     p.add_argument("workload", help="workload YAML")
+
+    p = add("backfill", cmd_backfill, "Compute feature views from their sources into the offline store (Ray Data).")
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("--view", action="append", help="a view to backfill (repeatable); default all")
+    p.add_argument("--start", help="range start (exclusive), e.g. 2024-01-01; default the data's start")
+    p.add_argument("--end", help="range end (inclusive); default the data's end")
+
+    p = add("materialize", cmd_materialize, "Load the latest feature values into the online store.")
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("--view", action="append", help="a view to materialize (repeatable); default all")
+    p.add_argument("--start", help="full rebuild from this time; default: incremental since the last run")
+    p.add_argument("--end", help="up to this time; default the data's end")
+
+    p = add("train", cmd_train, "Train (Ray Train), evaluate, write the model card, register and promote.")
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="ignore model.tune")
+
+    p = add("tune", cmd_tune, "Tune with Ray Tune + ASHA (model.tune in the workload), register the best trial.")
+    p.add_argument("workload", help="workload YAML")
+
+    models = sub.add_parser("models", help="List and promote registered models.", description="List and promote registered models.")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True, help="list or promote")
+    p = models_sub.add_parser("list", help="List versions with metrics and aliases.", description="List versions with metrics and aliases.")
+    p.set_defaults(handler=cmd_models_list)
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("name", nargs="?", help="model name; default all")
+    p = models_sub.add_parser("promote", help="Point an alias (default production) at a version.", description="Point an alias (default production) at a version.")
+    p.set_defaults(handler=cmd_models_promote)
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("name", help="model name")
+    p.add_argument("version", type=int, help="version number")
+    p.add_argument("--alias", default="production", help="alias to move (default production)")
+
+    p = add("deploy", cmd_deploy, "Deploy the feature server and decision endpoint on Ray Serve.")
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("--model", default="underwriting", help="registered model to serve (its production alias)")
+    p.add_argument("--replicas", type=int, default=1, help="serving replicas")
+    p.add_argument("--detach", action="store_true", help="return once deployed instead of serving until Ctrl-C")
+
+    p = add("decide", cmd_decide, "Send one checkout application to the decision endpoint and print the answer.")
+    p.add_argument("--application", required=True, help="JSON of the application, or @file.json")
+    p.add_argument("--config", default="configs/local.yaml", help="platform config (host, port, API key env var)")
+    p.add_argument("--url", help="endpoint base URL; default from the config")
+
+    p = add("score", cmd_score, "Batch-score applications with a registered model (Ray Data actor pool).")
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("input", help="Parquet path/URI of applications")
+    p.add_argument("--model", default="underwriting", help="registered model name")
+    p.add_argument("--alias", default="production", help="model alias")
+    p.add_argument("--output", help="output Parquet path; default a versioned dataset under the root")
+
+    p = add("submit", cmd_submit, "Submit a command to a Ray cluster as a Ray job and stream its logs.")
+    p.add_argument("--address", help="dashboard / job API URL, e.g. http://127.0.0.1:8265 (or RAY_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="directory shipped with the job (default .)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. mlp run configs/underwriting.yaml")
+
+    p = add("status", cmd_status, "Show Ray jobs on a cluster (one job with JOB_ID).")
+    p.add_argument("job_id", nargs="?", help="a submission id; default all jobs")
+    p.add_argument("--address", help="dashboard / job API URL (or RAY_ADDRESS)")
     return parser
 
 

@@ -34,15 +34,24 @@ def test_import_starts_nothing_heavy():
     assert out.stdout.strip() == ""
 
 
-def _commands():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    return sub.choices
+def _commands(parser=None, prefix=""):
+    parser = parser or build_parser()
+    found = {}
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, command in action.choices.items():
+                found[f"{prefix}{name}"] = command
+                found.update(_commands(command, f"{prefix}{name} "))
+    return found
 
 
 def test_every_command_has_help():
     commands = _commands()
-    assert {"run", "apply", "generate", "features"} <= set(commands)
+    expected = {
+        "run", "generate", "apply", "features", "backfill", "materialize", "train", "tune",
+        "models", "models list", "models promote", "deploy", "decide", "score", "submit", "status",
+    }
+    assert expected <= set(commands)
     for name, command in commands.items():
         assert command.description, f"mlp {name} has no help text"
         for action in command._actions:
@@ -50,10 +59,10 @@ def test_every_command_has_help():
                 assert action.help, f"mlp {name}: argument {action.dest} has no help"
 
 
-@pytest.mark.parametrize("name", ["run", "apply", "generate", "features"])
+@pytest.mark.parametrize("name", sorted(_commands()))
 def test_help_exits_cleanly(name, capsys):
     with pytest.raises(SystemExit) as info:
-        main([name, "--help"])
+        main([*name.split(), "--help"])
     assert info.value.code == 0
     assert "usage: mlp" in capsys.readouterr().out
 
