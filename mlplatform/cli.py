@@ -28,7 +28,28 @@ def _workload(args: argparse.Namespace):  # noqa: ANN202 - returns mlplatform.jo
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    _workload(args).run()
+    workload = _workload(args)
+    platform = workload.platform()
+    try:
+        result = workload.module.run(platform, workload.config, echo=print) or {}
+        deployed = result.get("deployed") if isinstance(result, dict) else None
+        if deployed is None:
+            return
+        if not platform._started_ray:
+            print(f"decision endpoint stays live on the cluster at {deployed.url}/v1/decisions")
+        elif sys.stdin.isatty() and not args.exit:
+            print(f"decision endpoint live at {deployed.url}/v1/decisions (local Ray) - press Ctrl-C to stop")
+            import time
+
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("stopping")
+        else:
+            print(f"decision endpoint was live at {deployed.url}; the local Ray stops with this process")
+    finally:
+        platform.close()
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -209,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "Run the whole workload end to end (the main job).")
     p.add_argument("workload", help="workload YAML, e.g. configs/underwriting.yaml")
+    p.add_argument("--exit", action="store_true", help="exit after the sample decisions (no Ctrl-C wait on a terminal)")
 
     p = add("generate", cmd_generate, "Generate the workload's synthetic data under the storage root.")
     p.add_argument("workload", help="workload YAML")
