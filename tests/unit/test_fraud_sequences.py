@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from workloads.fraud.sequences import (
     APPLICATION,
@@ -126,7 +127,8 @@ def test_to_tensors_layout():
     b = table.num_rows
     for name in ("event_type", "category", "log_amount", "days_before", "days_past_due", "mask"):
         assert t[name].shape == (b, 5), name
-    assert t["event_type"].dtype.is_floating_point is False and t["mask"].dtype.__str__() == "torch.bool"
+    assert t["event_type"].dtype == torch.int64 and t["mask"].dtype == torch.bool
+    assert t["days_before"].dtype == torch.float32
     assert t["label"].shape == (b,) and t["app_category"].shape == (b,)
     assert (t["event_type"][~t["mask"]] == 0).all()
 

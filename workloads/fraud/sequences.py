@@ -432,7 +432,8 @@ def build_sequences(platform: Platform, config: SequenceConfig | None = None) ->
         labels,
         events.map_batches(functools.partial(repayment_rows, buckets=buckets), batch_format="pyarrow"),
     )
-    sequences = timeline.groupby("bucket").map_groups(
+    # One shuffle partition per bucket: the default (200) would mostly shuffle empty partitions.
+    sequences = timeline.groupby("bucket", num_partitions=buckets).map_groups(
         functools.partial(bucket_sequences, max_events=config.max_events, boundaries=boundaries),
         batch_format="pyarrow",
     )
