@@ -195,7 +195,7 @@ def run_duckdb(data_dir: Path, views: int) -> dict:
     sql = f"SELECT {', '.join(select)} FROM read_parquet('{data_dir / 'entities'}/*.parquet') e " + " ".join(joins)
     _ready()
     t0 = time.perf_counter()
-    out = con.execute(sql).to_arrow_table()
+    out = con.sql(sql).to_arrow_table()
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "rows": out.num_rows, **{c: out.num_rows - out.column(c).null_count for c in _features(views)}}
 

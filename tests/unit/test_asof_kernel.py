@@ -177,7 +177,7 @@ def _split_chunks(table: pa.Table, pieces: int) -> pa.Table:
     return pa.concat_tables([table.slice(a, b - a) for a, b in zip(bounds, bounds[1:])])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario(), st.integers(1, 3), st.randoms(use_true_random=False))
 def test_kernel_matches_brute_force_oracle(case, pieces, rnd):
     keys, entities, features, has_created, ttl, as_known_at = case
