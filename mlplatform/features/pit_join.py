@@ -381,7 +381,8 @@ def _as_arrow(block: Any, ts_column: str | None) -> pa.Table:
     if isinstance(block, pd.DataFrame):
         frame = block
         if ts_column is not None and ts_column in frame.columns:
-            # Object columns mixing naive and aware datetimes cannot go through Arrow as they are.
+            # Convert the timestamp by to_utc's rules (naive = UTC, any zone, ISO strings), not
+            # by whatever Arrow would infer from an object column.
             at = list(frame.columns).index(ts_column)
             table = pa.Table.from_pandas(frame.drop(columns=[ts_column]), preserve_index=False)
             return table.add_column(at, ts_column, to_utc(frame[ts_column]))
