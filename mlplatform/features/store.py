@@ -10,7 +10,9 @@ Each capability lives in its own module; this class only hands off.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import DefinitionError
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
     import ray.data
 
     from mlplatform.features.backfill import BackfillResult
+    from mlplatform.online import OnlineStore
+    from mlplatform.online.lookup import OnlineResponse
+    from mlplatform.online.materialize import MaterializeResult
+    from mlplatform.online.push import PushMode
     from mlplatform.platform import Platform
 
 OFFLINE_PREFIX = "offline"
@@ -159,3 +165,57 @@ class FeatureStore:
             view, feature = parse_ref(ref)
             self.registry.resolve_view(view).feature(feature)
         return refs
+
+    # ---------------------------------------------------------------------- online
+    @cached_property
+    def online_store(self) -> OnlineStore:
+        """The online store ``platform.config.online_store`` describes; see
+        ``mlplatform.online.open_online_store`` for where SQLite puts its file."""
+        from mlplatform.online import open_online_store
+
+        return open_online_store(self.platform.config, self.platform.storage)
+
+    def materialize(
+        self, start: Any, end: Any, views: Iterable[str | FeatureView] | None = None, *, echo: Callable[[str], Any] = print
+    ) -> list[MaterializeResult]:
+        """Rebuild each view's online state from offline rows with ``start < event_timestamp <= end``,
+        atomically per view; see ``mlplatform.online.materialize.materialize`` for the exact semantics.
+
+            platform.features.materialize("2024-01-01", "2024-07-01")
+        """
+        from mlplatform.online.materialize import materialize
+
+        return materialize(self, start, end, views, echo=echo)
+
+    def materialize_incremental(
+        self, end: Any, views: Iterable[str | FeatureView] | None = None, *, echo: Callable[[str], Any] = print
+    ) -> list[MaterializeResult]:
+        """Bring each view's online state up to ``end`` from where the last run ended; see
+        ``mlplatform.online.materialize.materialize_incremental``."""
+        from mlplatform.online.materialize import materialize_incremental
+
+        return materialize_incremental(self, end, views, echo=echo)
+
+    def push(self, view: str | FeatureView, rows: Any, *, to: PushMode = "online_and_offline") -> int:
+        """Write fresh rows of ``view`` online (visible at once) and offline (appended, created now);
+        see ``mlplatform.online.push.push``. Returns the number of rows."""
+        from mlplatform.online.push import push
+
+        return push(self, view, rows, to=to)
+
+    def get_online_features(
+        self,
+        features: FeatureService | str | Iterable[str],
+        entities: Mapping[str, Sequence[Any]],
+        *,
+        full_feature_names: bool = False,
+        now: datetime | None = None,
+    ) -> OnlineResponse:
+        """Current online values for each entity row, Feast-style; see
+        ``mlplatform.online.lookup.get_online_features`` for the exact semantics.
+
+            platform.features.get_online_features("underwriting_v1", {"applicant_id": [1, 2], ...})
+        """
+        from mlplatform.online.lookup import get_online_features
+
+        return get_online_features(self, features, entities, full_feature_names=full_feature_names, now=now)
