@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from mlplatform._duration import Duration
 from mlplatform.errors import ConfigError
+from mlplatform.serving.policy import DecisionPolicy
 
 __all__ = [
     "OnlineStoreConfig",
@@ -199,6 +200,9 @@ class ServingConfig(_Model):
     api_key_env: str = Field(default="MLP_API_KEY", min_length=1, description="Env var that holds the API key.")
     fast_ingress: Literal["auto", "on", "off"] = Field(
         default="auto", description="HAProxy ingress + throughput mode: auto = on when haproxy is installed."
+    )
+    policy: DecisionPolicy = Field(
+        default_factory=DecisionPolicy, description="Decision thresholds, limits and fallback (see mlplatform.serving.policy)."
     )
 
 

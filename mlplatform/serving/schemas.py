@@ -1,0 +1,134 @@
+"""The HTTP documents of the serving application, as pydantic models.
+
+Requests are strict about shape: unknown keys, wrong types, non-finite numbers, negative or
+absurd amounts and over-long strings are refused with a 422 naming the field. Feature-server
+documents follow Feast's Python feature server so Feast clients work unchanged.
+
+Decision request (``POST /v1/decisions``)::
+
+    {"application_id": "app-1", "applicant_id": 42, "merchant_id": 7, "amount": 120.0,
+     "currency": "USD", "term": 4, "timestamp": "2026-01-31T09:00:00Z"}
+
+Decision response::
+
+    {"decision_id": "3f2a…", "application_id": "app-1", "decision": "decline",
+     "probability_of_default": 0.31,
+     "reasons": [{"code": "missed_installments_90d", "text": "Missed payments in the last 90 days"}],
+     "model": {"name": "underwriting", "version": 3}, "fallback": false, "fallback_reason": null}
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+__all__ = [
+    "DecisionRequest",
+    "DecisionResponse",
+    "FeatureRequest",
+    "ModelRef",
+    "PushRequest",
+    "ReasonOut",
+]
+
+# JSON numbers can be 1e309 (inf) and Python's json accepts NaN: both are refused everywhere.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=256, frozen=True)
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+MAX_ENTITY_ROWS = 1000
+MAX_ID = 2**63 - 1
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DecisionRequest(BaseModel):
+    """One checkout application. ``timestamp`` is when the customer applied (naive = UTC)."""
+
+    model_config = ConfigDict(**_STRICT, coerce_numbers_to_str=True)
+
+    application_id: Annotated[str, Field(pattern=_ID, description="The checkout's id; retries reuse it.")]
+    applicant_id: Annotated[StrictInt, Field(ge=0, le=MAX_ID, description="The customer (entity applicant).")]
+    merchant_id: Annotated[StrictInt, Field(ge=0, le=MAX_ID, description="The store (entity merchant).")]
+    amount: Annotated[float, Field(gt=0, le=1e9, description="Order amount in currency units.")]
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. USD.")]
+    term: Annotated[StrictInt, Field(ge=1, le=120, description="Number of installments.")]
+    timestamp: Annotated[datetime, AfterValidator(_utc), Field(description="When the customer applied (ISO 8601).")]
+
+
+class ReasonOut(BaseModel):
+    """Why a decision went against the applicant: a feature (model reason) or a policy rule."""
+
+    code: str
+    text: str
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+
+
+class DecisionResponse(BaseModel):
+    """The answer to a checkout. ``fallback`` is true when it came from the configured fallback
+    (then ``fallback_reason`` says why and ``probability_of_default`` is null)."""
+
+    decision_id: str
+    application_id: str
+    decision: Literal["approve", "decline", "review"]
+    probability_of_default: float | None
+    reasons: list[ReasonOut]
+    model: ModelRef | None
+    fallback: bool
+    fallback_reason: str | None
+
+
+EntityValue = StrictInt | float | str | StrictBool | None
+
+
+class FeatureRequest(BaseModel):
+    """Feast's ``/get-online-features`` body: ``features`` (refs) or ``feature_service``, and
+    column-wise ``entities`` (join keys and request fields, lists of one length)."""
+
+    model_config = ConfigDict(**_STRICT)
+
+    features: Annotated[list[Annotated[str, Field(max_length=200)]], Field(min_length=1, max_length=500)] | None = None
+    feature_service: Annotated[str, Field(max_length=200)] | None = None
+    entities: Annotated[
+        dict[Annotated[str, Field(max_length=100)], Annotated[list[EntityValue], Field(min_length=1, max_length=MAX_ENTITY_ROWS)]],
+        Field(min_length=1, max_length=50),
+    ]
+    full_feature_names: bool = False
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FeatureRequest:
+        if (self.features is None) == (self.feature_service is None):
+            raise ValueError("give exactly one of 'features' (a list of 'view:feature') or 'feature_service'")
+        return self
+
+    def target(self) -> str | list[str]:
+        """The feature service name or the refs."""
+        return self.feature_service if self.feature_service is not None else list(self.features or [])
+
+
+class PushRequest(BaseModel):
+    """Feast's ``/push`` body. ``push_source_name`` names the feature view pushed to (this
+    platform has no separate push sources); ``feature_view`` is accepted as a clearer synonym.
+    ``df`` is column-wise: the view's join keys, ``event_timestamp`` (ISO 8601) and features."""
+
+    model_config = ConfigDict(**_STRICT)
+
+    push_source_name: Annotated[str, Field(max_length=200)] | None = None
+    feature_view: Annotated[str, Field(max_length=200)] | None = None
+    df: Annotated[dict[Annotated[str, Field(max_length=100)], list[Any]], Field(min_length=1, max_length=200)]
+    to: Literal["online", "offline", "online_and_offline"] = "online"
+
+    @model_validator(mode="after")
+    def _one_view(self) -> PushRequest:
+        if (self.push_source_name is None) == (self.feature_view is None):
+            raise ValueError("give exactly one of 'push_source_name' or 'feature_view' (the feature view's name)")
+        return self
+
+    def view(self) -> str:
+        return self.push_source_name if self.push_source_name is not None else str(self.feature_view)
