@@ -3,13 +3,14 @@
     result = platform.features.backfill("applicant_history", "2024-01-01", "2024-07-01")
     result.rows_out, result.version        # rows computed, the offline DatasetVersion written
 
-The pipeline: read the view's source dataset (columns and time range pushed down to the
-Parquet scan) → normalise timestamps to UTC and hash each event's join keys into a bucket
-→ ``groupby(bucket).map_groups``: one task per bucket of whole entities runs the
-vectorised kernel (:func:`mlplatform.features._windows.window_aggregate`) → hash-partition
-the rows by date, so each date's rows land in few files → publish as the view's offline
-dataset, replacing exactly the dates of the range, in one atomic commit. Memory per worker
-is bounded by a bucket, never the dataset.
+The pipeline, one Ray Data job: read the view's source dataset (columns and time range
+pushed down to the Parquet scan) → normalise timestamps to UTC and hash each event's join
+keys into a bucket → ``groupby(bucket).map_groups``: the vectorised kernel
+(:func:`mlplatform.features._windows.window_aggregate`) runs on one bucket of whole
+entities at a time → sort the rows by date, so each date's rows land in one or two files →
+publish as the view's offline dataset, replacing exactly the dates of the range, in one
+atomic commit. Memory per worker is bounded by a partition of about one bucket (roughly
+500k events), never the dataset.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import base64
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +75,7 @@ class BackfillResult:
     rows_out: int
     partitions: int
     seconds: float
-    version: DatasetVersion
+    version: DatasetVersion = field(repr=False)
 
     @property
     def events_per_second(self) -> float:
@@ -170,20 +171,32 @@ def backfill(
     )
     counter = ray.remote(num_cpus=0)(_Counter).remote()
 
-    ds = platform.datasets.read(source.dataset, manifest.version, columns=plan.read_columns)
+    # One read block per bucket: the sort-based groupby below makes as many partitions as
+    # it gets blocks, so this is what bounds a worker's share to about one bucket.
+    ds = platform.datasets.read(
+        source.dataset, manifest.version, columns=plan.read_columns, override_num_blocks=n_buckets
+    )
+    # ds.context is this pipeline's own copy of the DataContext (shared only with datasets
+    # derived from this read). Sort-based shuffles run as plain tasks on the workers Ray
+    # already has; the default hash shuffle starts a pool of aggregator actors for every
+    # shuffle, seconds of fixed cost per backfill (minutes on a loaded 2-core machine).
+    from ray.data.context import ShuffleStrategy
+
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ds = _push_down_time_range(ds, source.timestamp_field, schema, plan.read_after, plan.read_until)
     hashed = n_buckets if view.aggregations else 0
     ds = ds.map_batches(
         _prepare, batch_format="pyarrow", batch_size=None, fn_kwargs={"plan": plan, "buckets": hashed, "counter": counter}
     )
     if view.aggregations:
-        rows = ds.groupby(_BUCKET, num_partitions=n_buckets).map_groups(
+        rows = ds.groupby(_BUCKET).map_groups(
             _aggregate_bucket, batch_format="pyarrow", fn_kwargs={"plan": plan, "counter": counter}
         )
     else:
         rows = ds.map_batches(_copy_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"plan": plan, "counter": counter})
-    # Bucket tasks each hold every date; regroup by date so a date is a few files, not one per bucket.
-    rows = rows.repartition(max(1, min(len(plan.dates), n_buckets)), keys=[PARTITION])
+    # Every bucket holds every date: sort by date so that each date is one or two files rather
+    # than one per bucket (and each file's rows are one date's, in entity order).
+    rows = rows.sort(PARTITION)
     kept = _rows_kept_outside_range(platform, target, view, plan)
     if kept is not None and kept.num_rows:
         rows = rows.union(ray.data.from_arrow(kept))
