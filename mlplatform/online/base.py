@@ -331,19 +331,51 @@ def _encode_table(
         created_us = pc.cast(created, pa.int64()).to_numpy(zero_copy_only=False).tolist()
     else:
         created_us = event_us
-    key_columns = [table.column(k).to_pylist() for k in keys]
-    encoded_keys = [encode_key(k) for k in zip(*key_columns)]
-    present = [f for f in features if f in table.column_names]
-    columns = [table.column(f).to_pylist() for f in present]
-    absent = {f: None for f in features if f not in table.column_names}
+    encoded_keys = _encode_key_columns([table.column(k) for k in keys])
+    columns = [_feature_column(table, f, f in floats) for f in features]
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    out = []
-    for i, key in enumerate(encoded_keys):
-        values = {f: _plain(col[i], f in floats) for f, col in zip(present, columns)}
-        if absent:
-            values.update(absent)
-        out.append(EncodedRow(key, event_us[i], created_us[i], dumps(values)))
-    return out
+    return [
+        EncodedRow(key, e, c, dumps(dict(zip(features, values))))
+        for key, e, c, values in zip(encoded_keys, event_us, created_us, zip(*columns))
+    ]
+
+
+def _encode_key_columns(columns: list[Any]) -> list[str]:
+    """``encode_key`` of every row, vectorised for the usual int and string key columns."""
+    import pyarrow as pa
+
+    plain = all(
+        c.null_count == 0 and (pa.types.is_integer(c.type) or pa.types.is_string(c.type) or pa.types.is_large_string(c.type))
+        for c in columns
+    )
+    if not plain:
+        return [encode_key(k) for k in zip(*(c.to_pylist() for c in columns))]
+    if len(columns) == 1 and pa.types.is_integer(columns[0].type):
+        return [f"[{v}]" for v in columns[0].to_pylist()]
+    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    return [dumps(list(k)) for k in zip(*(c.to_pylist() for c in columns))]
+
+
+def _feature_column(table: pa.Table, name: str, as_float: bool) -> list[Any]:
+    """One feature column as JSON-able Python values (see ``_plain``), vectorised by type."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from mlplatform.features._asof import to_utc
+
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    column = table.column(name)
+    typ = column.type
+    if pa.types.is_floating(typ) or (as_float and pa.types.is_integer(typ)):
+        column = column.cast(pa.float64())
+        return pc.if_else(pc.is_nan(column), pa.scalar(None, pa.float64()), column).to_pylist()
+    if pa.types.is_integer(typ) or pa.types.is_boolean(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return column.to_pylist()
+    if pa.types.is_timestamp(typ):
+        micros = pc.cast(to_utc(column), pa.int64()).to_pylist()
+        return [None if v is None else {"$ts": v} for v in micros]
+    return [_plain(v, as_float) for v in column.to_pylist()]
 
 
 # ------------------------------------------------------------------------------- reading

@@ -413,3 +413,17 @@ def test_redis_password_comes_from_the_environment(redis_server, monkeypatch):
         store.close()
     finally:
         redis.Redis(port=redis_server.port, password="s3cret").config_set("requirepass", "")
+
+
+def test_table_and_record_rows_encode_identically():
+    from mlplatform.online.base import encode_rows
+
+    records = [
+        {"applicant_id": 1, "merchant_id": "ü{1}", "event_timestamp": T0, "created_timestamp": None, "amount": 2},
+        {"applicant_id": 2, "merchant_id": "m", "event_timestamp": T0, "created_timestamp": T0, "amount": float("nan")},
+        {"applicant_id": 3, "merchant_id": "m", "event_timestamp": T0, "created_timestamp": NOW, "amount": None},
+    ]
+    table = pa.Table.from_pylist(records)
+    assert encode_rows(pairs, table) == encode_rows(pairs, records) == encode_rows(pairs, pd.DataFrame(records))
+    typed = [row(1, 0.5, seen=T0), row(2, float("nan"), n=None, label=None, flag=None, seen=None)]
+    assert encode_rows(scores, pa.Table.from_pylist(typed)) == encode_rows(scores, typed)
