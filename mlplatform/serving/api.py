@@ -1,0 +1,353 @@
+"""``platform.serving``: deploy, inspect and stop the online application; find and replay decisions.
+
+    deployed = platform.serving.deploy("underwriting")     # needs MLP_API_KEY (serving.api_key_env)
+    deployed.url                                            # http://127.0.0.1:8000
+    platform.serving.status()
+    platform.serving.decision("3f2a…")                      # the logged record
+    platform.serving.replay("3f2a…")                        # recompute its score
+    platform.serving.shutdown()
+
+See ``mlplatform.serving`` for the cluster setup and ``mlplatform.serving.app`` for the routes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mlplatform.errors import NotFoundError, PlatformError, ServingError
+from mlplatform.serving.policy import DecisionPolicy
+
+if TYPE_CHECKING:
+    from mlplatform.platform import Platform
+
+__all__ = ["APP_NAME", "DeployedApp", "Serving"]
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "mlplatform"
+MIN_KEY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class DeployedApp:
+    """A running serving application: where it answers and what it serves."""
+
+    name: str
+    url: str
+    model_name: str
+    model_version: int
+    ingress: str
+    num_replicas: int
+    spool_dir: str
+
+
+class Serving:
+    """The online application on Ray Serve (``platform.serving``)."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self._deployed: DeployedApp | None = None
+        self._policy: DecisionPolicy | None = None
+
+    def __repr__(self) -> str:
+        return f"Serving(app={APP_NAME!r}, deployed={self._deployed!r})"
+
+    # ------------------------------------------------------------------------- deploy
+    def deploy(
+        self,
+        model_name: str = "underwriting",
+        *,
+        policy: DecisionPolicy | Mapping[str, Any] | None = None,
+        blocking: bool = False,
+        num_replicas: int = 2,
+        replica_cpus: float = 1.0,
+        feature_service: str = "underwriting_v1",
+        spool_dir: str | os.PathLike[str] | None = None,
+        ready_timeout_s: float = 300.0,
+    ) -> DeployedApp:
+        """Start (or update in place) the serving application with ``model_name``'s ``production`` version.
+
+            os.environ["MLP_API_KEY"] = "..."          # or the env var serving.api_key_env names
+            deployed = platform.serving.deploy("underwriting", num_replicas=2)
+            requests.post(f"{deployed.url}/v1/decisions", json=application, headers={"X-API-Key": key})
+
+        Serve is configured for low latency: HAProxy ingress and throughput-optimized mode when
+        an haproxy binary is available (``serving.fast_ingress``; see ``mlplatform.serving.ingress``),
+        access logs off. Replicas then follow the model's aliases by themselves: moving
+        ``production`` reaches them within about a second, without a restart.
+
+        Args:
+            model_name: the registered model; its ``production`` alias must be set.
+            policy: the decision policy; default ``serving.policy`` from the config.
+            blocking: serve until interrupted (Ctrl-C shuts the application down).
+            num_replicas: replicas of the ingress deployment (each one does everything).
+            replica_cpus: CPUs Ray reserves per replica.
+            feature_service: the features of a model version whose lineage names none.
+            spool_dir: the decision log spool on each node's local disk; default
+                ``<storage root>/decisions/spool`` for a local root, ``./.mlplatform-spool/<project>``
+                for an ``s3://`` root.
+            ready_timeout_s: how long to wait for ``GET /health`` at the URL to answer.
+
+        Returns:
+            A ``DeployedApp`` with the ``url`` to call; it answers when this returns.
+
+        Raises:
+            ServingError: no API key is set (or it is shorter than 16 characters), the model has
+                no ``production`` version, that version does not fit the feature service, or
+                the URL did not answer within ``ready_timeout_s``.
+        """
+        from mlplatform.serving.ingress import plan_ingress, prepare_process, serve_controller_running
+
+        config = self.platform.config
+        digests = _key_digests(config.serving.api_key_env)
+        policy = _policy(policy if policy is not None else config.serving.policy)
+        version = self._check_model(model_name, feature_service)
+        spool = os.path.abspath(os.fspath(spool_dir)) if spool_dir is not None else self.default_spool_dir()
+
+        plan = plan_ingress(config.serving.fast_ingress)
+        prepare_process(plan)
+        self.platform.ray()
+        from ray import serve
+        from ray.exceptions import ActorDiedError, GetTimeoutError
+
+        from mlplatform.serving.app import AppSettings, ServingApp
+
+        ingress = plan.name
+        if serve_controller_running():
+            ingress = "existing"
+            if plan.fast:
+                log.warning(
+                    "Ray Serve is already running in this cluster, so its ingress stays as it was started "
+                    "(HAProxy or the default proxy). To get %s, run serve.shutdown() and deploy again.",
+                    plan.note,
+                )
+        try:
+            serve.start(
+                http_options={"host": config.serving.host, "port": config.serving.port},
+                logging_config={"enable_access_log": False},
+                controller_options=plan.controller_options(),
+            )
+        except (GetTimeoutError, ActorDiedError) as exc:
+            # serve.start gives the proxy 60 s and one life; on a starved machine it can take
+            # longer, and the controller restarts it with growing timeouts. The URL check decides.
+            log.warning("Serve's ingress is not ready yet (%s); deploying anyway and waiting for the URL", type(exc).__name__)
+        settings = AppSettings(
+            config=_portable_config(self.platform),
+            model_name=model_name,
+            feature_service=feature_service,
+            policy=policy.model_dump(mode="json"),
+            key_digests=digests,
+            spool_dir=spool,
+            deadline_s=config.serving.deadline.total_seconds(),
+        )
+        application = ServingApp.options(
+            num_replicas=num_replicas,
+            ray_actor_options={"num_cpus": replica_cpus},
+            logging_config={"enable_access_log": False},
+        ).bind(settings)
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+        except TimeoutError as exc:  # the app runs; the ingress is slow to report (see above)
+            log.warning("%s; waiting for the URL", exc)
+        except RuntimeError as exc:  # a replica could not start: its error is in the message
+            raise ServingError(f"the serving application failed to deploy: {exc}") from None
+        url = _url(config.serving.host, config.serving.port)
+        _wait_until_answering(url, ready_timeout_s)
+        self._deployed = DeployedApp(
+            name=APP_NAME,
+            url=url,
+            model_name=model_name,
+            model_version=version,
+            ingress=ingress,
+            num_replicas=num_replicas,
+            spool_dir=spool,
+        )
+        self._policy = policy
+        log.info("serving %s v%s at %s (%s)", model_name, version, self._deployed.url, plan.note)
+        if blocking:
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                self.shutdown()
+        return self._deployed
+
+    def _check_model(self, model_name: str, feature_service: str) -> int:
+        """Load the production version here first, so a bad model fails the deploy, not a replica."""
+        from mlplatform.serving.catalog import FeatureCatalog
+        from mlplatform.serving.schemas import DecisionRequest
+        from mlplatform.serving.scoring import load_scorer
+
+        try:
+            version = self.platform.models.get(model_name, alias="production").version
+            load_scorer(
+                self.platform,
+                FeatureCatalog(self.platform.features),
+                model_name,
+                version,
+                feature_service,
+                set(DecisionRequest.model_fields),
+            )
+        except PlatformError as exc:
+            raise ServingError(f"cannot serve model {model_name!r}: {exc}") from None
+        return version
+
+    # ------------------------------------------------------------------------ inspect
+    def status(self) -> dict[str, Any]:
+        """The application's state as Serve reports it: ``{"status", "url", "deployments":
+        {name: {"status", "replicas": {state: count}, "message"}}}``; status ``NOT_DEPLOYED``
+        when it is not running."""
+        import ray
+
+        if not ray.is_initialized():
+            return {"status": "NOT_DEPLOYED", "url": None, "deployments": {}}
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get(APP_NAME)
+        except Exception:  # no Serve instance in this cluster
+            app = None
+        if app is None:
+            return {"status": "NOT_DEPLOYED", "url": None, "deployments": {}}
+        return {
+            "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+            "url": self._deployed.url if self._deployed else None,
+            "message": app.message,
+            "deployments": {
+                name: {
+                    "status": str(d.status.value if hasattr(d.status, "value") else d.status),
+                    "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()},
+                    "message": d.message,
+                }
+                for name, d in app.deployments.items()
+            },
+        }
+
+    def shutdown(self) -> None:
+        """Delete the application (waits for its replicas to drain). Serve itself keeps running
+        for other applications; ``ray.serve.shutdown()`` stops it."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME)
+        except Exception as exc:  # Serve not running: nothing to delete
+            log.debug("serve.delete(%r): %r", APP_NAME, exc)
+        self._deployed = None
+
+    # ---------------------------------------------------------------------- decisions
+    def default_spool_dir(self) -> str:
+        """Where replicas spool the decision log unless ``deploy(spool_dir=...)`` says otherwise."""
+        storage = self.platform.storage
+        if storage.is_s3:
+            return os.path.abspath(os.path.join(".mlplatform-spool", self.platform.config.project))
+        return os.path.join(os.path.abspath(storage.root), "decisions", "spool")
+
+    def spool_dir(self) -> str:
+        return self._deployed.spool_dir if self._deployed else self.default_spool_dir()
+
+    def decision(self, decision_id: str) -> dict[str, Any]:
+        """The logged record of ``decision_id`` (this node's spool, then ``decisions/log``).
+
+        Raises:
+            NotFoundError: no such decision.
+        """
+        from mlplatform.serving.decision_log import find_decision
+
+        return find_decision(self.platform.storage, decision_id, spool_dir=self.spool_dir())
+
+    def compact_log(self) -> Any:
+        """Compact this node's spool into ``decisions/log`` now (replicas also do it every
+        minute): closed segments and those of dead replicas. Returns the ``CompactionResult``."""
+        from mlplatform.serving.decision_log import DecisionLog
+
+        spool = self.spool_dir()
+        if not os.path.isdir(spool):
+            raise NotFoundError(f"no decision log spool at {spool!r}: nothing was served from this node")
+        with DecisionLog(self.platform.storage, spool_dir=spool, replica_id=f"compactor-{os.getpid()}") as decision_log:
+            return decision_log.compact()
+
+    def replay(self, decision_id: str, *, policy: DecisionPolicy | Mapping[str, Any] | None = None) -> Any:
+        """Recompute a logged decision's score from its logged features with its logged model
+        version (``mlplatform.serving.replay.replay``; this node's spool is searched too).
+
+        A fallback decision is replayed with ``policy``, by default the policy this object
+        deployed with (None when it deployed nothing: then the result says it is not replayable).
+        """
+        from mlplatform.serving.replay import replay
+
+        chosen = _policy(policy) if policy is not None else self._policy
+        return replay(self.platform, decision_id, spool_dir=self.spool_dir(), policy=chosen)
+
+
+def _key_digests(env_var: str) -> tuple[str, ...]:
+    """SHA-256 digests of the API keys in ``env_var`` (comma-separated, for rotation). Only
+    digests travel to the replicas; the keys stay in this process's environment."""
+    raw = os.environ.get(env_var, "")
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    if not keys:
+        raise ServingError(
+            f"no API key: set the environment variable {env_var} (serving.api_key_env) to a secret of at least "
+            f"{MIN_KEY_LENGTH} characters, e.g. {env_var}=$(openssl rand -hex 24); clients send it as X-API-Key"
+        )
+    short = [i for i, k in enumerate(keys) if len(k) < MIN_KEY_LENGTH]
+    if short:
+        raise ServingError(f"API key(s) at position {short} in {env_var} are shorter than {MIN_KEY_LENGTH} characters")
+    return tuple(hashlib.sha256(k.encode()).hexdigest() for k in keys)
+
+
+def _policy(value: DecisionPolicy | Mapping[str, Any]) -> DecisionPolicy:
+    if isinstance(value, DecisionPolicy):
+        return value
+    from pydantic import ValidationError
+
+    from mlplatform.config import format_validation_error
+
+    try:
+        return DecisionPolicy.model_validate(dict(value))
+    except ValidationError as exc:
+        raise ServingError(format_validation_error(exc, "serving policy")) from None
+
+
+def _portable_config(platform: Platform) -> dict[str, Any]:
+    """The config as JSON with local paths made absolute: replicas run in other directories."""
+    data = platform.config.model_dump(mode="json")
+    if not platform.storage.is_s3:
+        data["storage"]["root"] = os.path.abspath(platform.storage.root)
+    online = data["online_store"]
+    if online.get("type") == "sqlite":
+        online["path"] = getattr(platform.features.online_store, "path", online.get("path"))
+    return data
+
+
+def _wait_until_answering(url: str, timeout_s: float) -> None:
+    """Poll ``GET {url}/health`` until it answers 200 (the ingress routes to a replica)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+                if response.status == 200:
+                    return
+                last = response.status
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(0.5)
+    raise ServingError(f"the serving application did not answer at {url}/health within {timeout_s:.0f}s (last: {last!r})")
+
+
+def _url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"

@@ -1,0 +1,299 @@
+"""The decision itself, without HTTP: features, score, policy, reasons, and the log record.
+
+    engine = DecisionEngine(watcher=watcher, catalog=catalog, policy=policy, idempotency=store)
+    outcomes, timings = engine.decide([Job(request, started=time.perf_counter())])
+    engine.fallback(jobs, "deadline_exceeded")      # when the caller's deadline passed
+
+``decide`` takes a micro-batch (the requests that arrived while the previous batch ran) and
+does one round trip per feature view, one on-demand transform and one ``Booster.predict``
+for all of them; it never raises for one application's sake: anything that goes wrong
+becomes that batch's fallback decision, marked with its cause:
+
+============================  ================================================================
+``feature_store_unavailable``  the online store did not answer (down, or slower than its timeout)
+``feature_computation_failed`` the lookup or the on-demand transform raised
+``model_unavailable``          no loadable version under the ``production`` alias
+``scoring_failed``             the model raised on this input
+``deadline_exceeded``          lookup + scoring did not finish within ``serving.deadline``
+============================  ================================================================
+
+Features are read as of the decision time (``created_at``), by the same ``get_online_features``
+the feature server and training sets' on-demand code use. The model sees them in its own
+``feature_name()`` order, a missing value as NaN. The record written to the decision log
+holds that order, the values (null when missing) and their event times, so ``replay`` can
+recompute the score exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from mlplatform.online.base import OnlineStoreUnavailable
+from mlplatform.online.lookup import get_online_features
+from mlplatform.serving.idempotency import IdempotencyUnavailable
+
+if TYPE_CHECKING:
+    from mlplatform.serving.catalog import FeatureCatalog
+    from mlplatform.serving.idempotency import IdempotencyStore
+    from mlplatform.serving.policy import DecisionPolicy
+    from mlplatform.serving.schemas import DecisionRequest
+    from mlplatform.serving.scoring import ModelWatcher, Scorer
+
+__all__ = ["DecisionEngine", "Job", "Outcome", "Timings", "answer_for", "fingerprint"]
+
+log = logging.getLogger(__name__)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+# Feature values go to the log exactly as the model saw them, an infinite ratio included
+# (Python's json reads ``Infinity`` back), so replay feeds the model the same input.
+_dumps_values = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode
+
+
+def fingerprint(request: DecisionRequest) -> str:
+    """A digest of the validated request: a retry must carry the same application."""
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:32]
+
+
+@dataclass
+class Job:
+    """One application waiting for a decision; ``started`` is ``time.perf_counter()`` at arrival."""
+
+    request: DecisionRequest
+    started: float
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = fingerprint(self.request)
+
+
+@dataclass
+class Outcome:
+    """What to do with one job.
+
+    ``stored`` set: the application was decided before; answer with that (``answer_for``).
+    Otherwise ``record`` goes to the decision log, then ``answer`` to the idempotency store,
+    then ``body`` to the client.
+    """
+
+    body: bytes = b""
+    record: dict[str, Any] | None = None
+    answer: str = ""
+    stored: str | None = None
+    decision: str = ""
+    fallback_reason: str | None = None
+
+
+@dataclass
+class Timings:
+    lookup_s: float | None = None
+    scoring_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def answer_for(stored: str, fingerprint: str) -> tuple[int, bytes]:
+    """The HTTP status and body for a stored answer: 200 and the original response, or 409
+    when the same application_id came with a different application."""
+    entry = json.loads(stored)
+    if entry.get("fingerprint") != fingerprint:
+        message = {
+            "error": "conflict",
+            "message": "application_id was already decided for a different application; "
+            "a retry must repeat the original request exactly (use a new application_id for a new checkout)",
+            "decision_id": entry["response"]["decision_id"],
+        }
+        return 409, _dumps(message).encode()
+    return 200, _dumps(entry["response"]).encode()
+
+
+class DecisionEngine:
+    """Decides micro-batches of applications (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        watcher: ModelWatcher,
+        catalog: FeatureCatalog,
+        policy: DecisionPolicy,
+        idempotency: IdempotencyStore,
+    ) -> None:
+        self.watcher = watcher
+        self.catalog = catalog
+        self.policy = policy
+        self.idempotency = idempotency
+
+    # --------------------------------------------------------------------------- main
+    def decide(self, jobs: list[Job]) -> tuple[list[Outcome], Timings]:
+        """Decide every job; the outcomes are in job order. Never raises."""
+        timings = Timings()
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        try:
+            stored = self.idempotency.get_many([j.request.application_id for j in jobs])
+        except IdempotencyUnavailable as exc:
+            timings.notes.append(str(exc))
+            stored = [None] * len(jobs)
+        todo = []
+        for i, (job, answer) in enumerate(zip(jobs, stored)):
+            if answer is not None:
+                outcomes[i] = Outcome(stored=answer)
+            else:
+                todo.append(i)
+        if todo:
+            decided = self._decide_new([jobs[i] for i in todo], timings)
+            for i, outcome in zip(todo, decided):
+                outcomes[i] = outcome
+        return outcomes, timings  # type: ignore[return-value]
+
+    def _decide_new(self, jobs: list[Job], timings: Timings) -> list[Outcome]:
+        scorer = self.watcher.current(self.watcher.aliases[0])
+        if scorer is None:
+            return self.fallback(jobs, "model_unavailable")
+        now = datetime.now(UTC)
+        started = time.perf_counter()
+        try:
+            entities = {k: [getattr(j.request, k) for j in jobs] for k in scorer.inputs}
+            response = get_online_features(self.catalog, list(scorer.refs), entities, now=now)
+        except OnlineStoreUnavailable as exc:
+            timings.notes.append(str(exc))
+            return self.fallback(jobs, "feature_store_unavailable", scorer=scorer)
+        except Exception as exc:
+            log.exception("feature lookup failed for a batch of %d", len(jobs))
+            timings.notes.append(repr(exc))
+            return self.fallback(jobs, "feature_computation_failed", scorer=scorer)
+        timings.lookup_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        columns = dict(zip(response.metadata.feature_names, response.results))
+        rows = [{n: columns[n].values[i] for n in scorer.feature_names} for i in range(len(jobs))]
+        stamps = [
+            {n: _iso(columns[n].event_timestamps[i]) for n in scorer.feature_names} for i in range(len(jobs))
+        ]
+        try:
+            probabilities = scorer.predict(scorer.matrix(rows)).tolist()
+        except Exception as exc:
+            log.exception("scoring failed for a batch of %d", len(jobs))
+            timings.notes.append(repr(exc))
+            return self.fallback(jobs, "scoring_failed", scorer=scorer)
+        shadow = self._shadow(scorer, columns, len(jobs))
+        outcomes = [
+            self._scored(job, scorer, p, row, stamp, shadow[i] if shadow else None, now)
+            for i, (job, p, row, stamp) in enumerate(zip(jobs, probabilities, rows, stamps))
+        ]
+        timings.scoring_s = time.perf_counter() - started
+        return outcomes
+
+    def _scored(
+        self,
+        job: Job,
+        scorer: Scorer,
+        probability: float,
+        row: dict[str, Any],
+        stamps: dict[str, str | None],
+        shadow: dict[str, Any] | None,
+        now: datetime,
+    ) -> Outcome:
+        request = job.request
+        knocked = self.policy.knockouts(amount=request.amount, currency=request.currency, term=request.term)
+        if knocked:
+            decision = "decline"
+            reasons = [{"code": r.code, "text": r.text} for r in knocked]
+        else:
+            decision = self.policy.by_score(probability)
+            reasons = []
+            if decision == "decline":
+                explained = scorer.coder.explain_row(row).reasons[: self.policy.max_reasons]
+                reasons = [
+                    {"code": r.feature, "text": r.text, "contribution": r.contribution, "value": r.value} for r in explained
+                ]
+        return self._outcome(
+            job, decision, probability, reasons, scorer, row, stamps, None, shadow, now
+        )
+
+    def _shadow(self, production: Scorer, columns: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
+        if len(self.watcher.aliases) < 2:
+            return None
+        alias = self.watcher.aliases[1]
+        candidate = self.watcher.current(alias)
+        if candidate is None or candidate.version == production.version:
+            return None
+        head = {"alias": alias, "model_name": candidate.name, "model_version": candidate.version}
+        if any(name not in columns for name in candidate.feature_names):
+            return [{**head, "error": "the candidate reads features the production feature service does not provide"}] * n
+        try:
+            rows = [{name: columns[name].values[i] for name in candidate.feature_names} for i in range(n)]
+            scores = candidate.predict(candidate.matrix(rows)).tolist()
+        except Exception as exc:  # the shadow must never affect the decision
+            return [{**head, "error": repr(exc)}] * n
+        return [{**head, "probability_of_default": p} for p in scores]
+
+    # ---------------------------------------------------------------------- fallback
+    def fallback(self, jobs: list[Job], reason: str, *, scorer: Scorer | None = None) -> list[Outcome]:
+        """The configured fallback decision for each job, marked with ``reason``."""
+        now = datetime.now(UTC)
+        out = []
+        for job in jobs:
+            r = job.request
+            decision, knocked = self.policy.fallback(amount=r.amount, currency=r.currency, term=r.term)
+            reasons = [{"code": k.code, "text": k.text} for k in knocked]
+            out.append(self._outcome(job, decision, None, reasons, scorer, None, None, reason, None, now))
+        return out
+
+    # ------------------------------------------------------------------------ output
+    def _outcome(
+        self,
+        job: Job,
+        decision: str,
+        probability: float | None,
+        reasons: list[dict[str, Any]],
+        scorer: Scorer | None,
+        row: dict[str, Any] | None,
+        stamps: dict[str, str | None] | None,
+        fallback_reason: str | None,
+        shadow: dict[str, Any] | None,
+        now: datetime,
+    ) -> Outcome:
+        request = job.request
+        decision_id = uuid.uuid4().hex
+        scored = fallback_reason is None
+        response = {
+            "decision_id": decision_id,
+            "application_id": request.application_id,
+            "decision": decision,
+            "probability_of_default": probability,
+            "reasons": [{"code": r["code"], "text": r["text"]} for r in reasons],
+            "model": {"name": scorer.name, "version": scorer.version} if scored and scorer else None,
+            "fallback": not scored,
+            "fallback_reason": fallback_reason,
+        }
+        body = _dumps(response)
+        record = {
+            "decision_id": decision_id,
+            "application_id": request.application_id,
+            "request": request.model_dump_json(),
+            "decision": decision,
+            "probability_of_default": probability,
+            "reasons": _dumps_values(reasons),
+            "model_name": scorer.name if scorer else None,
+            "model_version": scorer.version if scorer else None,
+            "model_sha256": scorer.sha256 if scorer else None,
+            "feature_names": _dumps(list(scorer.feature_names) if scorer and row is not None else []),
+            "features": _dumps_values(row if row is not None else {}),
+            "feature_event_timestamps": _dumps(stamps if stamps is not None else {}),
+            "fallback": not scored,
+            "fallback_reason": fallback_reason,
+            "latency_ms": (time.perf_counter() - job.started) * 1000.0,
+            "created_at": now.isoformat(),
+            "shadow": _dumps_values(shadow) if shadow is not None else None,
+        }
+        answer = f'{{"fingerprint":"{job.fingerprint}","response":{body}}}'
+        return Outcome(body=body.encode(), record=record, answer=answer, decision=decision, fallback_reason=fallback_reason)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
