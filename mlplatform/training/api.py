@@ -209,6 +209,7 @@ def prepare(platform: Platform, spec: TrainSpec) -> PreparedData:
             f"training set {spec.training_set!r} v{snapshot.version} records no features; list them in the spec's features"
         )
     _check_columns(platform, snapshot, [*features, spec.label])
+    _check_label(platform, snapshot, spec.label)
     train = _read_split(platform, snapshot, features, spec.label, "train").materialize()
     validation = _read_split(platform, snapshot, features, spec.label, "validation").materialize()
     for name, ds in (("train", train), ("validation", validation)):
@@ -298,6 +299,34 @@ def _check_columns(platform: Platform, snapshot: TrainingSetSnapshot, columns: l
         raise DataError(
             f"training set {snapshot.name!r} v{snapshot.version} has no column(s) {missing}; columns: {sorted(names)}"
         )
+
+
+def _check_label(platform: Platform, snapshot: TrainingSetSnapshot, label: str) -> None:
+    """The label must be 0/1 and never null, checked from the Parquet footers' statistics.
+
+    Checked on the driver, before any worker starts, because a worker that fails on bad data
+    is retried ``max_failures`` times. Row groups without statistics are not checked here.
+    """
+    import pyarrow.parquet as pq
+
+    from mlplatform.features.training_sets import PREFIX
+
+    manifest = platform.datasets.get(f"{PREFIX}/{snapshot.name}", snapshot.version)
+    what = f"training set {snapshot.name!r} v{snapshot.version}"
+    for path in platform.datasets.file_paths(manifest):
+        with platform.storage.arrow_fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        index = meta.schema.to_arrow_schema().get_field_index(label)
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(index).statistics
+            if stats is None:
+                continue
+            if stats.null_count:
+                raise DataError(f"{what}: the label {label!r} is null in {stats.null_count} rows of {path}")
+            if stats.has_min_max and (stats.min < 0 or stats.max > 1):
+                raise DataError(
+                    f"{what}: the label {label!r} must be 0 or 1, found values from {stats.min} to {stats.max} in {path}"
+                )
 
 
 def _read_split(
