@@ -6,10 +6,11 @@
 How it runs, per view, as one Ray Data pipeline: read the view's offline dataset (only the
 ``date`` partitions that can hold events in the window), keep rows with
 ``start < event_timestamp <= end``, reduce each block to its latest row per key and tag each
-row with a hash bucket of its key (``map_batches``), group by bucket (``groupby(…).map_groups``:
-a worker holds one bucket, never the dataset; buckets are sized from the row count), reduce
-each bucket to the latest row per key and write it from that worker, which opens its own
-store connection. The driver only sees row counts.
+row with a hash bucket of its key (``map_batches``), group by bucket (``groupby(…).map_groups``,
+a sort-based shuffle run as plain tasks: a worker holds about one bucket, never the dataset;
+buckets are sized from the row count, ``TARGET_BUCKET_ROWS``), reduce each bucket to the
+latest row per key and write it from that worker, which opens its own store connection. A
+window that fits one bucket is one task with no shuffle. The driver only sees row counts.
 
 A full run writes into a new generation and publishes it once every write has succeeded; any
 failure aborts it, and a killed run leaves the previous generation readable (the next run
@@ -51,15 +52,17 @@ STATE_PREFIX = "online/state"
 #: Rows a worker hands to the store per write call (one SQLite transaction per 5,000 of them,
 #: one Redis pipeline per 1,000): bounds the memory of encoded rows, not correctness.
 WRITE_BATCH_ROWS = 20_000
-#: About this many offline rows per hash bucket: a bucket's latest-row reduction holds a few
-#: arrays the length of the bucket.
-TARGET_BUCKET_ROWS = 2_000_000
+#: About this many offline rows per hash bucket, the unit of parallel work: a worker reduces
+#: and writes one bucket at a time. A window with no more rows than this runs as one task,
+#: with no shuffle (small views, and most incremental runs).
+TARGET_BUCKET_ROWS = 200_000
 
 
 @dataclass(frozen=True)
 class MaterializeResult:
     """What one view's materialization did. ``mode``: ``full`` (a new generation, published) or
-    ``incremental`` (upserts into the current one). ``rows``: entity keys written."""
+    ``incremental`` (upserts into the current one). ``rows``: entity keys written (in a
+    single-bucket run whose read came back in several blocks, a key in two of them counts twice)."""
 
     view: str
     mode: Literal["full", "incremental"]
@@ -87,6 +90,7 @@ def materialize(
     *,
     echo: Callable[[str], Any] = print,
     batch_rows: int = WRITE_BATCH_ROWS,
+    bucket_rows: int = TARGET_BUCKET_ROWS,
 ) -> list[MaterializeResult]:
     """Rebuild each view's online state from its offline rows with ``start < event_timestamp <= end``.
 
@@ -105,6 +109,7 @@ def materialize(
         views: names or views; default every registered feature view with offline data.
         echo: where progress lines go.
         batch_rows: rows per store write call from a worker.
+        bucket_rows: offline rows per hash bucket (see ``TARGET_BUCKET_ROWS``).
 
     Returns:
         One ``MaterializeResult`` per view, in order.
@@ -121,7 +126,7 @@ def materialize(
         raise DataError(f"materialize needs start < end, got start={start_at.isoformat()} end={end_at.isoformat()}")
     results = []
     for view, manifest in _plan(store, views, echo):
-        results.append(_run(store, view, manifest, start_at, end_at, "full", echo, batch_rows))
+        results.append(_run(store, view, manifest, start_at, end_at, "full", echo, batch_rows, bucket_rows))
     return results
 
 
@@ -132,6 +137,7 @@ def materialize_incremental(
     *,
     echo: Callable[[str], Any] = print,
     batch_rows: int = WRITE_BATCH_ROWS,
+    bucket_rows: int = TARGET_BUCKET_ROWS,
 ) -> list[MaterializeResult]:
     """Bring each view's online state up to ``end``, continuing from where the last run ended.
 
@@ -163,13 +169,13 @@ def materialize_incremental(
             reason = "the online store does not hold the recorded generation"
         if reason is not None:
             echo(f"{view.name}: {reason}; materializing from the beginning of its data")
-            results.append(_run(store, view, manifest, None, end_at, "full", echo, batch_rows))
+            results.append(_run(store, view, manifest, None, end_at, "full", echo, batch_rows, bucket_rows))
             continue
         last_end = datetime.fromisoformat(state["end"])
         if end_at <= last_end:
             echo(f"{view.name}: already materialized up to {last_end.isoformat()}; nothing to do")
             continue
-        results.append(_run(store, view, manifest, last_end, end_at, "incremental", echo, batch_rows))
+        results.append(_run(store, view, manifest, last_end, end_at, "incremental", echo, batch_rows, bucket_rows))
     return results
 
 
@@ -260,6 +266,7 @@ def _run(
     mode: Literal["full", "incremental"],
     echo: Callable[[str], Any],
     batch_rows: int,
+    bucket_rows: int,
 ) -> MaterializeResult:
     from mlplatform.features.store import offline_dataset
 
@@ -274,17 +281,33 @@ def _run(
             rows = 0
         else:
             ray = store.platform.ray()
-            ds = store.platform.datasets.read(
-                offline_dataset(view.name), manifest.version, columns=columns, partitions=partitions
-            )
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            buckets = max(cpus, math.ceil(offline_rows / TARGET_BUCKET_ROWS))
+            buckets = 1 if offline_rows <= bucket_rows else max(cpus, math.ceil(offline_rows / bucket_rows))
+            # One read block per bucket: the sort-based groupby below makes as many partitions
+            # as it gets blocks, which bounds a worker's share to about one bucket.
+            ds = store.platform.datasets.read(
+                offline_dataset(view.name),
+                manifest.version,
+                columns=columns,
+                partitions=partitions,
+                override_num_blocks=buckets,
+            )
             bounds = _Bounds(tuple(view.join_keys), start, end, buckets)
             spec = _Write(online, view, generation, tuple(view.join_keys), batch_rows)
             ds = ds.map_batches(_reduce_block, fn_args=(bounds,), batch_format="pyarrow", batch_size=None)
-            ds = ds.groupby(_BUCKET, num_partitions=buckets).map_groups(
-                _write_bucket, fn_args=(spec,), batch_format="pyarrow"
-            )
+            if buckets == 1:
+                # Small: the whole window is one bucket, reduced and written by one task. (Should
+                # the read still yield several blocks, their rows meet in the store, where the
+                # newer row per key wins: correct, only a few more writes.)
+                ds = ds.map_batches(_write_bucket, fn_args=(spec,), batch_format="pyarrow", batch_size=None)
+            else:
+                # ds.context is this pipeline's own copy of the DataContext. Sort-based shuffles
+                # run as plain tasks on the workers Ray already has; the default hash shuffle
+                # starts aggregator actors for every shuffle, seconds of fixed cost per run.
+                from ray.data.context import ShuffleStrategy
+
+                ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+                ds = ds.groupby(_BUCKET).map_groups(_write_bucket, fn_args=(spec,), batch_format="pyarrow")
             rows = int(sum(batch["rows"].sum() for batch in ds.iter_batches(batch_format="numpy", batch_size=None)))
         if generation is not None:
             online.publish(view, generation)

@@ -33,7 +33,7 @@ from mlplatform import (
 )
 from mlplatform.features.store import offline_dataset
 from mlplatform.online import FeatureStatus
-from mlplatform.online.materialize import read_state
+from mlplatform.online.materialize import TARGET_BUCKET_ROWS, materialize, materialize_incremental, read_state
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 applicant = Entity(name="applicant", join_keys=["applicant_id"])
@@ -136,8 +136,14 @@ def _check_against_oracle(platform, frame, start, end, now):
 # ---------------------------------------------------------------------------- materialize
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_materialize_and_incremental_match_the_oracle(backend, tmp_path, ray_session, request):
+@pytest.mark.parametrize(
+    ("backend", "bucket_rows"),
+    [
+        ("sqlite", 100),  # many hash buckets: the shuffle path
+        ("redis", TARGET_BUCKET_ROWS),  # one bucket: the single-task path
+    ],
+)
+def test_materialize_and_incremental_match_the_oracle(backend, bucket_rows, tmp_path, ray_session, request):
     online = None
     if backend == "redis":
         online = {"type": "redis", "url": request.getfixturevalue("redis_server").url, "timeout": "2s"}
@@ -145,17 +151,19 @@ def test_materialize_and_incremental_match_the_oracle(backend, tmp_path, ray_ses
     frame = _history_rows(seed=1, keys=40, rows=600)
     _publish_offline(platform, history, frame)
     echoed: list[str] = []
+    tuning = {"echo": echoed.append, "bucket_rows": bucket_rows}
 
     start, end1, end2 = T0 + timedelta(days=4), T0 + timedelta(days=12), T0 + timedelta(days=20)
-    (first,) = platform.features.materialize(start, end1, ["history"], echo=echoed.append)
-    assert first.mode == "full" and first.rows == frame[(frame.event_timestamp > start) & (frame.event_timestamp <= end1)].applicant_id.nunique()
+    (first,) = materialize(platform.features, start, end1, ["history"], **tuning)
+    in_window = frame[(frame.event_timestamp > start) & (frame.event_timestamp <= end1)]
+    assert first.mode == "full" and first.rows == in_window.applicant_id.nunique()
     _check_against_oracle(platform, frame, start, end1, now=end1)
     state = read_state(platform.features, "history")
     assert (state["start"], state["end"], state["generation"], state["offline_version"]) == (
         start.isoformat(), end1.isoformat(), first.generation, 1,
     )
 
-    (second,) = platform.features.materialize_incremental(end2, echo=echoed.append)
+    (second,) = materialize_incremental(platform.features, end2, **tuning)
     assert second.mode == "incremental" and second.generation == first.generation
     # incremental = the window grows to (start, end2]: later rows replace older ones per key
     _check_against_oracle(platform, frame, start, end2, now=end2)
