@@ -33,6 +33,8 @@ __all__ = ["ViewJoin", "point_in_time_join"]
 # A bucket of about this many bytes (both sides together) is comfortable for one worker: the
 # kernel's temporaries are a few int64 arrays the length of the bucket.
 TARGET_BUCKET_BYTES = 512 * 1024 * 1024
+# Blocks are partitioned in batches of about this many bytes per task.
+PARTITION_BATCH_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -347,24 +349,44 @@ class _Prepare:
 
 
 def _shuffle(blocks, keys: tuple[str, ...], n: int, prepare: _Prepare) -> list[list[Any]]:
-    """Submit one partition task per block; returns refs indexed [bucket][block]."""
-    partition = _remote_tasks().partition
+    """Submit partition tasks over the blocks; returns refs indexed [bucket][task].
+
+    Small blocks are batched, up to ``PARTITION_BATCH_BYTES`` per task: every Ray task and
+    object costs a few milliseconds of CPU across driver, raylet and worker, which adds up
+    with readers that produce hundreds of small blocks.
+    """
+    partition = _remote_tasks().partition.options(num_returns=n)
     by_bucket: list[list[Any]] = [[] for _ in range(n)]
-    for block in blocks:
-        refs = partition.options(num_returns=n).remote(block.ref, block.block_slice, keys, n, prepare)
-        if n == 1:
-            refs = [refs]
-        for bucket, ref in enumerate(refs):
+    batch: list[_Block] = []
+
+    def submit() -> None:
+        refs = partition.remote(keys, n, prepare, [b.block_slice for b in batch], *[b.ref for b in batch])
+        for bucket, ref in enumerate([refs] if n == 1 else refs):
             by_bucket[bucket].append(ref)
+        batch.clear()
+
+    batch_bytes = 0
+    for block in blocks:
+        batch.append(block)
+        # Unknown sizes (0) count as full, so a big block never waits for company.
+        batch_bytes += block.size_bytes or PARTITION_BATCH_BYTES
+        if batch_bytes >= PARTITION_BATCH_BYTES:
+            submit()
+            batch_bytes = 0
+    if batch:
+        submit()
     return by_bucket
 
 
-def _partition_block(block: Any, block_slice: tuple[int, int] | None, keys: tuple[str, ...], n: int,
-                     prepare: _Prepare) -> Any:
-    table = _as_arrow(block, prepare.entity_ts)
-    if block_slice is not None:
-        table = table.slice(block_slice[0], block_slice[1] - block_slice[0])
-    table = _prepare(table, prepare)
+def _partition_blocks(keys: tuple[str, ...], n: int, prepare: _Prepare,
+                      slices: list[tuple[int, int] | None], *blocks: Any) -> Any:
+    tables = []
+    for block, block_slice in zip(blocks, slices):
+        table = _as_arrow(block, prepare.entity_ts)
+        if block_slice is not None:
+            table = table.slice(block_slice[0], block_slice[1] - block_slice[0])
+        tables.append(_prepare(table, prepare))
+    table = _concat(tables)
     if n == 1:
         return table
     bucket = _bucket_ids(table, keys, n)
@@ -488,7 +510,7 @@ def _remote_tasks():
     import ray
 
     class Tasks:
-        partition = ray.remote(_partition_block)
+        partition = ray.remote(_partition_blocks)
         join_bucket = ray.remote(_join_bucket)
 
     return Tasks

@@ -12,6 +12,7 @@ import pytest
 
 from mlplatform.errors import DataError
 from mlplatform.features._asof import UTC_MICROS
+from mlplatform.features import pit_join
 from mlplatform.features.pit_join import ViewJoin, point_in_time_join
 
 pytestmark = pytest.mark.integration
@@ -148,9 +149,15 @@ VIEW_SPECS = {
 }
 
 
-@pytest.mark.parametrize(("seed", "num_partitions", "as_known_at"), [(1, 3, False), (2, None, True), (3, 1, True)])
-def test_distributed_join_matches_oracle(ray_session, seed, num_partitions, as_known_at):
+@pytest.mark.parametrize(
+    ("seed", "num_partitions", "as_known_at", "one_block_per_task"),
+    [(1, 3, False, True), (2, None, True, False), (3, 1, True, True), (4, 2, False, False)],
+)
+def test_distributed_join_matches_oracle(ray_session, monkeypatch, seed, num_partitions, as_known_at,
+                                         one_block_per_task):
     ray = ray_session
+    if one_block_per_task:
+        monkeypatch.setattr(pit_join, "PARTITION_BATCH_BYTES", 1)
     entities, features = make_data(seed)
     views = [
         ViewJoin(name, keys, _dataset(ray, features[name], blocks=3), "event_ts",
