@@ -80,8 +80,12 @@ def _scores(platform: Platform, snapshot: TrainingSetSnapshot, booster: Any) -> 
     keep = ["split", snapshot.label, *SEGMENTS, "application_id"]
 
     def score(batch: pd.DataFrame) -> pd.DataFrame:
+        import numpy as np
+
         out = batch[keep].copy()
-        out["score"] = booster.predict(batch[features], num_threads=1)
+        # the same float matrix training used (nullable ints and object columns with None -> NaN)
+        matrix = np.column_stack([batch[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in features])
+        out["score"] = booster.predict(matrix, num_threads=1)
         return out
 
     ds = load_training_set(platform, snapshot.name, version=snapshot.version)
