@@ -149,7 +149,10 @@ def redis_cluster_server(tmp_path_factory):
     commands exactly as a real cluster does, so it checks a key layout is cluster-safe."""
     import redis
 
-    server = _start_redis(tmp_path_factory.mktemp("redis-cluster"), "--cluster-enabled", "yes")
+    # The cluster bus needs a port too; by default port + 10000, which may be taken or > 65535.
+    server = _start_redis(
+        tmp_path_factory.mktemp("redis-cluster"), "--cluster-enabled", "yes", "--cluster-port", str(free_port())
+    )
     try:
         client = redis.Redis(port=server.port, decode_responses=True)
         client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
