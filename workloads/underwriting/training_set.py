@@ -68,6 +68,10 @@ def build(platform: Platform, config: TrainingSetConfig, data_end: datetime) -> 
     import pyarrow.compute as pc
 
     cutoff = config.cutoff or data_end
+    key = build_key(platform, config, cutoff)
+    existing = current_snapshot(platform, config.name, key)
+    if existing is not None:
+        return existing
     rows = entity_rows(platform, cutoff)
     start = pc.min(rows.column(TIMESTAMP)).as_py()
     end = pc.max(rows.column(TIMESTAMP)).as_py()
@@ -86,5 +90,40 @@ def build(platform: Platform, config: TrainingSetConfig, data_end: datetime) -> 
         label=LABEL,
         timestamp_column=TIMESTAMP,
         splits=splits,
-        metadata={"feature_service": config.feature_service, "cutoff": cutoff.isoformat()},
+        metadata={"feature_service": config.feature_service, "cutoff": cutoff.isoformat(), "build_key": key},
     )
+
+
+def build_key(platform: Platform, config: TrainingSetConfig, cutoff: datetime) -> str:
+    """What the snapshot is a function of: its config, the feature definitions and the exact
+    versions of the raw and offline data it reads. Equal keys = the same rows."""
+    import hashlib
+    import json
+
+    from mlplatform.features.store import offline_dataset
+
+    refs = platform.features.resolve_features(config.feature_service)
+    views = sorted({ref.split(":")[0] for ref in refs})
+    inputs = {
+        "config": config.model_dump(mode="json"),
+        "cutoff": cutoff.isoformat(),
+        "definitions": {v: platform.features.registry.resolve_view(v).version for v in views},
+        "data": {
+            name: platform.datasets.get(name).version
+            for name in [f"{RAW}/applications", f"{RAW}/outcomes"]
+            + [offline_dataset(v.name) for v in platform.features.list_feature_views() if v.name in views]
+        },
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_snapshot(platform: Platform, name: str, key: str) -> TrainingSetSnapshot | None:
+    """The latest snapshot of ``name`` if it was built from exactly these inputs."""
+    from mlplatform.errors import NotFoundError
+    from mlplatform.features.training_sets import get_training_set
+
+    try:
+        snapshot = get_training_set(platform, name)
+    except NotFoundError:
+        return None
+    return snapshot if snapshot.metadata.get("build_key") == key else None
