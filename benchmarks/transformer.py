@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,9 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from workloads.fraud.sequences import CATEGORIES, output_schema  # noqa: E402
+from workloads.fraud.sequences import CATEGORIES, output_schema
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets.
 # Matched in order against torch.cuda.get_device_name(); first match wins.
