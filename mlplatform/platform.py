@@ -20,6 +20,7 @@ from mlplatform.config import PlatformConfig, load_config
 from mlplatform.storage import DatasetStore, Storage
 
 if TYPE_CHECKING:
+    from mlplatform.batch.score import BatchScoring
     from mlplatform.features.store import FeatureStore
     from mlplatform.jobs.submit import Jobs
     from mlplatform.models.registry import ModelRegistry
@@ -80,6 +81,13 @@ class Platform:
         from mlplatform.serving.api import Serving
 
         return Serving(self)
+
+    @cached_property
+    def batch(self) -> BatchScoring:
+        """Batch scoring on Ray Data: a registered model over many applications."""
+        from mlplatform.batch.score import BatchScoring
+
+        return BatchScoring(self)
 
     @cached_property
     def jobs(self) -> Jobs:

@@ -1,0 +1,539 @@
+"""Batch scoring: a registered model over many applications, with the features joined point in
+time exactly as the training set was, on a Ray Data actor pool.
+
+    result = platform.batch.score("underwriting_pd", "s3://lake/applications/2025-01/", reasons=True)
+    result.rows, result.rows_per_s, result.dataset       # scores/underwriting_pd/<UTC stamp>, v1
+
+A run, step by step:
+
+1. The model version is resolved (``version`` if given, else ``alias``) and the feature
+   references it was trained on are read from its lineage: the training-set snapshot's
+   ``features``, else its ``feature_service``. The booster's ``feature_name()`` picks and
+   orders them.
+2. ``platform.features.get_historical_features(applications, refs, entity_timestamp=...)``
+   joins each application to the feature values usable at its own timestamp: the join the
+   training set was built with, so a model scores the inputs it would have seen live.
+3. ``map_batches`` runs ``ModelScorer`` on a fixed-size pool of actors. Each actor loads the
+   version from the registry once, in its constructor (every artifact's sha256 verified), and
+   then only scores: the model never travels with a batch. The input matrix is encoded like
+   the online path (``ReasonCoder.matrix``: ``feature_name()`` order, float64, null → NaN) and
+   scored with ``Booster.predict``, one thread per actor CPU.
+4. The rows are written as Parquet, either as the next version of the dataset
+   ``scores/<model>/<name>`` under the storage root (atomic: readers never see a partial
+   run) or under ``output``.
+
+Output columns: every column of the joined rows (the applications' own columns and the model's
+features, so a score can be reproduced from its row), then ``probability_of_default``
+(float64), ``reason_codes`` (list of strings, with ``reasons=True``), ``model_name`` and
+``model_version``. Row order is not the input order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from mlplatform.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import ray.data
+
+    from mlplatform.config import PlatformConfig
+    from mlplatform.features.definitions import FeatureService
+    from mlplatform.models.registry import LoadedModel, ModelVersion
+    from mlplatform.platform import Platform
+    from mlplatform.storage.datasets import DatasetVersion
+
+__all__ = ["SCORE", "REASONS", "MODEL_NAME", "MODEL_VERSION", "BatchScoreResult", "BatchScoring", "ModelScorer"]
+
+PREFIX = "scores"
+SCORE = "probability_of_default"
+REASONS = "reason_codes"
+MODEL_NAME = "model_name"
+MODEL_VERSION = "model_version"
+DEFAULT_BATCH_SIZE = 32_768
+
+
+@dataclass(frozen=True)
+class BatchScoreResult:
+    """What a batch-scoring run did and where its rows are.
+
+    ``seconds`` is the whole run (feature join, scoring, writing); ``timings`` splits it into
+    ``features`` (the point-in-time join, which runs eagerly) and ``score_and_write``.
+    ``model_loads`` maps each scoring actor to how many times it loaded the model: one each,
+    unless Ray restarted an actor.
+    """
+
+    model: str
+    version: int
+    rows: int
+    seconds: float
+    path: str
+    dataset: DatasetVersion | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    model_loads: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A model version resolved for scoring: what the actors load and what the join fetches."""
+
+    name: str
+    version: int
+    sha256: str
+    feature_names: tuple[str, ...]
+    refs: tuple[str, ...]
+    full_feature_names: bool
+    texts: dict[str, str]
+
+
+class BatchScoring:
+    """Batch scoring on Ray Data (``platform.batch``)."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    def __repr__(self) -> str:
+        return f"BatchScoring({self.platform.storage.uri(PREFIX)!r})"
+
+    def score(
+        self,
+        model: str | LoadedModel,
+        applications: Any,
+        *,
+        version: int | None = None,
+        alias: str | None = "production",
+        entity_timestamp: str = "application_ts",
+        features: FeatureService | str | Iterable[str] | None = None,
+        output: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        reasons: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        num_actors: int | None = None,
+    ) -> BatchScoreResult:
+        """Score every application with a registered model; write the scores as Parquet.
+
+            result = platform.batch.score("underwriting_pd", applications_df, reasons=True)
+            result.dataset.name        # 'scores/underwriting_pd/20250101T120000123456Z'
+            platform.datasets.read(result.dataset.name).to_pandas()
+
+        Args:
+            model: a registered model's name, or a ``LoadedModel`` (its name and version are
+                used; the actors load that version from this platform's registry).
+            applications: the rows to score, anything ``get_historical_features`` takes: a
+                pandas DataFrame, a pyarrow Table, a ``ray.data.Dataset`` or a Parquet path.
+                They need the join keys of the model's views, ``entity_timestamp`` and the
+                request fields of its on-demand views (e.g. ``amount``, ``term``).
+            version: the version to use. When given, ``alias`` is ignored.
+            alias: the alias whose version to use when ``version`` is None; None = the latest.
+            entity_timestamp: the column holding each application's point in time. A feature
+                value is used only if it was observable at that time (see
+                ``get_historical_features``): score historical applications as of when they
+                were made, or new ones as of now.
+            features: the feature references to join, for a model whose lineage records none
+                (default: from the lineage, see the module docstring).
+            output: a new or empty directory (local, or ``s3://`` with the storage root's S3
+                settings) to write Parquet files to, instead of a versioned dataset under the
+                storage root. Not atomic: a failed run can leave some files there.
+            name: the run's name: the dataset is ``scores/<model>/<name>`` (default: the UTC
+                start time). Scoring again under the same name publishes its next version.
+            reasons: add ``reason_codes``, the reason texts for each row (``ReasonCoder``:
+                features pushing toward default, largest first, at most four). Costs a
+                contribution pass and Python per row: several times slower than scoring alone.
+            batch_size: rows per ``Booster.predict`` call inside an actor.
+            num_actors: scoring actors (one CPU each); default: the cluster's CPUs. A pool
+                larger than the cluster waits for the autoscaler to add CPUs.
+
+        Returns:
+            A ``BatchScoreResult``: rows, seconds, rows/s, the ``DatasetVersion`` or path.
+
+        Raises:
+            NotFoundError: the model, version or alias does not exist (from the registry).
+            IntegrityError: the model's bytes do not match their recorded sha256.
+            ModelError: not a LightGBM model, or its features are not all among the refs.
+            DataError: the applications lack a needed column (from the feature join), already
+                have one of the output columns, or ``output`` is not a new or empty directory.
+            DefinitionError: a feature reference names an unknown view or feature.
+        """
+        started = time.perf_counter()
+        plan = self._plan(model, version=version, alias=alias, features=features)
+        ray = self.platform.ray()
+        _check_free(_columns_of(applications, ray))
+        target = _Output.of(self.platform, output) if output is not None else None
+        joined = self.platform.features.get_historical_features(
+            applications, list(plan.refs), entity_timestamp=entity_timestamp, full_feature_names=plan.full_feature_names
+        )
+        joined_at = time.perf_counter()
+        with _LoadLog(ray) as log:
+            # The join's output columns are known, so its (lazy) schema is not asked for: that
+            # would run the on-demand features over a block just to learn it.
+            scored = self._scored(
+                joined, plan, reasons=reasons, batch_size=batch_size, num_actors=num_actors, log=log, check=False
+            )
+            if target is not None:
+                dataset, rows, path = None, target.write(scored), target.uri
+            else:
+                run = name or f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+                dataset = self.platform.datasets.publish(
+                    f"{PREFIX}/{plan.name}/{run}",
+                    scored,
+                    metadata={
+                        "model": plan.name,
+                        "version": plan.version,
+                        "sha256": plan.sha256,
+                        "features": list(plan.refs),
+                        "entity_timestamp": entity_timestamp,
+                        "reasons": reasons,
+                    },
+                )
+                path, rows = self.platform.storage.uri(dataset.name), dataset.rows
+            loads = log.loads()
+        finished = time.perf_counter()
+        return BatchScoreResult(
+            model=plan.name,
+            version=plan.version,
+            rows=rows,
+            seconds=finished - started,
+            path=path,
+            dataset=dataset,
+            timings={"features": joined_at - started, "score_and_write": finished - joined_at},
+            model_loads=loads,
+        )
+
+    def score_features(
+        self,
+        model: str | LoadedModel,
+        features: ray.data.Dataset,
+        *,
+        version: int | None = None,
+        alias: str | None = "production",
+        reasons: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        num_actors: int | None = None,
+    ) -> ray.data.Dataset:
+        """Score rows that already carry the model's feature columns: step 3 of ``score``
+        alone, lazily (nothing runs until the dataset is consumed or written).
+
+            scored = platform.batch.score_features("underwriting_pd", feature_rows, alias="candidate")
+            scored.write_parquet("/tmp/scores")
+
+        The feature columns must be named as the booster names them (``feature_name()``);
+        other columns pass through. No point-in-time join happens here: the caller vouches
+        that each row's features are the ones usable at its time.
+
+        Raises:
+            NotFoundError, IntegrityError, ModelError: as ``score``.
+            DataError: a model feature column is missing, or an output column already exists.
+        """
+        plan = self._plan(model, version=version, alias=alias, features=None, need_refs=False)
+        self.platform.ray()
+        return self._scored(
+            features, plan, reasons=reasons, batch_size=batch_size, num_actors=num_actors, log=None, check=True
+        )
+
+    # ---------------------------------------------------------------------- internals
+    def _plan(
+        self,
+        model: str | LoadedModel,
+        *,
+        version: int | None,
+        alias: str | None,
+        features: FeatureService | str | Iterable[str] | None,
+        need_refs: bool = True,
+    ) -> _Plan:
+        from mlplatform.models.registry import LoadedModel
+        from mlplatform.models.reasons import reason_texts_from_definitions
+
+        if isinstance(model, LoadedModel):
+            loaded = model
+        elif isinstance(model, str):
+            loaded = self.platform.models.load(model, version=version, alias=None if version is not None else alias)
+        else:
+            raise ModelError(f"model must be a registered model's name or a LoadedModel, got {type(model).__name__}")
+        mv = loaded.version
+        if mv.flavor != "lightgbm":
+            raise ModelError(f"model {mv.name} v{mv.version} is a {mv.flavor!r} model; batch scoring runs LightGBM models")
+        names = tuple(loaded.model.feature_name())
+        if not need_refs:
+            return _Plan(mv.name, mv.version, mv.artifacts[mv.model_file], names, (), False, {})
+        candidates = self.platform.features.resolve_features(features if features is not None else _lineage_refs(mv))
+        refs, full = _match_refs(mv, names, candidates)
+        texts = reason_texts_from_definitions(refs, self.platform.features.registry, full_feature_names=full)
+        return _Plan(mv.name, mv.version, mv.artifacts[mv.model_file], names, refs, full, texts)
+
+    def _scored(
+        self,
+        rows: ray.data.Dataset,
+        plan: _Plan,
+        *,
+        reasons: bool,
+        batch_size: int,
+        num_actors: int | None,
+        log: _LoadLog | None,
+        check: bool,
+    ) -> ray.data.Dataset:
+        import ray
+
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if check:
+            columns = set(rows.schema().names)
+            missing = [n for n in plan.feature_names if n not in columns]
+            if missing:
+                raise DataError(
+                    f"rows to score lack model {plan.name} v{plan.version}'s feature columns {missing}; "
+                    f"they have {sorted(columns)}"
+                )
+            _check_free(columns)
+        if num_actors is None:
+            num_actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if num_actors < 1:
+            raise DataError(f"num_actors must be at least 1, got {num_actors}")
+        return rows.map_batches(
+            ModelScorer,
+            fn_constructor_kwargs={
+                "config": self.platform.config,
+                "name": plan.name,
+                "version": plan.version,
+                "sha256": plan.sha256,
+                "feature_names": plan.feature_names,
+                "texts": plan.texts if reasons else None,
+                "num_threads": 1,
+                "load_log": log.actor if log is not None else None,
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=1,
+        )
+
+
+class ModelScorer:
+    """The callable class each scoring actor runs: loads one model version once, then scores
+    batches (``pyarrow.Table`` in, the same rows plus the output columns out).
+
+    Args:
+        config: the platform config, to open the registry from the actor.
+        name, version, sha256: the version to load and the model file's expected checksum.
+        feature_names: the booster's feature names, as the driver read them.
+        texts: feature → reason text; None = no reason codes.
+        num_threads: LightGBM threads per ``predict`` (match the actor's CPUs).
+        load_log: an actor that records each load (``_LoadLog``), or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: PlatformConfig,
+        name: str,
+        version: int,
+        sha256: str,
+        feature_names: Sequence[str],
+        texts: Mapping[str, str] | None,
+        num_threads: int,
+        load_log: Any = None,
+    ) -> None:
+        from mlplatform.models.reasons import ReasonCoder
+        from mlplatform.platform import Platform
+
+        loaded = Platform(config).models.load(name, version=version)
+        mv = loaded.version
+        if mv.artifacts[mv.model_file] != sha256:
+            raise ModelError(
+                f"model {name} v{version} in the registry has sha256 {mv.artifacts[mv.model_file]}, "
+                f"not the {sha256} the run was planned with; the registry changed under it"
+            )
+        self.booster = loaded.model
+        if tuple(self.booster.feature_name()) != tuple(feature_names):
+            raise ModelError(f"model {name} v{version} has features {self.booster.feature_name()}, not {list(feature_names)}")
+        self.names = list(feature_names)
+        self.name = name
+        self.version = version
+        self.num_threads = num_threads
+        # The coder holds what the model says about encoding (categories); it is built for
+        # scoring too, so that batch and online inputs are encoded by the same rules.
+        self.coder = ReasonCoder(self.booster, texts or {})
+        self.with_reasons = texts is not None
+        # LightGBM keeps the category lists of features trained as pandas categoricals here.
+        self._numeric = not getattr(self.booster, "pandas_categorical", None)
+        if load_log is not None:
+            import ray
+
+            me = f"{ray.get_runtime_context().get_actor_id()}"
+            ray.get(load_log.record.remote(me))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import numpy as np
+        import pyarrow as pa
+
+        _check_free(batch.column_names)  # rows from a Parquet path were not checked before
+        x = self.matrix(batch)
+        n = batch.num_rows
+        out = batch.append_column(SCORE, pa.array(self.booster.predict(x, num_threads=self.num_threads), pa.float64()))
+        if self.with_reasons:
+            explained = self.coder.explain(batch.select(self.names).to_pandas())
+            out = out.append_column(REASONS, pa.array([[r.text for r in rs] for rs in explained], pa.list_(pa.string())))
+        name = pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [self.name]).cast(pa.string())
+        out = out.append_column(MODEL_NAME, name)
+        return out.append_column(MODEL_VERSION, pa.array(np.full(n, self.version, np.int64)))
+
+    def matrix(self, batch: pa.Table) -> np.ndarray:
+        """The model input: ``ReasonCoder.matrix``'s encoding, built straight from Arrow when
+        every feature is a number (the same float64 values, without a pandas round trip)."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        columns = [batch.column(name) for name in self.names]
+        if not self._numeric or not all(_is_number(c.type) for c in columns):
+            return self.coder.matrix(batch.select(self.names).to_pandas())
+        x = np.empty((batch.num_rows, len(columns)))
+        for j, column in enumerate(columns):
+            # safe=False: an int64 beyond 2**53 rounds, as pandas' to_numpy(float) rounds it
+            x[:, j] = pc.cast(column, pa.float64(), safe=False).to_numpy()
+        return x
+
+
+# -------------------------------------------------------------------------- helpers
+def _lineage_refs(mv: ModelVersion) -> list[str] | str:
+    """The feature references a version was trained on, from its lineage."""
+    training_set = mv.lineage.get("training_set")
+    if isinstance(training_set, Mapping) and training_set.get("features"):
+        return list(training_set["features"])
+    service = mv.lineage.get("feature_service")
+    if isinstance(service, str) and service:
+        return service
+    raise ModelError(
+        f"model {mv.name} v{mv.version} records no features in its lineage (training_set.features or "
+        f"feature_service); pass features=[...] with the 'view:feature' refs it was trained on"
+    )
+
+
+def _match_refs(mv: ModelVersion, names: tuple[str, ...], refs: list[str]) -> tuple[tuple[str, ...], bool]:
+    """The refs the booster reads, in its order, and whether it names them ``view__feature``."""
+    short = {ref.split(":", 1)[1]: ref for ref in reversed(refs)}
+    full = {ref.replace(":", "__", 1): ref for ref in refs}
+    if all(n in short for n in names):
+        return tuple(short[n] for n in names), False
+    if all(n in full for n in names):
+        return tuple(full[n] for n in names), True
+    missing = [n for n in names if n not in short and n not in full]
+    raise ModelError(
+        f"model {mv.name} v{mv.version} reads features {missing} that its feature references do not provide "
+        f"(refs: {refs}); pass features=[...] naming them"
+    )
+
+
+def _columns_of(applications: Any, ray: Any) -> list[str] | None:
+    """The columns of the rows to score, where knowing them costs nothing (None for a path)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if isinstance(applications, pd.DataFrame):
+        return [str(c) for c in applications.columns]
+    if isinstance(applications, pa.Table):
+        return applications.column_names
+    if isinstance(applications, ray.data.Dataset):
+        return applications.schema().names  # the feature join asks for it too
+    return None
+
+
+def _check_free(columns: Iterable[str] | None) -> None:
+    taken = [c for c in (SCORE, REASONS, MODEL_NAME, MODEL_VERSION) if c in set(columns or ())]
+    if taken:
+        raise DataError(f"the rows to score already have output column(s) {taken}; drop or rename them first")
+
+
+def _is_number(t: pa.DataType) -> bool:
+    import pyarrow.types as pat
+
+    return pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """An ``output=`` directory: where it is, and the filesystem that reaches it."""
+
+    uri: str
+    path: str
+    fs: Any
+
+    @classmethod
+    def of(cls, platform: Platform, output: str | os.PathLike[str]) -> _Output:
+        """Raises DataError unless ``output`` is a new or empty directory."""
+        import pyarrow.fs as pafs
+
+        uri = os.fspath(output)
+        if uri.startswith("s3://"):
+            if not platform.storage.is_s3:
+                raise DataError(f"output {uri!r} is on S3 but the storage root is local; configure storage.s3")
+            out = cls(uri, uri.removeprefix("s3://"), platform.storage.arrow_fs)
+        else:
+            uri = os.path.abspath(uri)
+            out = cls(uri, uri, pafs.LocalFileSystem())
+        info = out.fs.get_file_info(out.path)
+        if info.type == pafs.FileType.File or (
+            info.type == pafs.FileType.Directory and out.fs.get_file_info(pafs.FileSelector(out.path))
+        ):
+            raise DataError(f"output {uri!r} already exists and is not an empty directory; pick a new path")
+        return out
+
+    def write(self, ds: ray.data.Dataset) -> int:
+        """Write ``ds`` as Parquet here; the rows written, read back from the files' footers."""
+        import pyarrow.dataset as pds
+
+        ds.write_parquet(self.path, filesystem=self.fs)
+        if self.fs.get_file_info(self.path).type.name == "NotFound":  # no rows: no files
+            return 0
+        return pds.dataset(self.path, format="parquet", filesystem=self.fs).count_rows()
+
+
+class _LoadLog:
+    """A small actor that scoring actors report their model loads to, so a run can say how
+    often the model was loaded (once per actor; more only if Ray restarted one)."""
+
+    def __init__(self, ray: Any) -> None:
+        self._ray = ray
+        self.actor: Any = None
+
+    def __enter__(self) -> _LoadLog:
+        self.actor = _load_counter(self._ray).remote()
+        return self
+
+    def loads(self) -> dict[str, int]:
+        return dict(self._ray.get(self.actor.loads.remote()))
+
+    def __exit__(self, *exc: object) -> None:
+        self._ray.kill(self.actor)
+
+
+def _load_counter(ray: Any) -> Any:
+    global _COUNTER
+    if _COUNTER is None:
+
+        @ray.remote(num_cpus=0)
+        class LoadCounter:
+            def __init__(self) -> None:
+                self.counts: dict[str, int] = {}
+
+            def record(self, who: str) -> None:
+                self.counts[who] = self.counts.get(who, 0) + 1
+
+            def loads(self) -> dict[str, int]:
+                return self.counts
+
+        _COUNTER = LoadCounter
+    return _COUNTER
+
+
+_COUNTER: Any = None
