@@ -138,6 +138,9 @@ class Storage:
                 secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
                 session_token=os.environ.get("AWS_SESSION_TOKEN"),
             )
+        # S3 (and S3-compatible servers) answer 5xx / throttling now and then; the SDK's standard
+        # retry strategy with backoff makes a write survive them instead of failing a whole job.
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
         return pafs.S3FileSystem(**kwargs)
 
     def check_reachable(self) -> None:
