@@ -20,8 +20,9 @@ event becomes an interval ``[lo, hi)`` of candidate numbers. Then, with no per-e
   a node keeps the max of the events cut into it; the value at candidate ``p`` is the max
   over the nodes on the path to leaf ``p``, one per level.
 
-Cost: O(n log n) for n events, memory a few arrays of n; a 500k-event bucket of the
-underwriting ``applicant_history`` view (14 aggregations) takes about 1.5 s on one core.
+Cost: O(n log n) for n events, memory a few dozen arrays of n. The underwriting
+``applicant_history`` view (14 aggregations over 30/90/365 days) takes about 0.9 CPU-s per
+500k events of the generated ledger, 1.2-1.5 s on uniformly random events (more changes).
 """
 
 from __future__ import annotations

@@ -195,6 +195,19 @@ def test_consecutive_ranges_equal_one_range_and_reruns_replace(platform):
     assert _same(offline_rows(platform, six_hourly), want)  # replaced, not duplicated
 
 
+def test_rerun_after_the_source_lost_its_events_empties_the_range(platform):
+    rows = _source(seed=5, n=100, users=5)
+    _publish(platform, rows)
+    platform.features.apply([daily])
+    quiet = {"echo": lambda line: None}
+    first = platform.features.backfill("user_tx", "2024-01-01", "2024-01-31", **quiet)
+    assert first.rows_out > 0 and first.kernel_seconds > 0
+    _publish(platform, [r for r in rows if r["ts"] > datetime(2024, 3, 1, tzinfo=UTC)])  # none are
+    again = platform.features.backfill("user_tx", "2024-01-01", "2024-01-31", **quiet)
+    assert (again.rows_in, again.rows_out, again.partitions) == (0, 0, 30)
+    assert offline_rows(platform, daily) == []  # every date of the range was replaced, even with nothing
+
+
 def test_plain_view_copies_rows_in_range(platform):
     rows = _source(seed=3, n=200)
     _publish(platform, rows)
