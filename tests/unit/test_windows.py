@@ -149,7 +149,7 @@ def scenarios(draw):
     return events, aggregations, cadence, delay, start, end
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_kernel_matches_oracle(scenario):
     events, aggregations, cadence, delay, start, end = scenario
@@ -158,7 +158,7 @@ def test_kernel_matches_oracle(scenario):
     assert got == want
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(scenarios(), st.integers(1, 200))
 def test_consecutive_ranges_equal_one_range(scenario, cut_hours):
     events, aggregations, cadence, delay, start, end = scenario
