@@ -66,8 +66,18 @@ def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
     )
     last = pc.max(apps.column("application_ts")).as_py()
     recent = apps.filter(pc.greater(apps.column("application_ts"), last - timedelta(days=30))).to_pandas()
-    recent = recent.sort_values("amount", ascending=False).head(max(count, 1) * 20)
-    picked = recent.sample(n=min(count, len(recent)), random_state=1) if len(recent) else recent
+    # one applicant with the worst recent repayment record (likely a decline with reasons),
+    # the rest at random
+    events = platform.datasets.read_table("raw/underwriting/repayment_events", columns=["applicant_id", "is_missed"])
+    missed = events.group_by("applicant_id").aggregate([("is_missed", "sum")]).to_pandas()
+    recent = recent.merge(missed, on="applicant_id", how="left").fillna({"is_missed_sum": 0})
+    worst = recent.sort_values(["is_missed_sum", "amount"], ascending=False).head(1)
+    rest = recent.drop(worst.index)
+    rest = rest.sample(n=min(max(count - 1, 0), len(rest)), random_state=1) if len(rest) else rest
+    picked = worst.iloc[:count] if count else worst.iloc[:0]
+    import pandas as pd
+
+    picked = pd.concat([picked, rest])
     out = []
     for i, row in enumerate(picked.itertuples()):
         out.append(
@@ -100,7 +110,16 @@ def deploy_and_decide(platform: Platform, model_name: str, config: ServeConfig, 
     deployed = platform.serving.deploy(model_name, num_replicas=config.num_replicas)
     echo(f"[deploy] {deployed.name}: {model_name} v{deployed.model_version} at {deployed.url} ({deployed.ingress} ingress)")
     decisions = []
-    for application in sample_applications(platform, config.sample_decisions):
+    samples = sample_applications(platform, config.sample_decisions)
+    if samples:
+        # the first request to fresh replicas loads models and connections; don't let that
+        # cold start be the decision we show
+        warm = {**samples[0], "application_id": f"warmup-{secrets.token_hex(4)}"}
+        try:
+            post_decision(deployed.url, key, warm)
+        except OSError:
+            pass
+    for application in samples:
         answer = post_decision(deployed.url, key, application)
         decisions.append(answer)
         reasons = "; ".join(r["text"] for r in answer.get("reasons", [])) or "-"
