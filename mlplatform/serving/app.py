@@ -12,16 +12,24 @@ Routes (all JSON; every route but ``/health`` needs the ``X-API-Key`` header):
 
 Everything runs in the ingress replica's process: there is no second deployment to call, so
 a decision costs no inter-replica hop (on two cores a hop costs more than the whole
-decision). Within a replica the route handlers are async; the blocking work (online store
-round trips, the on-demand transform, LightGBM) runs in a small thread pool in micro-batches
-formed by ``@serve.batch`` (no waiting: a batch is whatever queued while the previous one
-ran), so one feature-store round trip per view and one ``predict`` serve many requests
-under load and a single request pays no batching delay. The decision path per request:
+decision). Work is grouped in micro-batches by ``@serve.batch`` without waiting (a batch is
+whatever queued while the previous one ran): one online-store round trip per feature view,
+one on-demand transform and one ``predict`` serve many requests under load, and a lone
+request pays no batching delay. The batches run on the replica's event loop, not in a
+thread pool: each thread hand-off costs a scheduler wake-up, which on a busy machine is
+worth more than the work, and a blocked loop is bounded by the online store's timeout and
+``serving.deadline``. Batching feature lookups assumes on-demand functions are row-wise (a
+row's output depends only on that row), which training sets assume too: they run the same
+function over batches of arbitrary composition.
+
+The decision path per request:
 
 1. the per-replica memory of recent answers, then (in the batch) the shared idempotency
    store: a retried ``application_id`` gets its stored answer;
-2. features, score, policy, reasons in the batch, under ``serving.deadline`` (else fallback);
-3. ``DecisionLog.append``: the record is fsynced to the replica's spool (group commit);
+2. features, score, policy, reasons in the batch; past ``serving.deadline`` (measured from
+   the oldest request in the batch) the batch gets the fallback decision instead;
+3. ``DecisionLog.append``: the record is fsynced to the replica's spool (group commit; the
+   only hand-off to another thread);
 4. the answer is stored put-if-absent in the idempotency store (a concurrent copy of the same
    request that stored first wins, and this one answers with that);
 5. the response.
@@ -40,7 +48,6 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,8 +228,8 @@ class ServingReplica:
         self.replica_id = re.sub(r"[^A-Za-z0-9_.+=-]", "-", f"{context.deployment}-{context.replica_id.unique_id}")[:100]
         self.log = DecisionLog(self.platform.storage, spool_dir=settings.spool_dir, replica_id=self.replica_id)
         self.metrics = ServingMetrics(settings.model_name)
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decide")
         self.recent: OrderedDict[str, str] = OrderedDict()
+        self.batches = {"decide": [0, 0], "features": [0, 0]}  # batches, requests: for operators
         self._stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="serving-housekeeping", daemon=True)
         self._housekeeping.start()
@@ -242,26 +249,17 @@ class ServingReplica:
             "model": self._model_ref(),
             "spool_dir": self.settings.spool_dir,
             "failed_versions": self.watcher.failed(),
+            "batches": {k: {"batches": b, "requests": r} for k, (b, r) in self.batches.items()},
         }
 
     @app.post("/get-online-features")
     async def get_online_features(self, body: FeatureRequest) -> Response:
-        from mlplatform.online.lookup import get_online_features
-
         started = time.perf_counter()
-
-        def lookup() -> bytes:
-            response = get_online_features(
-                self.catalog, body.target(), body.entities, full_feature_names=body.full_feature_names
-            )
-            return json.dumps(response.to_json_dict(), separators=(",", ":")).encode()
-
-        try:
-            content = await asyncio.wrap_future(self.pool.submit(lookup))
-        except PlatformError as exc:
-            return _platform_error(exc)
+        result = await self._features_batch(body)
+        if isinstance(result, Exception):
+            return _platform_error(result)
         self.metrics.feature_server_seconds.observe(time.perf_counter() - started)
-        return Response(content, media_type="application/json")
+        return Response(result, media_type="application/json")
 
     @app.post("/push")
     async def push(self, body: PushRequest) -> Response:
@@ -270,7 +268,7 @@ class ServingReplica:
             return self.platform.features.push(body.view(), frame, to=body.to)
 
         try:
-            rows = await asyncio.wrap_future(self.pool.submit(run))
+            rows = await asyncio.get_running_loop().run_in_executor(None, run)
         except PlatformError as exc:
             return _platform_error(exc)
         return JSONResponse({"pushed": rows, "feature_view": body.view(), "to": body.to})
@@ -304,17 +302,14 @@ class ServingReplica:
     # ------------------------------------------------------------------ micro-batches
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _decide_batch(self, jobs: list[Any]) -> list[Any]:
-        remaining = self.settings.deadline_s - (time.perf_counter() - min(j.started for j in jobs))
-        scorer = self.watcher.current("production")
-        if remaining <= 0:
-            return self.engine.fallback(jobs, "deadline_exceeded", scorer=scorer)
+        self.batches["decide"][0] += 1
+        self.batches["decide"][1] += len(jobs)
+        deadline_at = min(j.started for j in jobs) + self.settings.deadline_s
         try:
-            outcomes, timings = await asyncio.wait_for(asyncio.wrap_future(self.pool.submit(self.engine.decide, jobs)), remaining)
-        except asyncio.TimeoutError:
-            return self.engine.fallback(jobs, "deadline_exceeded", scorer=scorer)
-        except Exception:
+            outcomes, timings = self.engine.decide(jobs, deadline_at=deadline_at)
+        except Exception:  # a bug must still answer, with the fallback
             log.exception("deciding a batch of %d failed", len(jobs))
-            return self.engine.fallback(jobs, "internal_error", scorer=scorer)
+            return self.engine.fallback(jobs, "internal_error", scorer=self.watcher.current("production"))
         if timings.lookup_s is not None:
             self.metrics.lookup_seconds.observe(timings.lookup_s)
         if timings.scoring_s is not None:
@@ -326,12 +321,17 @@ class ServingReplica:
         from mlplatform.serving.idempotency import IdempotencyUnavailable
 
         try:
-            future = asyncio.wrap_future(self.pool.submit(self.idempotency.put_if_absent_many, entries))
-            return await asyncio.wait_for(future, max(self.settings.deadline_s, 0.05))
-        except (asyncio.TimeoutError, IdempotencyUnavailable) as exc:
+            return self.idempotency.put_if_absent_many(entries)
+        except IdempotencyUnavailable as exc:
             # Answer anyway: the decision is logged; retries to this replica still hit ``recent``.
-            log.warning("idempotency store not written for %d decisions: %r", len(entries), exc)
+            log.warning("idempotency store not written for %d decisions: %s", len(entries), exc)
             return [None] * len(entries)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _features_batch(self, bodies: list[FeatureRequest]) -> list[bytes | Exception]:
+        self.batches["features"][0] += 1
+        self.batches["features"][1] += len(bodies)
+        return lookup_many(self.catalog, bodies)
 
     # ------------------------------------------------------------------------ helpers
     def _replayed(self, stored: str, job: Any) -> Response:
@@ -373,13 +373,63 @@ class ServingReplica:
             self.watcher.stop()
         if hasattr(self, "log"):
             self.log.close()  # rolls the open segment so any compactor may take it
-        if hasattr(self, "pool"):
-            self.pool.shutdown(wait=False)
 
 
 ServingApp = serve.deployment(name="mlplatform", max_ongoing_requests=64, graceful_shutdown_timeout_s=10)(
     serve.ingress(app)(ServingReplica)
 )
+
+
+def lookup_many(catalog: Any, bodies: list[FeatureRequest]) -> list[bytes | Exception]:
+    """Answer several ``/get-online-features`` bodies: those asking for the same features with
+    the same entity columns in one ``get_online_features`` call (rows concatenated, results
+    split back), the rest one by one. A merged call that fails is retried body by body, so each
+    body gets its own answer or error. Returns JSON bytes or the ``PlatformError`` per body."""
+    from mlplatform.online.lookup import get_online_features
+
+    out: list[bytes | Exception | None] = [None] * len(bodies)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, body in enumerate(bodies):
+        target = body.target()
+        lengths = {len(v) for v in body.entities.values()}
+        key = (target if isinstance(target, str) else tuple(target), body.full_feature_names, tuple(body.entities))
+        groups.setdefault(key if len(lengths) == 1 else ("single", i), []).append(i)
+
+    def one(i: int) -> bytes | Exception:
+        body = bodies[i]
+        try:
+            response = get_online_features(catalog, body.target(), body.entities, full_feature_names=body.full_feature_names)
+        except PlatformError as exc:
+            return exc
+        return _encode_response(response.to_json_dict())
+
+    for key, members in groups.items():
+        if len(members) > 1:
+            first = bodies[members[0]]
+            entities = {k: [v for i in members for v in bodies[i].entities[k]] for k in first.entities}
+            try:
+                response = get_online_features(catalog, first.target(), entities, full_feature_names=first.full_feature_names)
+            except PlatformError:
+                response = None  # someone's rows are bad: find out whose, one by one
+            if response is not None:
+                doc = response.to_json_dict()
+                start = 0
+                for i in members:
+                    n = len(next(iter(bodies[i].entities.values())))
+                    part = {
+                        "metadata": doc["metadata"],
+                        "results": [{k: r[k][start : start + n] for k in ("values", "statuses", "event_timestamps")} for r in doc["results"]],
+                    }
+                    out[i] = _encode_response(part)
+                    start += n
+                continue
+        for i in members:
+            out[i] = one(i)
+    return out  # type: ignore[return-value]
+
+
+def _encode_response(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _push_frame(catalog: Any, view_name: str, df: dict[str, list[Any]]) -> Any:

@@ -129,8 +129,14 @@ class DecisionEngine:
         self.idempotency = idempotency
 
     # --------------------------------------------------------------------------- main
-    def decide(self, jobs: list[Job]) -> tuple[list[Outcome], Timings]:
-        """Decide every job; the outcomes are in job order. Never raises."""
+    def decide(self, jobs: list[Job], *, deadline_at: float | None = None) -> tuple[list[Outcome], Timings]:
+        """Decide every job; the outcomes are in job order.
+
+        ``deadline_at`` (a ``time.perf_counter()`` value): if the lookup or the scoring ends
+        after it, the jobs get the fallback decision (``deadline_exceeded``) instead of a
+        late score. Nothing here can interrupt a blocked call: a stuck online store is cut off
+        by its own timeout (``online_store.timeout``), and the check follows.
+        """
         timings = Timings()
         outcomes: list[Outcome | None] = [None] * len(jobs)
         try:
@@ -145,12 +151,12 @@ class DecisionEngine:
             else:
                 todo.append(i)
         if todo:
-            decided = self._decide_new([jobs[i] for i in todo], timings)
+            decided = self._decide_new([jobs[i] for i in todo], timings, deadline_at)
             for i, outcome in zip(todo, decided):
                 outcomes[i] = outcome
         return outcomes, timings  # type: ignore[return-value]
 
-    def _decide_new(self, jobs: list[Job], timings: Timings) -> list[Outcome]:
+    def _decide_new(self, jobs: list[Job], timings: Timings, deadline_at: float | None) -> list[Outcome]:
         scorer = self.watcher.current(self.watcher.aliases[0])
         if scorer is None:
             return self.fallback(jobs, "model_unavailable")
@@ -167,13 +173,13 @@ class DecisionEngine:
             timings.notes.append(repr(exc))
             return self.fallback(jobs, "feature_computation_failed", scorer=scorer)
         timings.lookup_s = time.perf_counter() - started
+        if deadline_at is not None and time.perf_counter() > deadline_at:
+            return self.fallback(jobs, "deadline_exceeded", scorer=scorer)
 
         started = time.perf_counter()
         columns = dict(zip(response.metadata.feature_names, response.results))
         rows = [{n: columns[n].values[i] for n in scorer.feature_names} for i in range(len(jobs))]
-        stamps = [
-            {n: _iso(columns[n].event_timestamps[i]) for n in scorer.feature_names} for i in range(len(jobs))
-        ]
+        stamps = [{n: _iso(columns[n].event_timestamps[i]) for n in scorer.feature_names} for i in range(len(jobs))]
         try:
             probabilities = scorer.predict(scorer.matrix(rows)).tolist()
         except Exception as exc:
@@ -186,6 +192,8 @@ class DecisionEngine:
             for i, (job, p, row, stamp) in enumerate(zip(jobs, probabilities, rows, stamps))
         ]
         timings.scoring_s = time.perf_counter() - started
+        if deadline_at is not None and time.perf_counter() > deadline_at:
+            return self.fallback(jobs, "deadline_exceeded", scorer=scorer)
         return outcomes
 
     def _scored(
@@ -211,9 +219,7 @@ class DecisionEngine:
                 reasons = [
                     {"code": r.feature, "text": r.text, "contribution": r.contribution, "value": r.value} for r in explained
                 ]
-        return self._outcome(
-            job, decision, probability, reasons, scorer, row, stamps, None, shadow, now
-        )
+        return self._outcome(job, decision, probability, reasons, scorer, row, stamps, None, shadow, now)
 
     def _shadow(self, production: Scorer, columns: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
         if len(self.watcher.aliases) < 2:

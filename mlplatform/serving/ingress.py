@@ -16,8 +16,14 @@ when the controller is created. Two routes, both taken:
   ``serve.start(controller_options={"runtime_env": {"env_vars": ...}})``; the controller's
   children inherit them.
 
-Neither can change a Serve controller that is already running: its ingress was fixed when it
-started. ``deploy`` then warns and keeps it; ``serve.shutdown()`` and deploy again to switch.
+Every other ``RAY_SERVE_*`` variable set where ``deploy`` runs travels the same way, so Serve
+can be tuned from the deploying shell. HAProxy also binds two fixed host ports, for its stats
+page (``RAY_SERVE_HAPROXY_STATS_PORT``, 8404) and its Prometheus endpoint
+(``RAY_SERVE_HAPROXY_METRICS_PORT``, 9101): two Serve instances with HAProxy on one host (two
+local test sessions, say) need different ones; ``plan_ingress`` warns when they are taken.
+
+Neither route can change a Serve controller that is already running: its ingress was fixed
+when it started. ``deploy`` then warns and keeps it; ``serve.shutdown()`` and deploy again to switch.
 
 With HAProxy, Serve binds HAProxy on ``serving.host:serving.port`` and each replica listens
 on its own port (30000-31000 by default) that HAProxy forwards to ("direct ingress"); requests
@@ -100,8 +106,36 @@ def plan_ingress(mode: Literal["auto", "on", "off"]) -> IngressPlan:
             log.warning("%susing Serve's default Python proxy, which is roughly 15x slower", message)
             return IngressPlan(False, note=message + "default proxy")
         log.warning("%sserving.fast_ingress is 'on', so Serve will try HAProxy anyway", message)
-    env = {k: os.environ.get(k, v) if mode == "auto" else v for k, v in FAST_ENV.items()}
+    env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}  # the operator's Serve settings
+    env.update({k: os.environ.get(k, v) if mode == "auto" else v for k, v in FAST_ENV.items()})
+    busy = [f"{name}={port}" for name, port in _haproxy_ports(env).items() if _in_use(port)]
+    if busy:
+        log.warning(
+            "HAProxy's fixed ports are taken on this host (%s), probably by another Serve with HAProxy; "
+            "this one will fail to start unless you set other ports in the environment you deploy from",
+            ", ".join(busy),
+        )
     return IngressPlan(True, env=env, binary=binary, note=f"HAProxy ingress ({binary}) + throughput-optimized Serve")
+
+
+def _haproxy_ports(env: dict[str, str]) -> dict[str, int]:
+    """The host ports HAProxy binds besides the HTTP port: its stats page and its Prometheus endpoint."""
+    return {
+        "RAY_SERVE_HAPROXY_STATS_PORT": int(env.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)),
+    }
+
+
+def _in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
 
 
 def prepare_process(plan: IngressPlan) -> None:

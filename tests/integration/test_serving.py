@@ -118,8 +118,11 @@ def served(tmp_path_factory, ray_session):
     production, and the serving app deployed with two replicas."""
     root = tmp_path_factory.mktemp("serving")
     redis_proc, redis_url = _start_redis(root)
-    old_key = os.environ.get(KEY_ENV)
-    os.environ[KEY_ENV] = KEY
+    # HAProxy's stats and metrics ports are fixed host ports: free ones let this run beside
+    # another Serve with HAProxy on the machine (deploy passes RAY_SERVE_* on to Serve).
+    env = {KEY_ENV: KEY, "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+    old_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     platform = Platform.from_config({
         "project": "servingtest",
         "storage": {"root": str(root / "store")},
@@ -140,10 +143,11 @@ def served(tmp_path_factory, ray_session):
         platform.serving.shutdown()
         redis_proc.terminate()
         redis_proc.wait(timeout=10)
-        if old_key is None:
-            os.environ.pop(KEY_ENV, None)
-        else:
-            os.environ[KEY_ENV] = old_key
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _post(url: str, body, headers=HEADERS, session=None, **kw) -> requests.Response:
@@ -199,6 +203,9 @@ def test_push_and_get_online_features_speak_feast(served):
     assert unknown_view.status_code == 422 and "nope" in unknown_view.json()["message"]
     health = requests.get(f"{deployed.url}/health", timeout=30).json()
     assert health["status"] == "ok" and health["model"] == {"name": "underwriting", "version": 1}
+    status = platform.serving.status()
+    assert status["status"] == "RUNNING" and status["url"] == deployed.url
+    assert status["deployments"]["mlplatform"]["replicas"].get("RUNNING") == 2
 
 
 # ------------------------------------------------------------------------------ decisions

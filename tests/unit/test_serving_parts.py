@@ -101,8 +101,9 @@ def test_ingress_plan(monkeypatch):
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/nonexistent/haproxy")
     assert not plan_ingress("auto").fast  # no binary: the default proxy, with a warning
     forced = plan_ingress("on")
-    assert forced.fast and forced.controller_options() == {
-        "runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}}
+    assert forced.fast and forced.controller_options() == {"runtime_env": {"env_vars": {
+        "RAY_SERVE_HAPROXY_BINARY_PATH": "/nonexistent/haproxy",  # the operator's RAY_SERVE_* settings travel too
+        "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}}
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/sh")  # any executable stands in
     assert plan_ingress("auto").fast
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
