@@ -21,14 +21,23 @@ PARAMS = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_d
 def pipeline(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("uw")
     platform = Platform.from_config({"storage": {"root": str(root)}})
-    config = Config(data={"applications": 30_000, "merchants": 150, "seed": 11})
+    config = Config(
+        data={"applications": 30_000, "merchants": 150, "seed": 11},
+        model={"train": {"num_workers": 1, "num_boost_round": 80, "report_every": 40, "early_stopping_rounds": 20}},
+        serve={"deploy": False},
+    )
     result = run(platform, config, echo=lambda line: None)
     return platform, config, result
 
 
+def _matrix(frame: pd.DataFrame, features: list[str]) -> np.ndarray:
+    return np.column_stack([frame[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in features])
+
+
 def _fit_auc(train: pd.DataFrame, test: pd.DataFrame, features: list[str]) -> float:
-    model = lgb.train(PARAMS, lgb.Dataset(train[features], train[LABEL]), num_boost_round=200)
-    return roc_auc_score(test[LABEL], model.predict(test[features]))
+    labels = train[LABEL].to_numpy(dtype=np.float64)
+    model = lgb.train(PARAMS, lgb.Dataset(_matrix(train, features), labels), num_boost_round=200)
+    return roc_auc_score(test[LABEL].to_numpy(dtype=np.int64), model.predict(_matrix(test, features)))
 
 
 def test_training_set_snapshot_is_complete_and_split_out_of_time(pipeline):
@@ -76,6 +85,8 @@ def test_rerun_is_a_noop_for_completed_steps(pipeline):
     again = run(platform, config, echo=lines.append)
     assert any("[generate] up to date" in line for line in lines)
     assert sum("[backfill]" in line and "up to date" in line for line in lines) == 3
+    assert any("[train] up to date" in line for line in lines)
+    assert again["model"].version == result["model"].version
     assert again["apply"].changed == []
     assert again["training_set"].content_hash == result["training_set"].content_hash
     assert np.isfinite(again["training_set"].rows)
