@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from mlplatform import DataError, NotFoundError, Platform
 from mlplatform.batch.score import MODEL_NAME, MODEL_VERSION, REASONS, SCORE
@@ -83,6 +84,14 @@ def test_reason_codes_are_the_reason_coders(scored):
     expected = ReasonCoder(booster, texts).explain(out[booster.feature_name()])
     assert [list(r) for r in out[REASONS]] == [[reason.text for reason in row] for row in expected]
     assert any(len(r) > 0 for r in out[REASONS]) and all(len(r) <= 4 for r in out[REASONS])
+
+    # scoring rows that already carry their features (no join) gives the same scores and reasons
+    names = booster.feature_name()
+    rows = ray.data.from_pandas(out[["application_id", *names]].head(200))
+    again = platform.batch.score_features(MODEL, rows, reasons=True, num_actors=1).to_pandas()
+    again = again.merge(out[["application_id", SCORE, REASONS]], on="application_id", suffixes=("", "_run"))
+    assert len(again) == 200 and np.array_equal(again[SCORE].to_numpy(), again[f"{SCORE}_run"].to_numpy())
+    assert [list(r) for r in again[REASONS]] == [list(r) for r in again[f"{REASONS}_run"]]
 
 
 def test_the_model_is_loaded_once_per_actor_not_per_batch(scored):
