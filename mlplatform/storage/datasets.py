@@ -299,6 +299,12 @@ class DatasetStore:
                     filesystem=self.storage.arrow_fs,
                     basename_template="part-{i}.parquet",
                 )
+            elif self.storage.is_s3:
+                # One PUT of the finished file (s3fs) instead of pyarrow's multipart stream:
+                # some S3-compatible servers fail CompleteMultipartUpload for larger files.
+                sink = pa.BufferOutputStream()
+                pq.write_table(data, sink)
+                self.storage.write_bytes(self.storage.key_of(f"{staging}/part-0.parquet"), sink.getvalue().to_pybytes())
             else:
                 self.storage.arrow_fs.create_dir(staging, recursive=True)
                 pq.write_table(data, f"{staging}/part-0.parquet", filesystem=self.storage.arrow_fs)
