@@ -291,7 +291,17 @@ class DatasetStore:
         import pyarrow.parquet as pq
 
         if isinstance(data, pa.Table):
-            if partition_by:
+            if partition_by and self.storage.is_s3:
+                # One PUT per finished partition file (see below for why not pyarrow's multipart).
+                import pyarrow.compute as pc
+
+                for value in pc.unique(data.column(partition_by)).to_pylist():
+                    part = data.filter(pc.equal(data.column(partition_by), value)).drop_columns([partition_by])
+                    sink = pa.BufferOutputStream()
+                    pq.write_table(part, sink)
+                    key = self.storage.key_of(f"{staging}/{partition_by}={value}/part-0.parquet")
+                    self.storage.write_bytes(key, sink.getvalue().to_pybytes())
+            elif partition_by:
                 pq.write_to_dataset(
                     data,
                     staging,
