@@ -9,8 +9,12 @@ counts on loopback.
 Load comes from ``wrk`` (a Lua script gives every decision a fresh application_id, so no
 request is an idempotent replay); without wrk, a Python asyncio client on raw sockets
 (keep-alive, same connection counts), which costs CPU on the same cores. Each point reports
-requests per second, p50 and p99 latency in ms and errors (socket errors + non-2xx). Points
-run interleaved (baseline, decisions, features at each connection count) so a change in the
+requests per second, p50 and p99 latency in ms and errors (socket errors + non-2xx), and for
+decisions how many were fallbacks. Endpoints: ``baseline`` (bare Serve + LightGBM: JSON
+features in, probability out), ``decision`` (``/v1/decisions``), ``features``
+(``/get-online-features`` for the whole ``underwriting_v1`` service, on-demand features
+included) and ``stored`` (the same lookup without the on-demand view). Points run
+interleaved (all endpoints at each connection count) so a change in the
 machine's background load hits all three alike; the 1-minute load average is printed with
 each point. Figures, not assertions: targets at 8 connections are decisions >= 0.6x baseline
 rps with p99 <= 15 ms and no errors, and feature server p99 <= 5 ms.
@@ -34,6 +38,11 @@ from pathlib import Path
 
 KEY = "bench-" + "k" * 32
 APPLICANTS, MERCHANTS = 5000, 200
+# The stored (not on-demand) features of underwriting_v1: a lookup without the pandas transform.
+STORED_REFS = [f"applicant_history:{k}_{w}" for w in ("30d", "90d", "365d")
+               for k in ("loans", "late_installments", "missed_installments", "max_days_past_due")] + [
+    "applicant_history:outstanding_balance", "applicant_history:avg_loan_amount_365d",
+    "merchant_risk:default_rate_90d", "merchant_risk:outcomes_90d", "merchant_activity:applications_90d"]
 
 WRK_SCRIPT = r"""
 local counter = 0
@@ -58,22 +67,38 @@ function request()
   elseif kind == "features" then
     body = string.format('{"feature_service":"underwriting_v1","entities":{"applicant_id":[%%d],"merchant_id":[%%d],"amount":[%%d.0],"term":[4]}}',
       applicant, math.random(0, %(merchants)d - 1), math.random(20, 900))
+  elseif kind == "stored" then
+    body = string.format('{"features":%(stored_refs)s,"entities":{"applicant_id":[%%d],"merchant_id":[%%d]}}',
+      applicant, math.random(0, %(merchants)d - 1))
   else
     body = string.format('{"missed_installments_90d":%%d,"late_installments_30d":%%d,"loans_30d":1,"order_amount":%%d.0}',
       math.random(0, 3), math.random(0, 3), math.random(20, 900))
   end
   return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["X-API-Key"] = key}, body)
 end
+fallbacks = 0
+declines = 0
+function response(status, headers, body)
+  if kind == "decision" then
+    if body:find('"fallback":true', 1, true) then fallbacks = fallbacks + 1 end
+    if body:find('"decision":"decline"', 1, true) then declines = declines + 1 end
+  end
+end
 function done(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT %%d %%f %%f %%f %%d\n", summary.requests, summary.duration / 1e6,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, e.connect + e.read + e.write + e.status + e.timeout))
+  local f, d = 0, 0
+  for _, t in ipairs(threads) do
+    f = f + t:get("fallbacks")
+    d = d + t:get("declines")
+  end
+  io.write(string.format("RESULT %%d %%f %%f %%f %%d %%d %%d\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, e.connect + e.read + e.write + e.status + e.timeout, f, d))
 end
 """
 
 
 # ------------------------------------------------------------------------------- setup
-def build_platform(root: Path, redis_url: str | None):
+def build_platform(root: Path, redis_url: str | None, deadline: str = "50ms"):
     import numpy as np
     import pandas as pd
 
@@ -83,7 +108,7 @@ def build_platform(root: Path, redis_url: str | None):
     config = {
         "storage": {"root": str(root)},
         "ray": {"num_cpus": os.cpu_count()},
-        "serving": {"port": _free_port(), "api_key_env": "MLP_BENCH_KEY"},
+        "serving": {"port": _free_port(), "api_key_env": "MLP_BENCH_KEY", "deadline": deadline},
     }
     if redis_url:
         config["online_store"] = {"type": "redis", "url": redis_url}
@@ -150,7 +175,8 @@ def deploy_baseline(model_text: str, replicas: int, cpus: float) -> None:
 
 # --------------------------------------------------------------------------------- load
 def run_wrk(url: str, kind: str, connections: int, seconds: float) -> dict:
-    script = WRK_SCRIPT % {"kind": kind, "key": KEY, "applicants": APPLICANTS, "merchants": MERCHANTS}
+    script = WRK_SCRIPT % {"kind": kind, "key": KEY, "applicants": APPLICANTS, "merchants": MERCHANTS,
+                           "stored_refs": json.dumps(STORED_REFS)}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     try:
@@ -164,8 +190,9 @@ def run_wrk(url: str, kind: str, connections: int, seconds: float) -> dict:
     line = next((line for line in out.splitlines() if line.startswith("RESULT")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no result:\n{out}")
-    n, duration, p50, p99, errors = line.split()[1:]
-    return {"rps": int(n) / float(duration), "p50": float(p50), "p99": float(p99), "errors": int(errors), "requests": int(n)}
+    n, duration, p50, p99, errors, fallbacks, declines = line.split()[1:]
+    return {"rps": int(n) / float(duration), "p50": float(p50), "p99": float(p99), "errors": int(errors),
+            "requests": int(n), "fallbacks": int(fallbacks), "declines": int(declines)}
 
 
 def run_python(url: str, kind: str, connections: int, seconds: float) -> dict:
@@ -183,12 +210,17 @@ def run_python(url: str, kind: str, connections: int, seconds: float) -> dict:
         elif kind == "features":
             doc = {"feature_service": "underwriting_v1",
                    "entities": {"applicant_id": [applicant], "merchant_id": [merchant], "amount": [float(amount)], "term": [4]}}
+        elif kind == "stored":
+            doc = {"features": STORED_REFS, "entities": {"applicant_id": [applicant], "merchant_id": [merchant]}}
         else:
             doc = {"missed_installments_90d": random.randint(0, 3), "order_amount": float(amount)}
         data = json.dumps(doc).encode()
         head = (f"POST {parsed.path} HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: application/json\r\n"
                 f"X-API-Key: {KEY}\r\nContent-Length: {len(data)}\r\n\r\n").encode()
         return head + data
+
+    fallbacks: list[int] = []
+    declines: list[int] = []
 
     async def client(stop: float, latencies: list[float], errors: list[int]) -> None:
         reader, writer = await asyncio.open_connection(parsed.hostname, parsed.port)
@@ -200,10 +232,14 @@ def run_python(url: str, kind: str, connections: int, seconds: float) -> dict:
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
-            await reader.readexactly(length)
+            payload = await reader.readexactly(length)
             latencies.append(time.perf_counter() - started)
             if not status.split()[1].startswith(b"2"):
                 errors.append(1)
+            if b'"fallback":true' in payload:
+                fallbacks.append(1)
+            if b'"decision":"decline"' in payload:
+                declines.append(1)
         writer.close()
 
     async def main() -> tuple[list[float], list[int], float]:
@@ -216,7 +252,8 @@ def run_python(url: str, kind: str, connections: int, seconds: float) -> dict:
     latencies, errors, duration = asyncio.run(main())
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")  # noqa: E731
-    return {"rps": len(latencies) / duration, "p50": pick(0.5), "p99": pick(0.99), "errors": len(errors), "requests": len(latencies)}
+    return {"rps": len(latencies) / duration, "p50": pick(0.5), "p99": pick(0.99), "errors": len(errors),
+            "requests": len(latencies), "fallbacks": len(fallbacks), "declines": len(declines)}
 
 
 def check(url: str, kind: str) -> None:
@@ -230,6 +267,7 @@ def check(url: str, kind: str) -> None:
         "features": {"feature_service": "underwriting_v1",
                      "entities": {"applicant_id": [1], "merchant_id": [1], "amount": [100.0], "term": [4]}},
         "baseline": {"missed_installments_90d": 1, "order_amount": 100.0},
+        "stored": {"features": STORED_REFS, "entities": {"applicant_id": [1], "merchant_id": [1]}},
     }
     request = urllib.request.Request(url, data=json.dumps(bodies[kind]).encode(), method="POST",
                                      headers={"Content-Type": "application/json", "X-API-Key": KEY})
@@ -249,6 +287,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2, help="replicas of each application")
     parser.add_argument("--redis", action="store_true", help="online store in a redis-server on loopback (default SQLite)")
     parser.add_argument("--root", default=None, help="storage root (default: a temporary directory)")
+    parser.add_argument("--deadline", default="50ms", help="serving.deadline (default 50ms, the production default)")
+    parser.add_argument("--spool-dir", default=None, help="decision log spool (default <root>/decisions/spool, on disk)")
     args = parser.parse_args()
 
     root = Path(args.root or tempfile.mkdtemp(prefix="mlp-serving-bench-"))
@@ -262,17 +302,17 @@ def main() -> None:
     # HAProxy's stats/metrics host ports: free ones, so the benchmark runs beside another Serve.
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
-    platform = build_platform(root, f"redis://127.0.0.1:{port}/0" if redis else None)
+    platform = build_platform(root, f"redis://127.0.0.1:{port}/0" if redis else None, args.deadline)
     booster = train(platform)
     cpus = max(0.25, (os.cpu_count() or 2) / (2 * args.replicas))
-    deployed = platform.serving.deploy("underwriting", num_replicas=args.replicas, replica_cpus=cpus)
+    deployed = platform.serving.deploy("underwriting", num_replicas=args.replicas, replica_cpus=cpus, spool_dir=args.spool_dir)
     deploy_baseline(booster.model_to_string(), args.replicas, cpus)
     load = run_wrk if shutil.which("wrk") else run_python
     print(f"ingress: {deployed.ingress}; online store: {'redis' if redis else 'sqlite'}; load: {load.__name__}; "
-          f"{args.replicas} replicas each; {os.cpu_count()} CPUs", flush=True)
+          f"{args.replicas} replicas each; {os.cpu_count()} CPUs; deadline {args.deadline}; spool {deployed.spool_dir}", flush=True)
 
     targets = {"baseline": f"{deployed.url}/baseline/score", "decision": f"{deployed.url}/v1/decisions",
-               "features": f"{deployed.url}/get-online-features"}
+               "features": f"{deployed.url}/get-online-features", "stored": f"{deployed.url}/get-online-features"}
     for kind, url in targets.items():
         check(url, kind)
         load(url, kind, 4, 2.0)  # warm up: connections, pools, caches
@@ -282,13 +322,15 @@ def main() -> None:
             result = load(url, kind, connections, args.seconds)
             result.update(kind=kind, connections=connections, load1=os.getloadavg()[0])
             rows.append(result)
+            mix = f"  fallbacks {result['fallbacks']}  declines {result['declines']}" if kind == "decision" else ""
             print(f"{kind:9s} c={connections:3d}  {result['rps']:8.0f} rps  p50 {result['p50']:6.2f} ms  "
-                  f"p99 {result['p99']:7.2f} ms  errors {result['errors']}  (load avg {result['load1']:.1f})", flush=True)
+                  f"p99 {result['p99']:7.2f} ms  errors {result['errors']}{mix}  (load avg {result['load1']:.1f})", flush=True)
 
-    print("\n| endpoint | connections | rps | p50 ms | p99 ms | errors | load avg (1 min) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| endpoint | connections | rps | p50 ms | p99 ms | errors | fallbacks | load avg (1 min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['kind']} | {r['connections']} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} | {r['load1']:.1f} |")
+        fb = f"{r['fallbacks']} of {r['requests']}" if r["kind"] == "decision" else "-"
+        print(f"| {r['kind']} | {r['connections']} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} | {fb} | {r['load1']:.1f} |")
     for connections in args.connections:
         by = {r["kind"]: r for r in rows if r["connections"] == connections}
         print(f"c={connections}: decisions / baseline rps = {by['decision']['rps'] / by['baseline']['rps']:.2f}")

@@ -70,6 +70,7 @@ class Serving:
         feature_service: str = "underwriting_v1",
         spool_dir: str | os.PathLike[str] | None = None,
         ready_timeout_s: float = 300.0,
+        batch_wait_ms: float = 0.0,
     ) -> DeployedApp:
         """Start (or update in place) the serving application with ``model_name``'s ``production`` version.
 
@@ -93,6 +94,8 @@ class Serving:
                 ``<storage root>/decisions/spool`` for a local root, ``./.mlplatform-spool/<project>``
                 for an ``s3://`` root.
             ready_timeout_s: how long to wait for ``GET /health`` at the URL to answer.
+            batch_wait_ms: how long a decision micro-batch waits for more requests after its
+                first; 0 takes whatever queued while the previous batch ran (no added latency).
 
         Returns:
             A ``DeployedApp`` with the ``url`` to call; it answers when this returns.
@@ -145,6 +148,7 @@ class Serving:
             key_digests=digests,
             spool_dir=spool,
             deadline_s=config.serving.deadline.total_seconds(),
+            batch_wait_s=batch_wait_ms / 1000.0,
         )
         application = ServingApp.options(
             num_replicas=num_replicas,

@@ -39,8 +39,6 @@ log, even if the replica is SIGKILLed right after.
 """
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -58,15 +56,13 @@ from ray import serve
 
 from mlplatform.errors import DataError, DefinitionError, NotFoundError, PlatformError
 from mlplatform.online.base import OnlineStoreUnavailable
+from mlplatform.serving.guard import Guard
 from mlplatform.serving.schemas import DecisionRequest, FeatureRequest, PushRequest
 
 __all__ = ["AppSettings", "ServingApp", "ServingReplica", "app"]
 
 log = logging.getLogger(__name__)
 
-DECISION_MAX_BYTES = 16 * 1024  # an application is ~300 bytes
-MAX_BODY_BYTES = 4 * 1024 * 1024  # feature lookups and pushes
-_OPEN_PATHS = frozenset({"/health"})
 _RECENT = 10_000  # answers remembered per replica for retries while the shared store is down
 
 
@@ -83,82 +79,12 @@ class AppSettings:
     deadline_s: float
     alias_poll_s: float = 1.0
     compact_every_s: float = 60.0
-    max_batch_size: int = 32
-
-
-# --------------------------------------------------------------------------- the guard
-class _Guard:
-    """ASGI middleware: the API key (constant-time compare of SHA-256 digests) and body size
-    limits (413), before any parsing. Settings come from the replica (``configure``)."""
-
-    digests: tuple[bytes, ...] = ()
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    @classmethod
-    def configure(cls, digests: tuple[str, ...]) -> None:
-        cls.digests = tuple(bytes.fromhex(d) for d in digests)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if not self._authorized(headers.get(b"x-api-key")):
-            return await _send_json(send, 401, {"error": "unauthorized", "message": "missing or wrong X-API-Key header"})
-        limit = DECISION_MAX_BYTES if scope["path"] == "/v1/decisions" else MAX_BODY_BYTES
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > limit:
-                return await _send_json(send, 413, _too_large(limit))
-            return await self.app(scope, receive, send)
-        if scope["method"] in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
-        # No Content-Length (chunked): read the body up to the limit, then hand it on.
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await _send_json(send, 413, _too_large(limit))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-
-        async def replay() -> dict[str, Any]:
-            nonlocal body
-            out, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return out
-
-        return await self.app(scope, replay, send)
-
-    def _authorized(self, key: bytes | None) -> bool:
-        if not key or not self.digests:
-            return False
-        digest = hashlib.sha256(key).digest()
-        ok = False
-        for expected in self.digests:  # compare with every key: timing says nothing about which
-            ok |= hmac.compare_digest(digest, expected)
-        return ok
-
-
-def _too_large(limit: int) -> dict[str, Any]:
-    return {"error": "payload_too_large", "message": f"request body is larger than {limit} bytes"}
-
-
-async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
-    body = json.dumps(content).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    batch_wait_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------- the app
 app = FastAPI(title="mlplatform serving", docs_url=None, redoc_url=None, openapi_url=None)
-app.add_middleware(_Guard)
+app.add_middleware(Guard)
 
 
 @app.exception_handler(RequestValidationError)
@@ -182,6 +108,7 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 
 
 def _platform_error(exc: Exception) -> JSONResponse:
+    """The HTTP answer to a ``PlatformError``; anything else is a bug and is raised (a 500)."""
     if isinstance(exc, OnlineStoreUnavailable):
         return _error(503, "feature_store_unavailable", str(exc))
     if isinstance(exc, (DataError, DefinitionError, NotFoundError)):
@@ -205,7 +132,7 @@ class ServingReplica:
         from mlplatform.serving.policy import DecisionPolicy
         from mlplatform.serving.scoring import ModelWatcher
 
-        _Guard.configure(settings.key_digests)
+        Guard.configure(settings.key_digests)
         self.settings = settings
         self.platform = Platform.from_config(settings.config)
         self.catalog = FeatureCatalog(self.platform.features)
@@ -230,6 +157,8 @@ class ServingReplica:
         self.metrics = ServingMetrics(settings.model_name)
         self.recent: OrderedDict[str, str] = OrderedDict()
         self.batches = {"decide": [0, 0], "features": [0, 0]}  # batches, requests: for operators
+        if settings.batch_wait_s > 0:
+            self._decide_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
         self._stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="serving-housekeeping", daemon=True)
         self._housekeeping.start()
@@ -399,7 +328,7 @@ def lookup_many(catalog: Any, bodies: list[FeatureRequest]) -> list[bytes | Exce
         body = bodies[i]
         try:
             response = get_online_features(catalog, body.target(), body.entities, full_feature_names=body.full_feature_names)
-        except PlatformError as exc:
+        except Exception as exc:  # this body's answer: a PlatformError is a 4xx/503, anything else a 500
             return exc
         return _encode_response(response.to_json_dict())
 
@@ -409,7 +338,7 @@ def lookup_many(catalog: Any, bodies: list[FeatureRequest]) -> list[bytes | Exce
             entities = {k: [v for i in members for v in bodies[i].entities[k]] for k in first.entities}
             try:
                 response = get_online_features(catalog, first.target(), entities, full_feature_names=first.full_feature_names)
-            except PlatformError:
+            except Exception:
                 response = None  # someone's rows are bad: find out whose, one by one
             if response is not None:
                 doc = response.to_json_dict()

@@ -364,6 +364,27 @@ class _Load:
         return False
 
 
+def _replicas(deployed, tries: int = 40) -> dict[int, dict]:
+    """What each replica reports (the ingress spreads these requests over the replicas)."""
+    found = {}
+    for _ in range(tries):
+        info = requests.get(f"{deployed.url}/v1/internal/replica", headers=HEADERS, timeout=30).json()
+        found[info["pid"]] = info
+        if len(found) == 2:
+            break
+    return found
+
+
+def _wait_until_replicas_serve(deployed, version: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _replicas(deployed)
+        if len(found) == 2 and all(info["model"]["version"] == version for info in found.values()):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_moving_the_production_alias_under_load_drops_nothing(served):
     platform, deployed, _ = served
     v2 = _register(platform, seed=2)
@@ -372,14 +393,15 @@ def test_moving_the_production_alias_under_load_drops_nothing(served):
         platform.models.set_alias("underwriting", "production", v2)
         platform.models.set_alias("underwriting", "candidate", 1)
         switched = load.wait_for(lambda b: b["model"]["version"] == v2, 60)
+        moved = _wait_until_replicas_serve(deployed, v2, timeout=60)
         settled = len(load.results)
-        time.sleep(3)
-    assert switched
+        time.sleep(2)
+    assert switched and moved
     failed = [r for r in load.results if r[0] != 200]
     assert not failed, failed[:5]
     versions = [body["model"]["version"] for _, body in load.results]
     assert set(versions) == {1, v2}
-    assert all(v == v2 for v in versions[settled + 20:])  # both replicas have moved
+    assert all(v == v2 for v in versions[settled + 8:])  # once both replicas moved (+ in-flight requests)
     last = load.results[-1][1]
     shadow = json.loads(platform.serving.decision(last["decision_id"])["shadow"])
     assert shadow["model_version"] == 1 and 0.0 <= shadow["probability_of_default"] <= 1.0
@@ -387,12 +409,7 @@ def test_moving_the_production_alias_under_load_drops_nothing(served):
 
 def test_a_replica_killed_under_load_loses_no_returned_decision(served):
     platform, deployed, _ = served
-    replicas = {}
-    for _ in range(40):
-        info = requests.get(f"{deployed.url}/v1/internal/replica", headers=HEADERS, timeout=30).json()
-        replicas[info["pid"]] = info["replica_id"]
-        if len(replicas) == 2:
-            break
+    replicas = {pid: info["replica_id"] for pid, info in _replicas(deployed).items()}
     victim_pid, victim = next(iter(replicas.items()))
     with _Load(f"{deployed.url}/v1/decisions", threads=6) as load:
         assert load.wait_for(lambda b: True, 30)
