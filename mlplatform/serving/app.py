@@ -157,6 +157,7 @@ class ServingReplica:
         self.metrics = ServingMetrics(settings.model_name)
         self.recent: OrderedDict[str, str] = OrderedDict()
         self.batches = {"decide": [0, 0], "features": [0, 0]}  # batches, requests: for operators
+        self.phases = [0, 0.0, 0.0, 0.0]  # decisions; seconds deciding, logging, storing the answer
         if settings.batch_wait_s > 0:
             self._decide_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
         self._stop = threading.Event()
@@ -179,6 +180,10 @@ class ServingReplica:
             "spool_dir": self.settings.spool_dir,
             "failed_versions": self.watcher.failed(),
             "batches": {k: {"batches": b, "requests": r} for k, (b, r) in self.batches.items()},
+            "decision_phases_ms": {
+                name: round(total / max(1, self.phases[0]) * 1000, 3)
+                for name, total in zip(("decide", "log", "store_answer"), self.phases[1:])
+            },
         }
 
     @app.post("/get-online-features")
@@ -213,13 +218,20 @@ class ServingReplica:
         outcome = await self._decide_batch(job)
         if outcome.stored is not None:
             return self._replayed(outcome.stored, job)
+        decided = time.perf_counter()
         try:
             await self.log.append(outcome.record)
         except Exception as exc:  # not durable: the decision must not be given
             log.error("decision %s not logged: %r", outcome.record["decision_id"], exc)
             self.metrics.log_failures.inc()
             return _error(503, "decision_log_unavailable", "the decision could not be recorded; retry the same request")
+        logged = time.perf_counter()
         winner = await self._commit_batch((body.application_id, outcome.answer))
+        phases = self.phases
+        phases[0] += 1
+        phases[1] += decided - job.started
+        phases[2] += logged - decided
+        phases[3] += time.perf_counter() - logged
         if winner is not None:  # a copy of this request stored its answer first: give that one
             status, content = answer_for(winner, job.fingerprint)
             self.metrics.replays.inc()
