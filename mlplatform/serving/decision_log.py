@@ -464,6 +464,10 @@ class DecisionLog:
         root = os.path.join(self.spool_dir, _CLAIMS)
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name)
+            if name.startswith(".") and time.time() - _mtime(path) < 60:
+                # Being set up right now: its creator may not have locked it yet, and taking
+                # the lock first would make the creator's own non-blocking lock fail.
+                continue
             fd = _lock_if_dead(os.path.join(path, "lock"))
             if fd is None:
                 continue

@@ -357,6 +357,28 @@ def test_compaction_twice_and_concurrently_never_duplicates(storage, tmp_path):
     assert spool_segments(spool) == [] and list((spool / "claims").iterdir()) == []
 
 
+def test_a_claim_being_set_up_is_not_taken_for_a_dead_one(storage, tmp_path):
+    # A compactor sets a claim up under a hidden name and locks it a moment later; a second
+    # compactor looking in between must not take the unlocked lock (the first one's own
+    # non-blocking lock would then fail), but a hidden claim left by a long-dead one goes.
+    spool = tmp_path / "spool"
+    with DecisionLog(storage, spool_dir=spool, replica_id="r0") as log:
+        log.append_sync(record("d-1"))
+    claims = spool / "claims"
+    young, old = claims / ".young@1", claims / ".old@1"
+    for folder in (young, old):
+        folder.mkdir()
+        (folder / "lock").touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+
+    with DecisionLog(storage, spool_dir=spool, replica_id="c0") as compactor:
+        assert compactor.compact().rows == 1
+    assert young.exists() and (young / "lock").exists()
+    assert not old.exists()
+    assert compacted_ids(storage) == ["d-1"]
+
+
 CRASHING_COMPACTOR = r"""
 import os, signal, sys
 from mlplatform.config import StorageConfig
