@@ -80,6 +80,9 @@ class AppSettings:
     alias_poll_s: float = 1.0
     compact_every_s: float = 60.0
     batch_wait_s: float = 0.0
+    # No extra wait for company before an fsync: records that arrive while one runs share the
+    # next, so batches form under load anyway, and a lone decision is not held back.
+    group_commit_ms: float = 0.0
 
 
 # ----------------------------------------------------------------------------- the app
@@ -153,7 +156,12 @@ class ServingReplica:
         self.engine = DecisionEngine(watcher=self.watcher, catalog=self.catalog, policy=policy, idempotency=self.idempotency)
         context = serve.get_replica_context()
         self.replica_id = re.sub(r"[^A-Za-z0-9_.+=-]", "-", f"{context.deployment}-{context.replica_id.unique_id}")[:100]
-        self.log = DecisionLog(self.platform.storage, spool_dir=settings.spool_dir, replica_id=self.replica_id)
+        self.log = DecisionLog(
+            self.platform.storage,
+            spool_dir=settings.spool_dir,
+            replica_id=self.replica_id,
+            group_commit_ms=settings.group_commit_ms,
+        )
         self.metrics = ServingMetrics(settings.model_name)
         self.recent: OrderedDict[str, str] = OrderedDict()
         self.batches = {"decide": [0, 0], "features": [0, 0]}  # batches, requests: for operators
