@@ -43,14 +43,17 @@ def s3_server():
     """A real S3-compatible server (moto in standalone server mode) on loopback.
 
     Yields the endpoint URL. Credentials are dummy values exported to the environment,
-    as the platform reads credentials only from the environment / AWS chain.
+    as the platform reads credentials only from the environment / AWS chain. Set
+    ``MLP_TEST_S3_LOG=/some/file`` to keep the server's request log.
     """
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    # This interpreter's moto, never a ``moto_server`` found first on PATH: another Python's
+    # older moto answered pyarrow's CompleteMultipartUpload in a way its SDK retried and failed.
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(os.environ.get("MLP_TEST_S3_LOG", os.devnull), "ab"),
+        preexec_fn=_die_with_parent,
     )
     _wait_for_port(port, proc, "moto_server")
     env = {
