@@ -8,7 +8,9 @@
 Parts: ``api`` (``platform.serving``), ``app`` (the Serve deployment and its routes),
 ``engine`` (features → score → policy → record), ``policy`` (thresholds, limits, fallback),
 ``scoring`` (models and alias rollout), ``catalog`` (definitions cached for the request
-path), ``idempotency`` (retries get their first answer), ``decision_log`` and ``replay``,
+path), ``idempotency`` (retries get their first answer), the decision log (``decision_log``
+appends to the ``decision_spool``, ``decision_compaction`` moves it into ``decisions/log``,
+``decision_lookup`` finds a decision, ``decision_records`` is the record) and ``replay``,
 ``ingress`` (HAProxy), ``metrics``, ``schemas`` (the HTTP documents).
 
 Running it on a cluster (paste into the README)

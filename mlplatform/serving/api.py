@@ -265,7 +265,7 @@ class Serving:
         Raises:
             NotFoundError: no such decision.
         """
-        from mlplatform.serving.decision_log import find_decision
+        from mlplatform.serving.decision_lookup import find_decision
 
         return find_decision(self.platform.storage, decision_id, spool_dir=self.spool_dir())
 

@@ -4,10 +4,10 @@
     result.identical            # True: the same float, bit for bit
     result.logged_score, result.replayed_score, result.model_version
 
-What a replay uses, all from the decision record (``decision_log``): the model name and version
-(never an alias: an alias may have moved since), the model's sha256 (which must equal the
-registry's, and the artifact's bytes must match it), the feature names in the model's order and
-the feature values as served (null = missing).
+What a replay uses, all from the decision record (``decision_records``): the model name and
+version (never an alias: an alias may have moved since), the model's sha256 (which must equal
+the registry's, and the artifact's bytes must match it), the feature names in the model's order
+and the feature values as served (null = missing).
 
 The score is ``score_features``: ``booster.predict`` on one row encoded as the online path
 encodes it (``mlplatform.models.reasons``: a feature trained as a pandas categorical is coded
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from mlplatform.errors import DataError, IntegrityError, ModelError
-from mlplatform.serving.decision_log import find_decision
+from mlplatform.serving.decision_lookup import find_decision
 
 if TYPE_CHECKING:
     import lightgbm

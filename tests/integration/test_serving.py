@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from mlplatform import Platform, ServingError
-from mlplatform.serving.decision_log import DATASET
+from mlplatform.serving.decision_records import DATASET
 from workloads.underwriting.features import DEFINITIONS
 
 KEY = "test-key-" + "x" * 24

@@ -20,7 +20,8 @@ import pytest
 
 from mlplatform import DataError, NotFoundError, StorageError
 from mlplatform.config import StorageConfig
-from mlplatform.serving.decision_log import DATASET, DecisionLog, validate_record
+from mlplatform.serving.decision_log import DecisionLog
+from mlplatform.serving.decision_records import DATASET, validate_record
 from mlplatform.storage import DatasetStore, Storage
 
 REPO = Path(__file__).resolve().parents[2]
