@@ -56,6 +56,7 @@ class CheckpointState:
     round: int = 0
     best_round: int = 0
     best_auc: float = float("-inf")
+    last_auc: float = float("nan")
     restores: int = 0
     resumed_from_round: int | None = None
     final: bool = False
@@ -126,7 +127,6 @@ class _RoundCallback:
         self.report_every = report_every
         self.state = state
         self.report = report
-        self.last_auc = float("nan")
         # After user callbacks: lightgbm.train gives callbacks without an "order" negative ones.
         self.order = 30
 
@@ -135,9 +135,8 @@ class _RoundCallback:
 
         round_ = env.iteration + 1
         auc = next(r[2] for r in env.evaluation_result_list if r[0] == VALID_NAME and r[1] == "auc")
-        self.last_auc = float(auc)
         state = self.state
-        state.round = round_
+        state.round, state.last_auc = round_, float(auc)
         if auc > state.best_auc:
             state.best_auc, state.best_round = float(auc), round_
         last = round_ >= self.num_boost_round
@@ -149,12 +148,16 @@ class _RoundCallback:
             best = [(VALID_NAME, "auc", state.best_auc, True)]
             raise lightgbm.callback.EarlyStopException(state.best_round - 1, best)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, *, final: bool = False) -> dict[str, Any]:
+        """``validation_auc`` is the AUC of the model the checkpoint of this report holds: a
+        periodic checkpoint is read back cut to the best round, and so is a final one with
+        early stopping; a final one without early stopping keeps every round."""
         s = self.state
+        kept_all = final and self.stopping_rounds is None
         return {
             "round": s.round,
-            "validation_auc": s.best_auc,  # the AUC of the model as it would be kept now (best round)
-            "validation_auc_last": self.last_auc,
+            "validation_auc": s.last_auc if kept_all else s.best_auc,
+            "validation_auc_last": s.last_auc,
             "best_round": s.best_round,
             "restores": s.restores,
         }
@@ -232,7 +235,7 @@ def train_loop(train_loop_config: dict[str, Any]) -> dict[str, Any]:
             callbacks=[*config.callbacks, progress],
             keep_training_booster=True,
         )
-    report(state.round, progress.metrics(), booster, final=True)
+    report(state.round, progress.metrics(final=True), booster, final=True)
     return {"rank": rank, "rows": int(len(y)), "validation_rows": int(len(yv))}
 
 
