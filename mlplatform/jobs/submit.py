@@ -31,6 +31,9 @@ EXCLUDES = [".venv", ".git", ".mlplatform", "**/__pycache__", ".pytest_cache", "
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+_AGENT_WAIT_S = 60.0  # how long submit waits for a just-started head to take jobs
+
+
 @dataclass(frozen=True)
 class JobResult:
     job_id: str
@@ -98,12 +101,20 @@ class Jobs:
         """
         client = self.client(address)
         env = runtime_env or default_runtime_env(working_dir)
-        try:
-            job_id = client.submit_job(
-                entrypoint=entrypoint, runtime_env=env, entrypoint_num_cpus=entrypoint_num_cpus
-            )
-        except Exception as exc:
-            raise JobError(f"job submission refused: {exc}") from None
+        # A cluster that has just started answers "No available agent" until its head's job
+        # agent registers (seconds); that is worth waiting for, anything else is not.
+        ready_by = time.monotonic() + _AGENT_WAIT_S
+        while True:
+            try:
+                job_id = client.submit_job(
+                    entrypoint=entrypoint, runtime_env=env, entrypoint_num_cpus=entrypoint_num_cpus
+                )
+                break
+            except Exception as exc:
+                if "No available agent" in str(exc) and time.monotonic() < ready_by:
+                    time.sleep(1.0)
+                    continue
+                raise JobError(f"job submission refused: {exc}") from None
         echo(f"submitted job {job_id} to {client.get_address()}: {entrypoint}")
         if not wait:
             return JobResult(job_id=job_id, status=str(client.get_job_status(job_id)), address=client.get_address())

@@ -103,6 +103,12 @@ def test_checked_in_configs_are_valid(monkeypatch):
     assert load_config("configs/local.yaml").online_store.type == "sqlite"
     monkeypatch.setenv("MLP_S3_ROOT", "s3://risk-ml/bnpl")
     assert load_config("configs/s3.yaml").storage.root == "s3://risk-ml/bnpl"
+    monkeypatch.setenv("MLP_REDIS_URL", "redis://cache.internal:6379/2")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cluster = load_config("configs/cluster.yaml")
+    assert (cluster.storage.root, cluster.online_store.type, cluster.online_store.url, cluster.ray.address) == (
+        "s3://risk-ml/bnpl", "redis", "redis://cache.internal:6379/2", "auto"
+    )
 
 
 def test_config_passes_through_unchanged():
