@@ -78,8 +78,6 @@ def get_historical_features(
     _check_entity_columns(entities, plan, entity_timestamp)
 
     def normalise(batch: Any) -> Any:
-        import pyarrow as pa
-
         index = batch.schema.get_field_index(entity_timestamp)
         return batch.set_column(index, entity_timestamp, to_utc(batch.column(entity_timestamp)))
 

@@ -233,7 +233,7 @@ class Distribution(_Spec):
     def _one_key(cls, data: Any) -> Any:
         if isinstance(data, Mapping) and set(data) != {"kind", "args"}:
             if len(data) != 1:
-                raise ValueError(f"write one distribution as a one-key mapping, e.g. {{loguniform: [0.01, 0.2]}}")
+                raise ValueError("write one distribution as a one-key mapping, e.g. {loguniform: [0.01, 0.2]}")
             ((kind, args),) = data.items()
             if kind not in _KINDS:
                 raise ValueError(f"unknown distribution {kind!r}: use one of {', '.join(_KINDS)}")

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 
 from mlplatform.config import format_validation_error
 from mlplatform.errors import ConfigError, DataError, TrainingError
-from workloads.fraud.model import FraudTransformer, TransformerConfig, flops_per_sample, model_from_bytes
+from workloads.fraud.model import FraudTransformer, TransformerConfig, flops_per_sample
 from workloads.fraud.sequences import DATASET, SEQUENCE_COLUMNS
 
 if TYPE_CHECKING:
