@@ -112,7 +112,7 @@ def main() -> None:
 
     kind = "random" if args.random else "generated"
     root = args.root or str(DATA / f"backfill-{kind}-{args.events}")
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = args.progress
     ctx.print_on_execution_start = False

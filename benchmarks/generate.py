@@ -88,7 +88,7 @@ def main() -> None:
     from mlplatform.platform import Platform
     from workloads.underwriting.generate import TABLES, DataConfig, generate, shard_count
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -120,7 +120,7 @@ def run_platform(data_dir: Path, views: int, num_partitions: int | None, parquet
 
     from mlplatform.features.pit_join import ViewJoin, point_in_time_join
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

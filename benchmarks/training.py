@@ -133,7 +133,7 @@ def main() -> None:
     from mlplatform.training import TrainSpec, TuneSpec
 
     root = args.root or tempfile.mkdtemp(prefix="mlp-bench-training-")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -161,7 +161,7 @@ def through_ray(args: argparse.Namespace, device: str, precision: str) -> dict:
     from workloads.fraud.train import FraudSpec, train_fraud
 
     rows = args.ray_rows or args.batch_size * args.workers * max(args.steps, 4)
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         with tempfile.TemporaryDirectory(prefix="fraud-bench-") as root:

@@ -47,7 +47,10 @@ def connect(config: RayConfig, *, runtime_env: dict | None = None) -> bool:
     if config.object_store_memory_mb:
         kwargs["object_store_memory"] = config.object_store_memory_mb * 1024 * 1024
     try:
-        ray.init(**kwargs, **common)
+        # "local" explicitly: with no address Ray would join the cluster named in
+        # /tmp/ray/ray_current_cluster, which any earlier `ray start` leaves behind — even
+        # one that has since died — and then refuse num_cpus.
+        ray.init(address="local", **kwargs, **common)
     except ValueError as exc:
         raise ConfigError(f"ray: cannot start a local Ray with {kwargs}: {exc}") from None
     log.info("started a local Ray with %s CPUs (dashboard on %s)", num_cpus, config.dashboard_host)

@@ -11,6 +11,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster some `ray start` left in /tmp/ray/ray_current_cluster
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

@@ -45,6 +45,13 @@ def _kill_cluster(gcs_port: int) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+    # `ray start --head` recorded this cluster as the machine's current one; like `ray stop`,
+    # forget it, or a later plain ray.init() would try to join the dead cluster.
+    from ray._common.utils import get_ray_address_file
+
+    current = Path(get_ray_address_file(None))
+    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink(missing_ok=True)
 
 
 def _check(started: subprocess.CompletedProcess) -> None:
