@@ -108,6 +108,8 @@ def platform_run(platform, spec) -> dict:
     return {
         "fit": result.timings["fit_s"],
         "total": result.wall_time_s,
+        "prepare": result.timings["prepare_s"],
+        "evaluate": result.timings["evaluate_s"],
         "auc": result.metrics["test"]["auc"],
         "rounds": result.best_iteration,
         "trained": result.rounds,

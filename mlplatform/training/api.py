@@ -356,6 +356,9 @@ def evaluate_splits(
     for split in splits:
         scored = data.split(platform, split).map_batches(
             _score_batch,
+            # Large batches: one predict call per few blocks. At the blocks' own size (a few
+            # thousand rows) per-call and per-task overhead doubled the scoring time.
+            batch_size=_SCORE_BATCH_ROWS,
             batch_format="pyarrow",
             fn_kwargs={"model_text": model_text, "features": data.features, "label": data.label},
         )
@@ -368,6 +371,7 @@ def evaluate_splits(
 
 
 _BOOSTERS: dict[int, Any] = {}
+_SCORE_BATCH_ROWS = 65_536
 
 
 def _score_batch(batch: Any, *, model_text: str, features: list[str], label: str) -> Any:
