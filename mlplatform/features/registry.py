@@ -218,7 +218,8 @@ class FeatureRegistry:
                 sources.append(self._build(src["kind"], entry["spec"], objects))
             udf = load_udf(spec["udf"])
             view = OnDemandFeatureView(
-                name=spec["name"], description=spec["description"], sources=tuple(sources), schema=spec["schema"], udf=udf
+                name=spec["name"], description=spec["description"], sources=tuple(sources), schema=spec["schema"], udf=udf,
+                mode=spec.get("mode", "pandas"),
             )
             if view.udf_hash != spec["udf_hash"]:
                 raise DefinitionError(

@@ -200,6 +200,17 @@ def _on_demand(
     looked_up: dict[str, list[dict[str, Any]]],
     rows: int,
 ) -> dict[str, list[Any]]:
+    if odfv.mode == "python":
+        values: dict[str, list[Any]] = {}
+        for source in odfv.sources:
+            if isinstance(source, RequestSource):
+                for f in source.schema_:
+                    values[f.name] = [_python(v) for v in entities[f.name]]
+            else:
+                for f in source.features:
+                    values[f.name] = [row[f.name].value for row in looked_up[source.name]]
+        out = odfv.transform_rows(values, rows)
+        return {name: [_python(v) for v in out[name]] for name in wanted}
     import pandas as pd
 
     inputs = {}

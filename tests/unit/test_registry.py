@@ -185,3 +185,45 @@ def test_registered_definitions_round_trip(platform):
     odfv = platform.features.get_on_demand_feature_view("checkout_features")
     assert odfv.version == checkout_features.version
     assert odfv.udf is checkout_features.udf
+    assert odfv.mode == checkout_features.mode == "python"
+
+
+def test_python_mode_on_demand_view_gives_the_same_values_offline_and_online():
+    # Offline the udf is fed from a pandas batch (nulls as NaN), online from looked-up values
+    # (nulls as None); both must reach it, and come back, the same way.
+    import math
+
+    import pandas as pd
+
+    from workloads.underwriting.features import applicant_history, checkout_features
+
+    history = {f.name: [1.0, 2.0, 3.0, 4.0] for f in applicant_history.features}
+    history["avg_loan_amount_365d"] = [50.0, None, 0.0, 80.0]
+    online = {"amount": [100.0, 50.0, 75.0, None], "term": [3, 4, 6, 4], **history}
+    offline = pd.DataFrame({k: [math.nan if v is None else v for v in vs] for k, vs in online.items()}, index=[7, 8, 9, 10])
+
+    by_row = checkout_features.transform_rows(online, 4)
+    frame = checkout_features.transform(offline)
+    assert by_row == {
+        "order_amount": [100.0, 50.0, 75.0, None],
+        "term_installments": [3, 4, 6, 4],
+        "amount_to_avg_prior": [2.0, None, None, None],
+    }
+    assert list(frame.index) == [7, 8, 9, 10] and list(frame.columns) == list(by_row)
+    for name, values in by_row.items():
+        assert [None if pd.isna(v) else v for v in frame[name]] == values
+
+
+def test_python_mode_udf_that_breaks_its_contract_is_named():
+    from mlplatform.features.definitions import OnDemandFeatureView, RequestSource
+
+    request = RequestSource(name="req", schema=[Field(name="amount", dtype="float64")])
+    view = OnDemandFeatureView(
+        name="short", sources=(request,), schema=(Field(name="doubled"),), udf=_drops_a_row, mode="python"
+    )
+    with pytest.raises(DefinitionError, match="'short'.*list of 2 values.*doubled"):
+        view.transform_rows({"amount": [1.0, 2.0]}, 2)
+
+
+def _drops_a_row(inputs: dict) -> dict:
+    return {"doubled": [2 * a for a in inputs["amount"][:1]]}

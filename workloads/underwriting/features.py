@@ -7,9 +7,6 @@ toward decline (adverse-action notices).
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-
 from mlplatform.features import (
     Aggregation,
     Entity,
@@ -156,20 +153,21 @@ checkout = RequestSource(
             reason="Order amount is high compared with your previous purchases",
         ),
     ],
+    # Python mode: a checkout scores one row, where building pandas frames would cost more
+    # CPU than the rest of the feature lookup (see OnDemandFeatureView).
+    mode="python",
 )
-def checkout_features(df: pd.DataFrame) -> pd.DataFrame:
+def checkout_features(inputs: dict[str, list]) -> dict[str, list]:
     """Request-time features of the checkout, relative to the applicant's history."""
-    amount = df["amount"].astype("float64")
-    prior = df["avg_loan_amount_365d"].astype("float64")
-    ratio = np.where(prior > 0, amount / prior.where(prior > 0, np.nan), np.nan)
-    return pd.DataFrame(
-        {
-            "order_amount": amount,
-            "term_installments": df["term"].astype("int64"),
-            "amount_to_avg_prior": ratio,
-        },
-        index=df.index,
-    )
+    amounts = [None if a is None else float(a) for a in inputs["amount"]]
+    priors = inputs["avg_loan_amount_365d"]
+    return {
+        "order_amount": amounts,
+        "term_installments": [None if t is None else int(t) for t in inputs["term"]],
+        "amount_to_avg_prior": [
+            a / float(p) if a is not None and p is not None and p > 0 else None for a, p in zip(amounts, priors, strict=True)
+        ],
+    }
 
 
 underwriting_v1 = FeatureService(
