@@ -92,6 +92,9 @@ def cluster(s3_server, redis_server):
         head = subprocess.run(
             [RAY, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+             # The job API runs in the head's dashboard agent; its HTTP port defaults to 52365,
+             # which the test session's own Ray already holds.
+             f"--dashboard-agent-listen-port={_free_port()}",
              '--resources={"head": 1}', *common],
             env=env, capture_output=True, text=True, timeout=180,
         )
@@ -101,6 +104,7 @@ def cluster(s3_server, redis_server):
         # directory from under the other node's driver once its own tasks were done with it.
         worker = subprocess.run(
             [RAY, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2", '--resources={"node2": 1}',
+             f"--dashboard-agent-listen-port={_free_port()}",
              f"--temp-dir={node2_tmp}", *common],
             env=env, capture_output=True, text=True, timeout=180,
         )
