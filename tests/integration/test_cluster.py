@@ -34,6 +34,13 @@ def _kill_cluster(gcs_port: int) -> None:
         cmd = " ".join(proc.info["cmdline"] or [])
         if f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd or f"--port={gcs_port}" in cmd:
             mine.append(proc)
+    # With their children: Serve's HAProxy runs under an actor's worker but its command line
+    # names no Ray port, and an orphaned one keeps 8404/9101 from every later Serve here.
+    for proc in list(mine):
+        try:
+            mine.extend(c for c in proc.children(recursive=True) if c not in mine)
+        except psutil.NoSuchProcess:
+            pass
     for proc in mine:
         try:
             proc.terminate()

@@ -56,8 +56,7 @@ def ensure_api_key(platform: Platform, echo: Echo) -> str:
 
 def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
     """Recent real applications from the synthetic data, replayed as new checkouts a day later:
-    the riskiest-looking first (largest amounts of repeat applicants), so a decline with reasons
-    shows up."""
+    the riskiest-looking applicant first, so a decline with reasons shows up."""
     import pyarrow.compute as pc
 
     apps = platform.datasets.read_table(
@@ -66,15 +65,21 @@ def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
     )
     last = pc.max(apps.column("application_ts")).as_py()
     recent = apps.filter(pc.greater(apps.column("application_ts"), last - timedelta(days=30))).to_pandas()
-    # one applicant with the worst recent repayment record (likely a decline with reasons),
-    # the rest at random
-    events = platform.datasets.read_table("raw/underwriting/repayment_events", columns=["applicant_id", "is_missed"])
-    missed = events.group_by("applicant_id").aggregate([("is_missed", "sum")]).to_pandas()
-    recent = recent.merge(missed, on="applicant_id", how="left").fillna({"is_missed_sum": 0})
-    worst = recent.sort_values(["is_missed_sum", "amount"], ascending=False).head(1)
+    # First the applicant whose current record looks worst to the model's own inputs — the
+    # online values of the last 90 days (the most likely decline, so reasons show) — then
+    # the rest at random.
+    risk = ["missed_installments_90d", "max_days_past_due_90d", "late_installments_90d"]
+    applicants = sorted(int(a) for a in recent["applicant_id"].unique())
+    online = platform.features.get_online_features(
+        [f"applicant_history:{f}" for f in risk], {"applicant_id": applicants}, now=last + timedelta(days=1)
+    ).to_dict()
+    record = {a: tuple(online[f][i] or 0 for f in risk) for i, a in enumerate(applicants)}
+    recent["risk"] = recent["applicant_id"].map(record)
+    worst = recent.sort_values(["risk", "amount"], ascending=False).head(1)
     rest = recent.drop(worst.index)
     rest = rest.sample(n=min(max(count - 1, 0), len(rest)), random_state=1) if len(rest) else rest
-    picked = worst.iloc[:count] if count else worst.iloc[:0]
+    picked = (worst.iloc[:count] if count else worst.iloc[:0]).drop(columns="risk")
+    rest = rest.drop(columns="risk")
     import pandas as pd
 
     picked = pd.concat([picked, rest])
