@@ -54,9 +54,12 @@ def ensure_api_key(platform: Platform, echo: Echo) -> str:
     return key
 
 
-def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
+def sample_applications(platform: Platform, count: int, risky: int = 10) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Recent real applications from the synthetic data, replayed as new checkouts a day later:
-    the riskiest-looking applicant first, so a decline with reasons shows up."""
+    ``risky`` from the applicants whose current record looks worst to the model's own inputs
+    (online values of the last 90 days: missed, days past due, late installments), worst
+    first, and ``count - 1`` others at random."""
+    import pandas as pd
     import pyarrow.compute as pc
 
     apps = platform.datasets.read_table(
@@ -65,9 +68,6 @@ def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
     )
     last = pc.max(apps.column("application_ts")).as_py()
     recent = apps.filter(pc.greater(apps.column("application_ts"), last - timedelta(days=30))).to_pandas()
-    # First the applicant whose current record looks worst to the model's own inputs — the
-    # online values of the last 90 days (the most likely decline, so reasons show) — then
-    # the rest at random.
     risk = ["missed_installments_90d", "max_days_past_due_90d", "late_installments_90d"]
     applicants = sorted(int(a) for a in recent["applicant_id"].unique())
     online = platform.features.get_online_features(
@@ -75,19 +75,14 @@ def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
     ).to_dict()
     record = {a: tuple(online[f][i] or 0 for f in risk) for i, a in enumerate(applicants)}
     recent["risk"] = recent["applicant_id"].map(record)
-    worst = recent.sort_values(["risk", "amount"], ascending=False).head(1)
+    worst = recent.sort_values(["risk", "amount"], ascending=False).drop_duplicates("applicant_id").head(risky if count else 0)
     rest = recent.drop(worst.index)
     rest = rest.sample(n=min(max(count - 1, 0), len(rest)), random_state=1) if len(rest) else rest
-    picked = (worst.iloc[:count] if count else worst.iloc[:0]).drop(columns="risk")
-    rest = rest.drop(columns="risk")
-    import pandas as pd
 
-    picked = pd.concat([picked, rest])
-    out = []
-    for i, row in enumerate(picked.itertuples()):
-        out.append(
+    def as_checkouts(frame: pd.DataFrame, tag: str) -> list[dict[str, Any]]:
+        return [
             {
-                "application_id": f"sample-{row.application_id}-{i}",
+                "application_id": f"sample-{row.application_id}-{tag}{i}",
                 "applicant_id": int(row.applicant_id),
                 "merchant_id": int(row.merchant_id),
                 "amount": round(float(row.amount) * 1.5, 2),
@@ -95,8 +90,10 @@ def sample_applications(platform: Platform, count: int) -> list[dict[str, Any]]:
                 "term": int(row.term),
                 "timestamp": (last + timedelta(days=1)).isoformat(),
             }
-        )
-    return out
+            for i, row in enumerate(frame.itertuples())
+        ]
+
+    return as_checkouts(worst, "r"), as_checkouts(rest, "")
 
 
 def post_decision(url: str, key: str, application: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -115,25 +112,35 @@ def deploy_and_decide(platform: Platform, model_name: str, config: ServeConfig, 
     deployed = platform.serving.deploy(model_name, num_replicas=config.num_replicas)
     echo(f"[deploy] {deployed.name}: {model_name} v{deployed.model_version} at {deployed.url} ({deployed.ingress} ingress)")
     decisions = []
-    samples = sample_applications(platform, config.sample_decisions)
-    if samples:
+    risky, others = sample_applications(platform, config.sample_decisions)
+    if risky or others:
         # the first request to fresh replicas loads models and connections; don't let that
         # cold start be the decision we show
-        warm = {**samples[0], "application_id": f"warmup-{secrets.token_hex(4)}"}
+        warm = {**(risky or others)[0], "application_id": f"warmup-{secrets.token_hex(4)}"}
         try:
             post_decision(deployed.url, key, warm)
         except OSError:
             pass
-    for application in samples:
-        answer = post_decision(deployed.url, key, application)
-        decisions.append(answer)
-        reasons = "; ".join(r["text"] for r in answer.get("reasons", [])) or "-"
-        pd_ = answer.get("probability_of_default")
-        echo(
-            f"[decide] {application['application_id']} amount {application['amount']:.2f} {application['currency']} "
-            f"x{application['term']}: {answer['decision'].upper()}"
-            + (f" (PD {pd_:.3f})" if pd_ is not None else "")
-            + (" [fallback: " + str(answer.get("fallback_reason")) + "]" if answer.get("fallback") else "")
-            + f" reasons: {reasons}"
-        )
+    # The riskiest-looking applicants until one is declined (so a decision with reasons
+    # shows), then the others; every decision sent is printed.
+    for application in risky:
+        decisions.append(_decide_and_print(deployed.url, key, application, echo))
+        if decisions[-1]["decision"] == "decline":
+            break
+    for application in others:
+        decisions.append(_decide_and_print(deployed.url, key, application, echo))
     return deployed, decisions
+
+
+def _decide_and_print(url: str, key: str, application: dict[str, Any], echo: Echo) -> dict[str, Any]:
+    answer = post_decision(url, key, application)
+    reasons = "; ".join(r["text"] for r in answer.get("reasons", [])) or "-"
+    pd_ = answer.get("probability_of_default")
+    echo(
+        f"[decide] {application['application_id']} amount {application['amount']:.2f} {application['currency']} "
+        f"x{application['term']}: {answer['decision'].upper()}"
+        + (f" (PD {pd_:.3f})" if pd_ is not None else "")
+        + (" [fallback: " + str(answer.get("fallback_reason")) + "]" if answer.get("fallback") else "")
+        + f" reasons: {reasons}"
+    )
+    return answer
