@@ -123,11 +123,16 @@ class DataConfig(BaseModel):
     applications: int = Field(default=20_000, gt=0, le=999_999_999, description="Number of loan applications.")
     merchants: int = Field(default=200, gt=0, le=1_000_000, description="Number of merchants.")
     start: datetime = Field(
-        default=datetime(2023, 1, 1, tzinfo=UTC), description="First possible signup/application (UTC; naive = UTC)."
+        default=None,  # type: ignore[assignment]  # filled in from end by _period
+        description="First possible signup/application (UTC; naive = UTC); default two years before end.",
     )
     end: datetime = Field(
         default=datetime(2025, 1, 1, tzinfo=UTC),
-        description="The data's 'now' (exclusive for applications): nothing known later is written (UTC; naive = UTC).",
+        description=(
+            "The data's 'now' (exclusive for applications): nothing known later is written (UTC; naive = UTC). "
+            "'today' = this UTC midnight, so the online features of a live endpoint are within their ttl "
+            "(the data then changes daily; give a date for a reproducible set)."
+        ),
     )
     seed: int = Field(default=7, ge=0, description="Random seed: the same config gives byte-identical tables.")
     shards: int | None = Field(
@@ -137,13 +142,26 @@ class DataConfig(BaseModel):
     )
     currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 currency of every amount.")
 
+    @field_validator("end", mode="before")
+    @classmethod
+    def _today(cls, value: Any) -> Any:
+        if value == "today":
+            return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        return value
+
     @field_validator("start", "end")
     @classmethod
-    def _utc(cls, value: datetime) -> datetime:
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     @model_validator(mode="after")
     def _period(self) -> DataConfig:
+        if self.start is None:
+            end = self.end
+            start = end.replace(year=end.year - 2, day=28 if (end.month, end.day) == (2, 29) else end.day)
+            object.__setattr__(self, "start", start)  # frozen model: set once, while validating
         if self.end - self.start < timedelta(days=1):
             raise ValueError(
                 f"end ({self.end.isoformat()}) must be at least one day after start ({self.start.isoformat()})"

@@ -54,13 +54,18 @@ def ensure_api_key(platform: Platform, echo: Echo) -> str:
     return key
 
 
-def sample_applications(platform: Platform, count: int, risky: int = 10) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def sample_applications(
+    platform: Platform, model_name: str, count: int, risky: int = 10
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Recent real applications from the synthetic data, replayed as new checkouts a day later:
-    ``risky`` from the applicants whose current record looks worst to the model's own inputs
-    (online values of the last 90 days: missed, days past due, late installments), worst
-    first, and ``count - 1`` others at random."""
+    the ``risky`` ones the production model scores highest on today's online features
+    (highest first; the most likely declines, so reasons show), and ``count - 1`` others at
+    random."""
+    import numpy as np
     import pandas as pd
     import pyarrow.compute as pc
+
+    from mlplatform.serving.replay import encode_features
 
     apps = platform.datasets.read_table(
         "raw/underwriting/applications",
@@ -68,14 +73,19 @@ def sample_applications(platform: Platform, count: int, risky: int = 10) -> tupl
     )
     last = pc.max(apps.column("application_ts")).as_py()
     recent = apps.filter(pc.greater(apps.column("application_ts"), last - timedelta(days=30))).to_pandas()
-    risk = ["missed_installments_90d", "max_days_past_due_90d", "late_installments_90d"]
-    applicants = sorted(int(a) for a in recent["applicant_id"].unique())
-    online = platform.features.get_online_features(
-        [f"applicant_history:{f}" for f in risk], {"applicant_id": applicants}, now=last + timedelta(days=1)
-    ).to_dict()
-    record = {a: tuple(online[f][i] or 0 for f in risk) for i, a in enumerate(applicants)}
-    recent["risk"] = recent["applicant_id"].map(record)
-    worst = recent.sort_values(["risk", "amount"], ascending=False).drop_duplicates("applicant_id").head(risky if count else 0)
+    recent["amount"] = (recent["amount"] * 1.5).round(2)
+    if count and len(recent):
+        booster = platform.models.load(model_name, alias="production").model
+        online = platform.features.get_online_features(
+            "underwriting_v1",
+            {c: recent[c].tolist() for c in ("applicant_id", "merchant_id", "amount", "term")},
+            now=last + timedelta(days=1),
+        ).to_dict()
+        rows = [{name: values[i] for name, values in online.items()} for i in range(len(recent))]
+        recent["score"] = booster.predict(np.vstack([encode_features(booster, row) for row in rows]))
+        worst = recent.sort_values("score", ascending=False).drop_duplicates("applicant_id").head(risky)
+    else:
+        worst = recent.iloc[:0]
     rest = recent.drop(worst.index)
     rest = rest.sample(n=min(max(count - 1, 0), len(rest)), random_state=1) if len(rest) else rest
 
@@ -85,7 +95,7 @@ def sample_applications(platform: Platform, count: int, risky: int = 10) -> tupl
                 "application_id": f"sample-{row.application_id}-{tag}{i}",
                 "applicant_id": int(row.applicant_id),
                 "merchant_id": int(row.merchant_id),
-                "amount": round(float(row.amount) * 1.5, 2),
+                "amount": float(row.amount),
                 "currency": row.currency,
                 "term": int(row.term),
                 "timestamp": (last + timedelta(days=1)).isoformat(),
@@ -112,7 +122,7 @@ def deploy_and_decide(platform: Platform, model_name: str, config: ServeConfig, 
     deployed = platform.serving.deploy(model_name, num_replicas=config.num_replicas)
     echo(f"[deploy] {deployed.name}: {model_name} v{deployed.model_version} at {deployed.url} ({deployed.ingress} ingress)")
     decisions = []
-    risky, others = sample_applications(platform, config.sample_decisions)
+    risky, others = sample_applications(platform, model_name, config.sample_decisions)
     if risky or others:
         # the first request to fresh replicas loads models and connections; don't let that
         # cold start be the decision we show
@@ -121,7 +131,7 @@ def deploy_and_decide(platform: Platform, model_name: str, config: ServeConfig, 
             post_decision(deployed.url, key, warm)
         except OSError:
             pass
-    # The riskiest-looking applicants until one is declined (so a decision with reasons
+    # The highest-scored applications until one is declined (so a decision with reasons
     # shows), then the others; every decision sent is printed.
     for application in risky:
         decisions.append(_decide_and_print(deployed.url, key, application, echo))
