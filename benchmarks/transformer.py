@@ -110,6 +110,7 @@ def micro(args: argparse.Namespace, device: str, precision: str) -> dict:
 
     from workloads.fraud.model import FraudTransformer
     from workloads.fraud.sequences import to_tensors
+    from workloads.fraud.train import train_step
 
     torch.manual_seed(0)
     config = model_config(args)
@@ -124,15 +125,8 @@ def micro(args: argparse.Namespace, device: str, precision: str) -> dict:
     autocast = {"device_type": device, "dtype": torch.bfloat16, "enabled": precision == "bf16"}
 
     def step(i: int) -> torch.Tensor:
-        batch = dict(batches[i % len(batches)])
-        label = batch.pop("label")
-        with torch.autocast(**autocast):
-            logits = step_model(**batch)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label, pos_weight=pos_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        batch = dict(batches[i % len(batches)])  # a copy: train_step takes the label out
+        return train_step(step_model, optimizer, batch, autocast=autocast, pos_weight=pos_weight)
 
     def sync() -> None:
         if device == "cuda":

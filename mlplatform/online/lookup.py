@@ -200,29 +200,25 @@ def _on_demand(
     looked_up: dict[str, list[dict[str, Any]]],
     rows: int,
 ) -> dict[str, list[Any]]:
-    if odfv.mode == "python":
-        values: dict[str, list[Any]] = {}
-        for source in odfv.sources:
-            if isinstance(source, RequestSource):
-                for f in source.schema_:
-                    values[f.name] = [_python(v) for v in entities[f.name]]
-            else:
-                for f in source.features:
-                    values[f.name] = [row[f.name].value for row in looked_up[source.name]]
-        out = odfv.transform_rows(values, rows)
-        return {name: [_python(v) for v in out[name]] for name in wanted}
-    import pandas as pd
-
-    inputs = {}
+    # Inputs as plain values (nulls as None), with the dtype each is declared with.
+    values: dict[str, list[Any]] = {}
+    dtypes: dict[str, str] = {}
     for source in odfv.sources:
         if isinstance(source, RequestSource):
             for f in source.schema_:
-                inputs[f.name] = _series([_python(v) for v in entities[f.name]], f.dtype)
+                values[f.name], dtypes[f.name] = [_python(v) for v in entities[f.name]], f.dtype
         else:
             for f in source.features:
-                inputs[f.name] = _series([row[f.name].value for row in looked_up[source.name]], f.dtype)
-    result = odfv.transform(pd.DataFrame(inputs, index=range(rows)))
-    return {name: [_python(v) for v in result[name].tolist()] for name in wanted}
+                values[f.name], dtypes[f.name] = [row[f.name].value for row in looked_up[source.name]], f.dtype
+    if odfv.mode == "python":
+        out = odfv.transform_rows(values, rows)
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame({name: _series(v, dtypes[name]) for name, v in values.items()}, index=range(rows))
+        result = odfv.transform(frame)
+        out = {name: result[name].tolist() for name in wanted}
+    return {name: [_python(v) for v in out[name]] for name in wanted}
 
 
 def _series(values: list[Any], dtype: str) -> Any:

@@ -291,17 +291,7 @@ class DatasetStore:
         import pyarrow.parquet as pq
 
         if isinstance(data, pa.Table):
-            if partition_by and self.storage.is_s3:
-                # One PUT per finished partition file (see below for why not pyarrow's multipart).
-                import pyarrow.compute as pc
-
-                for value in pc.unique(data.column(partition_by)).to_pylist():
-                    part = data.filter(pc.equal(data.column(partition_by), value)).drop_columns([partition_by])
-                    sink = pa.BufferOutputStream()
-                    pq.write_table(part, sink)
-                    key = self.storage.key_of(f"{staging}/{partition_by}={value}/part-0.parquet")
-                    self.storage.write_bytes(key, sink.getvalue().to_pybytes())
-            elif partition_by:
+            if partition_by:
                 pq.write_to_dataset(
                     data,
                     staging,
@@ -309,12 +299,6 @@ class DatasetStore:
                     filesystem=self.storage.arrow_fs,
                     basename_template="part-{i}.parquet",
                 )
-            elif self.storage.is_s3:
-                # One PUT of the finished file (s3fs) instead of pyarrow's multipart stream:
-                # some S3-compatible servers fail CompleteMultipartUpload for larger files.
-                sink = pa.BufferOutputStream()
-                pq.write_table(data, sink)
-                self.storage.write_bytes(self.storage.key_of(f"{staging}/part-0.parquet"), sink.getvalue().to_pybytes())
             else:
                 self.storage.arrow_fs.create_dir(staging, recursive=True)
                 pq.write_table(data, f"{staging}/part-0.parquet", filesystem=self.storage.arrow_fs)

@@ -295,15 +295,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=shuffle,
             local_shuffle_seed=(spec.seed * 1_000_003 + epoch) * 1_009 + rank if shuffle else None,
         ):
-            label = batch.pop("label")
-            with torch.autocast(**autocast):
-                logits = model(**batch)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label, pos_weight=pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-            samples += len(label)
+            samples += len(batch["label"])
+            losses.append(train_step(model, optimizer, batch, autocast=autocast, pos_weight=pos_weight))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
@@ -329,6 +322,22 @@ def _train_loop(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
+
+
+def train_step(model: Any, optimizer: Any, batch: dict[str, Any], *, autocast: dict, pos_weight: Any) -> torch.Tensor:
+    """One optimisation step on a collated batch (its ``label`` is taken out): forward under
+    ``torch.autocast(**autocast)``, weighted BCE on float32 logits, backward, step. The
+    detached loss. ``benchmarks/transformer.py`` times exactly this."""
+    import torch
+
+    label = batch.pop("label")
+    with torch.autocast(**autocast):
+        logits = model(**batch)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), label, pos_weight=pos_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def _validate(model: Any, shard: Any, autocast: dict, batch_size: int, device: Any) -> tuple[float, float]:
