@@ -65,7 +65,9 @@ class TuneTrial:
 class TuneResult:
     """The search's outcome. ``spec`` is the base ``TrainSpec`` with the best params merged
     in: retrain it on more workers, or register ``booster`` (the best trial's model, cut to
-    its best round) with the snapshot."""
+    its best round) with the snapshot. ``best_round`` is the number of rounds ``booster``
+    holds: the best round, or the last one for a trial that ran to the end without early
+    stopping (its checkpoint keeps every round, and ``validation_auc`` is that model's)."""
 
     booster: lightgbm.Booster
     config: dict[str, Any]
@@ -162,14 +164,14 @@ def run_tune(platform: Platform, spec: TuneSpec) -> TuneResult:
     path = _last_checkpoint_path(best_result)
     if path is None:
         raise TrainingError(f"tuning {experiment!r}: the best trial {best_trial.trial_id} saved no checkpoint")
-    booster, state = read_checkpoint(path, storage.arrow_fs)
+    booster, _ = read_checkpoint(path, storage.arrow_fs)
     params = {**base.params, **best_trial.config}
     return TuneResult(
         booster=booster,
         config=dict(best_trial.config),
         params=params,
         validation_auc=float(best_trial.validation_auc),
-        best_round=state.best_round,
+        best_round=booster.current_iteration(),
         spec=base.model_copy(update={"params": params}),
         trials=trials,
         snapshot=data.snapshot,

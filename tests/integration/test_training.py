@@ -207,13 +207,19 @@ def test_tune_with_asha_returns_the_best_trial(platform):
     assert result.params["num_leaves"] == result.config["num_leaves"]
     assert 4 <= result.config["num_leaves"] < 48
     assert all(1 <= t.reports <= spec.max_reports for t in result.trials)
-    # the returned booster is the best trial's model at its best round
+    # the returned booster is the best trial's model: every round when it ran to the end
+    # without early stopping, else cut to its best round so far
     split = frames(platform, "synthetic")
     from mlplatform.training.api import auc
 
     valid_auc = auc(split["validation"]["default"].to_numpy(), result.booster.predict(split["validation"][FEATURES].to_numpy()))
     assert valid_auc == pytest.approx(result.validation_auc, abs=1e-6)
     assert result.booster.current_iteration() == result.best_round
+    best_trial = next(t for t in result.trials if t.config == result.config)
+    if best_trial.rounds == spec.train.num_boost_round:
+        assert result.best_round == spec.train.num_boost_round
+    else:
+        assert 1 <= result.best_round <= best_trial.rounds
 
 
 def test_unusable_training_sets_fail_before_any_worker_starts(platform):
