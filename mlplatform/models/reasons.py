@@ -155,6 +155,19 @@ class ReasonCoder:
         contrib = self.booster.predict(x, pred_contrib=True, num_threads=1)[0]
         return Explained(self._rank(contrib, values), float(contrib.sum()))
 
+    def explain_encoded(self, x: np.ndarray, rows: Sequence[Mapping[str, Any]]) -> list[Explained]:
+        """``explain_row`` for many rows in one ``pred_contrib`` call: ``x`` holds the rows
+        already encoded the way ``explain_row`` encodes one (``replay.encode_features``, as the
+        decision service scores them) and ``rows`` the same rows as ``{feature: value}``, whose
+        values the reasons report."""
+        if len(x) != len(rows):
+            raise DataError(f"{len(x)} encoded rows but {len(rows)} rows of values")
+        if not len(rows):
+            return []
+        contrib = self.booster.predict(x, pred_contrib=True, num_threads=1)
+        names = self._model.names
+        return [Explained(self._rank(c, [row[n] for n in names]), float(c.sum())) for c, row in zip(contrib, rows)]
+
     def explain(self, features: pd.DataFrame) -> list[list[Reason]]:
         """Reasons for every row of a DataFrame (its other columns are ignored)."""
         missing = [n for n in self._model.names if n not in features.columns]

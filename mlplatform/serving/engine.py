@@ -26,6 +26,7 @@ recompute the score exactly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -179,18 +180,17 @@ class DecisionEngine:
         started = time.perf_counter()
         columns = dict(zip(response.metadata.feature_names, response.results))
         rows = [{n: columns[n].values[i] for n in scorer.feature_names} for i in range(len(jobs))]
-        stamps = [{n: _iso(columns[n].event_timestamps[i]) for n in scorer.feature_names} for i in range(len(jobs))]
+        iso = _IsoMemo()
+        stamps = [{n: iso(columns[n].event_timestamps[i]) for n in scorer.feature_names} for i in range(len(jobs))]
         try:
-            probabilities = scorer.predict(scorer.matrix(rows)).tolist()
+            x = scorer.matrix(rows)
+            probabilities = scorer.predict(x).tolist()
         except Exception as exc:
             log.exception("scoring failed for a batch of %d", len(jobs))
             timings.notes.append(repr(exc))
             return self.fallback(jobs, "scoring_failed", scorer=scorer)
         shadow = self._shadow(scorer, columns, len(jobs))
-        outcomes = [
-            self._scored(job, scorer, p, row, stamp, shadow[i] if shadow else None, now)
-            for i, (job, p, row, stamp) in enumerate(zip(jobs, probabilities, rows, stamps))
-        ]
+        outcomes = self._scored(jobs, scorer, x, probabilities, rows, stamps, shadow, now)
         timings.scoring_s = time.perf_counter() - started
         if deadline_at is not None and time.perf_counter() > deadline_at:
             return self.fallback(jobs, "deadline_exceeded", scorer=scorer)
@@ -198,28 +198,43 @@ class DecisionEngine:
 
     def _scored(
         self,
-        job: Job,
+        jobs: list[Job],
         scorer: Scorer,
-        probability: float,
-        row: dict[str, Any],
-        stamps: dict[str, str | None],
-        shadow: dict[str, Any] | None,
+        x: Any,
+        probabilities: list[float],
+        rows: list[dict[str, Any]],
+        stamps: list[dict[str, str | None]],
+        shadow: list[dict[str, Any]] | None,
         now: datetime,
-    ) -> Outcome:
-        request = job.request
-        knocked = self.policy.knockouts(amount=request.amount, currency=request.currency, term=request.term)
-        if knocked:
-            decision = "decline"
-            reasons = [{"code": r.code, "text": r.text} for r in knocked]
-        else:
-            decision = self.policy.by_score(probability)
-            reasons = []
-            if decision == "decline":
-                explained = scorer.coder.explain_row(row).reasons[: self.policy.max_reasons]
-                reasons = [
-                    {"code": r.feature, "text": r.text, "contribution": r.contribution, "value": r.value} for r in explained
+    ) -> list[Outcome]:
+        """Policy per job; the reasons of every score-based decline in one ``pred_contrib`` call."""
+        policy = self.policy
+        decisions: list[str] = []
+        reasons: list[list[dict[str, Any]]] = []
+        explain: list[int] = []
+        for i, (job, probability) in enumerate(zip(jobs, probabilities)):
+            request = job.request
+            knocked = policy.knockouts(amount=request.amount, currency=request.currency, term=request.term)
+            if knocked:
+                decisions.append("decline")
+                reasons.append([{"code": r.code, "text": r.text} for r in knocked])
+                continue
+            decisions.append(policy.by_score(probability))
+            reasons.append([])
+            if decisions[-1] == "decline":
+                explain.append(i)
+        if explain:
+            explained = scorer.coder.explain_encoded(x[explain], [rows[i] for i in explain])
+            for i, e in zip(explain, explained):
+                reasons[i] = [
+                    {"code": r.feature, "text": r.text, "contribution": r.contribution, "value": r.value}
+                    for r in e.reasons[: policy.max_reasons]
                 ]
-        return self._outcome(job, decision, probability, reasons, scorer, row, stamps, None, shadow, now)
+        return [
+            self._outcome(job, decisions[i], probabilities[i], reasons[i], scorer, rows[i], stamps[i], None,
+                          shadow[i] if shadow else None, now)
+            for i, job in enumerate(jobs)
+        ]
 
     def _shadow(self, production: Scorer, columns: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
         if len(self.watcher.aliases) < 2:
@@ -288,7 +303,7 @@ class DecisionEngine:
             "model_name": scorer.name if scorer else None,
             "model_version": scorer.version if scorer else None,
             "model_sha256": scorer.sha256 if scorer else None,
-            "feature_names": _dumps(list(scorer.feature_names) if scorer and row is not None else []),
+            "feature_names": _names_json(scorer.feature_names if scorer and row is not None else ()),
             "features": _dumps_values(row if row is not None else {}),
             "feature_event_timestamps": _dumps(stamps if stamps is not None else {}),
             "fallback": not scored,
@@ -301,5 +316,24 @@ class DecisionEngine:
         return Outcome(body=body.encode(), record=record, answer=answer, decision=decision, fallback_reason=fallback_reason)
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
+@functools.lru_cache(maxsize=16)
+def _names_json(names: tuple[str, ...]) -> str:
+    return _dumps(list(names))
+
+
+class _IsoMemo:
+    """``datetime`` -> UTC ISO text, each distinct time formatted once (the features of one
+    view share their row's event time)."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[datetime, str] = {}
+
+    def __call__(self, value: datetime | None) -> str | None:
+        if value is None:
+            return None
+        text = self._seen.get(value)
+        if text is None:
+            text = self._seen[value] = value.astimezone(UTC).isoformat()
+        return text

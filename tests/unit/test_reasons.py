@@ -96,6 +96,22 @@ def test_single_row_path_matches_the_dataframe_path(data):
     assert reason_codes(booster, row, reasons=TEXTS) == [explained.reasons]
 
 
+def test_encoded_rows_are_explained_as_each_row_alone(data):
+    """The decision service explains a micro-batch's declines in one call; each row must get
+    exactly what it would get alone."""
+    from mlplatform.serving.replay import encode_features
+
+    booster, df = data
+    coder = ReasonCoder(booster, TEXTS)
+    rows = [{k: (None if pd.isna(v) else v) for k, v in df.iloc[i].to_dict().items()} for i in range(40)]
+    x = np.vstack([encode_features(booster, row) for row in rows])
+    together = coder.explain_encoded(x, rows)
+    assert together == [coder.explain_row(row) for row in rows]
+    assert coder.explain_encoded(x[:0], []) == []
+    with pytest.raises(DataError, match="2 encoded rows but 1 rows"):
+        coder.explain_encoded(x[:2], rows[:1])
+
+
 def test_default_text_groups_features_without_one(data):
     booster, df = data
     for reasons in reason_codes(booster, df.iloc[:200], reasons=TEXTS, default_text="Other factors", max_reasons=8):
