@@ -12,7 +12,7 @@ import pytest
 
 from mlplatform.errors import DataError
 from mlplatform.features._asof import UTC_MICROS
-from mlplatform.features import pit_join
+from mlplatform.features import _hash_shuffle
 from mlplatform.features.pit_join import ViewJoin, point_in_time_join
 
 pytestmark = pytest.mark.integration
@@ -157,7 +157,7 @@ def test_distributed_join_matches_oracle(ray_session, monkeypatch, seed, num_par
                                          one_block_per_task):
     ray = ray_session
     if one_block_per_task:
-        monkeypatch.setattr(pit_join, "PARTITION_BATCH_BYTES", 1)
+        monkeypatch.setattr(_hash_shuffle, "PARTITION_BATCH_BYTES", 1)
     entities, features = make_data(seed)
     views = [
         ViewJoin(name, keys, _dataset(ray, features[name], blocks=3), "event_ts",
