@@ -111,6 +111,9 @@ class Serving:
         digests = _key_digests(config.serving.api_key_env)
         policy = _policy(policy if policy is not None else config.serving.policy)
         version = self._check_model(model_name, feature_service)
+        if spool_dir is not None and not os.fspath(spool_dir):
+            # abspath("") is the working directory: segments would land wherever this ran.
+            raise ServingError("spool_dir is empty; give a directory on local disk, or None for the default")
         spool = os.path.abspath(os.fspath(spool_dir)) if spool_dir is not None else self.default_spool_dir()
 
         plan = plan_ingress(config.serving.fast_ingress)

@@ -311,6 +311,14 @@ def test_api_key_is_required(served):
         os.environ[KEY_ENV] = KEY
 
 
+def test_an_empty_spool_dir_is_refused_before_anything_changes(served):
+    platform, deployed, _ = served
+    with pytest.raises(ServingError, match="spool_dir is empty"):
+        platform.serving.deploy("underwriting", spool_dir="")
+    assert platform.serving.spool_dir() == deployed.spool_dir
+    assert _post(f"{deployed.url}/v1/decisions", _application()).status_code == 200
+
+
 def test_a_retry_gets_the_same_decision(served):
     _, deployed, _ = served
     url = f"{deployed.url}/v1/decisions"
