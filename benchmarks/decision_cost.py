@@ -1,0 +1,106 @@
+"""What one decision costs in the platform's own code, without Serve, HTTP or a load generator:
+the same objects a serving replica builds (catalog, model watcher, policy, idempotency store,
+decision engine, decision log on local disk), driven in micro-batches in this process.
+
+    python benchmarks/decision_cost.py                    # batches of 1 and 4, 2000 decisions each
+    python benchmarks/decision_cost.py --batch 8 --decisions 4000 --profile
+
+Per decision it reports the CPU time of this process (all threads: the log's writer included)
+and the wall time of each phase: ``validate`` (pydantic, from JSON bytes), ``decide``
+(idempotency lookup, online features, score, policy, reasons), ``log`` (validated, encoded,
+fsynced) and ``commit`` (the idempotency record). Data and model are those of
+``benchmarks/serving.py`` (same applicants, merchants and model), so the figures explain that
+benchmark's decision endpoint. ``--profile`` prints cProfile's top functions.
+"""
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import serving as bench  # noqa: E402  (benchmarks/serving.py: data, model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="micro-batch sizes")
+    parser.add_argument("--decisions", type=int, default=2000, help="decisions per batch size")
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top 40 functions (slows everything)")
+    args = parser.parse_args()
+
+    from mlplatform.serving.catalog import FeatureCatalog
+    from mlplatform.serving.decision_log import DecisionLog
+    from mlplatform.serving.engine import DecisionEngine, Job
+    from mlplatform.serving.idempotency import open_idempotency_store
+    from mlplatform.serving.policy import DecisionPolicy
+    from mlplatform.serving.schemas import DecisionRequest
+    from mlplatform.serving.scoring import ModelWatcher
+
+    root = Path(tempfile.mkdtemp(prefix="mlp-decision-cost-"))
+    os.environ.setdefault("MLP_BENCH_KEY", bench.KEY)
+    platform = bench.build_platform(root, None)
+    bench.train(platform)
+    catalog = FeatureCatalog(platform.features)
+    watcher = ModelWatcher(platform, catalog, "underwriting", aliases=("production",), default_service="underwriting_v1",
+                           available_inputs=set(DecisionRequest.model_fields), poll_s=60.0)
+    watcher.poll()
+    idempotency = open_idempotency_store(platform.config, catalog.online_store)
+    engine = DecisionEngine(watcher=watcher, catalog=catalog, policy=DecisionPolicy.model_validate({}), idempotency=idempotency)
+    log = DecisionLog(platform.storage, spool_dir=str(root / "spool"), replica_id="cost-1", group_commit_ms=0)
+    counter = iter(range(10**12))
+
+    def body() -> bytes:
+        return json.dumps({"application_id": f"c-{next(counter)}", "applicant_id": random.randrange(bench.APPLICANTS),
+                           "merchant_id": random.randrange(bench.MERCHANTS), "amount": random.randint(20, 900) + 0.5,
+                           "currency": "USD", "term": 4, "timestamp": "2026-01-01T00:00:00Z"}).encode()
+
+    async def run(n: int, size: int, phases: dict[str, float]) -> int:
+        declines = 0
+        for _ in range(n // size):
+            t0 = time.perf_counter()
+            jobs = [Job(DecisionRequest.model_validate_json(body()), time.perf_counter()) for _ in range(size)]
+            t1 = time.perf_counter()
+            outcomes, _ = engine.decide(jobs)
+            t2 = time.perf_counter()
+            await asyncio.gather(*(log.append(o.record) for o in outcomes))
+            t3 = time.perf_counter()
+            idempotency.put_if_absent_many([(j.request.application_id, o.answer) for j, o in zip(jobs, outcomes)])
+            t4 = time.perf_counter()
+            declines += sum(o.decision == "decline" for o in outcomes)
+            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[name] += seconds
+        return declines
+
+    print(f"{os.cpu_count()} CPUs; {args.decisions} decisions per batch size; load avg {os.getloadavg()[0]:.1f}")
+    for size in args.batch:
+        asyncio.run(run(200, size, dict.fromkeys(("validate", "decide", "log", "commit"), 0.0)))  # warm up
+        phases = dict.fromkeys(("validate", "decide", "log", "commit"), 0.0)
+        profile = cProfile.Profile() if args.profile else None
+        cpu, wall = time.process_time(), time.perf_counter()
+        if profile:
+            profile.enable()
+        declines = asyncio.run(run(args.decisions, size, phases))
+        if profile:
+            profile.disable()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        n = args.decisions // size * size
+        shown = "  ".join(f"{k} {v / n * 1000:.3f}" for k, v in phases.items())
+        print(f"batch {size:3d}: CPU {cpu / n * 1000:.3f} ms/decision, wall {wall / n * 1000:.3f} ms/decision, "
+              f"declines {declines / n:.0%}; phases (wall ms/decision): {shown}", flush=True)
+        if profile:
+            pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+    log.close()
+    platform.close()
+
+
+if __name__ == "__main__":
+    main()
