@@ -9,6 +9,9 @@
 Produces ``model_card.md`` and the PNGs it links to (``roc.png``, ``calibration.png``,
 ``score_distribution.png``, ``lift.png``). Tables that describe one split (calibration,
 lift, segment sizes) use ``test`` when present, else the last split given.
+
+This module assembles and writes the card and draws its plots (matplotlib); the Markdown text
+is rendered by ``card_markdown``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import DataError, DependencyError
+from mlplatform.evaluation.card_markdown import format_metric, importance_shares, render_markdown
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -97,13 +100,13 @@ def write_model_card(
         "score_distribution.png": _png(_distribution_figure(splits)),
         "lift.png": _png(_lift_figure(splits)),
     }
-    markdown = _markdown(
+    markdown = render_markdown(
         splits,
         model_name=model_name,
         version=version,
         lineage=complete_lineage(lineage),
         params=params,
-        importance=_importance(feature_importance)[:max_features],
+        importance=importance_shares(feature_importance)[:max_features],
         examples=reason_examples,
         intended_use=intended_use,
         limitations=limitations,
@@ -119,242 +122,6 @@ def write_model_card(
             for name, data in files.items():
                 (folder / name).write_bytes(data)
     return files
-
-
-# --------------------------------------------------------------------------- markdown
-def _markdown(
-    splits: dict[str, Evaluation],
-    *,
-    model_name: str,
-    version: int | None,
-    lineage: dict[str, Any],
-    params: Mapping[str, Any],
-    importance: list[tuple[str, float, float]],
-    examples: Sequence[Mapping[str, Any]],
-    intended_use: str,
-    limitations: Sequence[str],
-) -> str:
-    focus = "test" if "test" in splits else list(splits)[-1]
-    ev = splits[focus]
-    title = f"{model_name} — version {version}" if version is not None else f"{model_name} (version assigned at registration)"
-    lines = [f"# Model card: {title}", "", f"*Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.*", ""]
-
-    top = ev.lift.iloc[-1]
-    lines += ["## Summary", ""]
-    if ev.auc == ev.auc:  # not NaN
-        lines += [
-            f"On the **{focus}** split the model ranks a random defaulter above a random repayer "
-            f"**{ev.auc:.1%}** of the time (AUC {ev.auc:.3f}); the riskiest tenth of applicants default at "
-            f"**{top['lift']:.1f}×** the average rate ({top['observed_rate']:.1%} vs {ev.base_rate:.1%}).",
-            "",
-        ]
-    lines += _table(
-        ["Split", "Applications", "Default rate", "AUC", "KS", "Brier", "Log loss", "PSI vs train"],
-        [
-            [name, f"{e.n:,}", f"{e.base_rate:.2%}", _num(e.auc), _num(e.ks), _num(e.brier, 4), _num(e.log_loss, 4),
-             _num(e.psi)]
-            for name, e in splits.items()
-        ],
-        align="lrrrrrrr",
-    )
-
-    lines += ["## Discrimination", "", "![ROC curves by split](roc.png)", "", "![Lift by decile](lift.png)", ""]
-    lines += [f"Lift by score decile on **{focus}** (decile 10 = highest scores):", ""]
-    lines += _table(
-        ["Decile", "Applications", "Default rate", "Lift", "Share of all defaults"],
-        [
-            [int(r.bin), f"{int(r['count']):,}", f"{r.observed_rate:.2%}", f"{r.lift:.2f}×", f"{r.share_of_defaults:.1%}"]
-            for _, r in ev.lift.iloc[::-1].iterrows()
-        ],
-        align="rrrrr",
-    )
-
-    lines += ["## Calibration", "", "![Predicted vs observed default rate](calibration.png)", ""]
-    lines += [f"Mean predicted vs observed default rate per score decile on **{focus}**:", ""]
-    lines += _table(
-        ["Decile", "Score range", "Applications", "Mean predicted", "Observed", "Observed − predicted"],
-        [
-            [int(r.bin), f"{r.score_min:.3f} – {r.score_max:.3f}", f"{int(r['count']):,}", f"{r.mean_score:.2%}",
-             f"{r.observed_rate:.2%}", f"{r.observed_rate - r.mean_score:+.2%}"]
-            for _, r in ev.calibration.iterrows()
-        ],
-        align="rlrrrr",
-    )
-
-    lines += ["## Score distributions", "", "![Score distribution by outcome](score_distribution.png)", ""]
-
-    lines += ["## Stability", ""]
-    psis = [(n, e.psi) for n, e in splits.items() if e.psi is not None]
-    if psis:
-        lines += [
-            "Population stability index of the score against the training split (deciles of the training "
-            "scores; < 0.1 stable, 0.1–0.25 moderate shift, > 0.25 material shift):",
-            "",
-        ]
-        lines += [f"- **{n}**: {p:.3f} — {_psi_words(p)}" for n, p in psis] + [""]
-    else:
-        lines += ["No reference scores were given, so no PSI was computed.", ""]
-
-    seg_names = list(dict.fromkeys(name for e in splits.values() for name in e.segments))
-    if seg_names:
-        lines += ["## Performance by segment", "", "AUC within each segment (n/a: the segment holds one outcome only).", ""]
-        for seg in seg_names:
-            lines += [f"### {seg}", ""]
-            base = ev.segments.get(seg)
-            values = list(base["value"]) if base is not None else []
-            for e in splits.values():
-                if seg in e.segments:
-                    values += [v for v in e.segments[seg]["value"] if v not in values]
-            rows = []
-            for v in values:
-                row = [_cell(v)]
-                if base is not None and v in set(base["value"]):
-                    b = base.set_index("value").loc[v]
-                    row += [f"{int(b['count']):,}", f"{b.default_rate:.2%}"]
-                else:
-                    row += ["0", "—"]
-                for e in splits.values():
-                    t = e.segments.get(seg)
-                    hit = t[t["value"] == v] if t is not None else None
-                    row.append(_num(hit["auc"].iloc[0]) if hit is not None and len(hit) else "—")
-                rows.append(row)
-            lines += _table(
-                ["Value", f"Applications ({focus})", f"Default rate ({focus})", *[f"AUC {n}" for n in splits]],
-                rows,
-                align="lrr" + "r" * len(splits),
-            )
-
-    lines += ["## Top features", ""]
-    if importance:
-        lines += _table(
-            ["#", "Feature", "Importance", "Share"],
-            [[i + 1, f"`{f}`", f"{imp:,.1f}", f"{share:.1%}"] for i, (f, imp, share) in enumerate(importance)],
-            align="rlrr",
-        )
-    else:
-        lines += ["No feature importance was given.", ""]
-
-    lines += ["## Example declined applicants", ""]
-    if examples:
-        lines += ["The reasons each would receive, strongest first (texts from the feature definitions):", ""]
-        for ex in examples:
-            ident = ex.get("id", ex.get("applicant_id", "?"))
-            score = ex.get("score")
-            head = f"**Applicant {ident}**" + (f" — predicted default probability {score:.1%}" if score is not None else "")
-            lines += [head, ""]
-            reasons = list(ex.get("reasons", []))
-            lines += [f"{i + 1}. {_reason_line(r)}" for i, r in enumerate(reasons)] or ["- (no reasons: no feature pushed toward decline)"]
-            lines += [""]
-    else:
-        lines += ["No examples were given.", ""]
-
-    lines += ["## Lineage", ""]
-    lines += _lineage_lines(lineage)
-
-    lines += ["## Parameters", ""]
-    lines += _table(["Parameter", "Value"], [[f"`{k}`", f"`{_cell(v)}`"] for k, v in sorted(params.items())], align="ll")
-
-    lines += ["## Intended use", "", intended_use, "", "## Limitations", ""]
-    lines += [f"- {item}" for item in limitations] + [""]
-    return "\n".join(lines)
-
-
-def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    ts = lineage.get("training_set")
-    if ts:
-        out += [
-            f"- **Training set**: `{ts.get('name')}` version {ts.get('version')}, {int(ts.get('rows') or 0):,} rows, "
-            f"content hash `{ts.get('content_hash')}`",
-            f"  at `{ts.get('uri')}`",
-        ]
-    if lineage.get("feature_service"):
-        out.append(f"- **Feature service**: `{lineage['feature_service']}`")
-    if lineage.get("data_time_range"):
-        r = lineage["data_time_range"]
-        out.append(f"- **Data time range**: {r.get('min')} → {r.get('max')}")
-    commit = lineage.get("code_version")
-    dirty = " (with uncommitted changes)" if lineage.get("code_dirty") else ""
-    out.append(f"- **Code version**: `{commit}`{dirty}" if commit else "- **Code version**: unknown (not run from a git checkout)")
-    libs = lineage.get("libraries") or {}
-    if libs:
-        out.append("- **Libraries**: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v))
-    extra = {k: v for k, v in lineage.items()
-             if k not in {"training_set", "feature_service", "data_time_range", "code_version", "code_dirty", "libraries",
-                          "feature_versions", "artifacts"}}
-    out += [f"- **{k.replace('_', ' ').capitalize()}**: `{_cell(v)}`" for k, v in sorted(extra.items())]
-    out.append("")
-    if ts and ts.get("splits"):
-        out += _table(
-            ["Split", "From", "Until (exclusive)", "Rows"],
-            [[n, s.get("start"), s.get("end"), f"{int(s.get('rows') or 0):,}"] for n, s in ts["splits"].items()],
-            align="lllr",
-        )
-    if lineage.get("feature_versions"):
-        out += _table(
-            ["Feature view", "Definition version"],
-            [[f"`{v}`", f"`{ver}`"] for v, ver in sorted(lineage["feature_versions"].items())],
-            align="ll",
-        )
-    return out
-
-
-def _reason_line(reason: Any) -> str:
-    if isinstance(reason, str):
-        return _escape(reason)
-    get = reason.get if isinstance(reason, Mapping) else lambda k, d=None: getattr(reason, k, d)
-    text = _escape(str(get("text", "")))
-    feature, value, contribution = get("feature"), get("value"), get("contribution")
-    detail = []
-    if feature is not None:
-        detail.append(f"`{feature}` = {_cell(value)}")
-    if contribution is not None:
-        detail.append(f"+{float(contribution):.2f} log-odds")
-    return f"{text} ({'; '.join(detail)})" if detail else text
-
-
-def _importance(value: Any) -> list[tuple[str, float, float]]:
-    if value is None:
-        return []
-    if hasattr(value, "columns"):  # DataFrame
-        pairs = list(zip(value["feature"], value["importance"], strict=True))
-    elif hasattr(value, "items"):  # Mapping or Series
-        pairs = list(value.items())
-    else:
-        pairs = list(value)
-    pairs = sorted(((str(f), float(v)) for f, v in pairs), key=lambda p: -p[1])
-    total = sum(v for _, v in pairs) or 1.0
-    return [(f, v, v / total) for f, v in pairs]
-
-
-def _table(header: list[str], rows: list[list[Any]], *, align: str) -> list[str]:
-    marks = {"l": ":---", "r": "---:"}
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(marks[a] for a in align) + "|",
-        *("| " + " | ".join(_escape(str(c)) for c in row) + " |" for row in rows),
-        "",
-    ]
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _num(value: float | None, digits: int = 3) -> str:
-    if value is None or value != value:
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def _psi_words(value: float) -> str:
-    return "stable" if value < 0.1 else "moderate shift" if value < 0.25 else "material shift: investigate before use"
 
 
 # ------------------------------------------------------------------------------ plots
@@ -381,7 +148,7 @@ def _roc_figure(splits: dict[str, Evaluation]) -> Figure:
     fig = _figure(5.5, 5)
     ax = fig.subplots()
     for i, (name, ev) in enumerate(splits.items()):
-        ax.plot(ev.roc["fpr"], ev.roc["tpr"], color=_color(name, i), label=f"{name} (AUC {_num(ev.auc)})")
+        ax.plot(ev.roc["fpr"], ev.roc["tpr"], color=_color(name, i), label=f"{name} (AUC {format_metric(ev.auc)})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="random")
     ax.set(xlabel="False positive rate (repayers flagged)", ylabel="True positive rate (defaulters flagged)",
            title="ROC curve", xlim=(0, 1), ylim=(0, 1))
