@@ -86,7 +86,7 @@ def test_training_loss_falls_and_weights_reload_without_pickle(built):
 def test_checkpoint_files_resume_training_exactly(tmp_path):
     """Weights and AdamW state written as plain data (no pickle) resume to the same next step."""
     from workloads.fraud.model import FraudTransformer
-    from workloads.fraud.train import _read_optimizer, _read_state, _read_weights, _write_checkpoint
+    from workloads.fraud.checkpoint import read_optimizer, read_state, read_weights, write_checkpoint
 
     spec = FraudSpec(model=TINY, seed=0)
     table = sequences_from_tables(*[generate_shard(DATA, 0)[t] for t in ("applications", "outcomes", "repayment_events")],
@@ -105,13 +105,13 @@ def test_checkpoint_files_resume_training_exactly(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(3):
         step(model, optimizer)
-    _write_checkpoint(str(tmp_path), model, optimizer, [{"epoch": 1}], [0.5], spec)
+    write_checkpoint(str(tmp_path), model, optimizer, [{"epoch": 1}], [0.5], spec)
 
     resumed = FraudTransformer(TINY)
-    resumed.load_state_dict(_read_weights(str(tmp_path)))
+    resumed.load_state_dict(read_weights(str(tmp_path)))
     resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
-    resumed_optimizer.load_state_dict(_read_optimizer(str(tmp_path)))
-    assert _read_state(str(tmp_path))["epoch"] == 1
+    resumed_optimizer.load_state_dict(read_optimizer(str(tmp_path)))
+    assert read_state(str(tmp_path))["epoch"] == 1
     step(model, optimizer)
     step(resumed, resumed_optimizer)
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):

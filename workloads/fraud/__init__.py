@@ -8,6 +8,9 @@ checkouts, payments, missed payments, delinquencies), predicting the application
     build_sequences(platform, SequenceConfig(max_events=32))   # training_sets/fraud_sequences
     result = train_fraud(platform, FraudSpec(num_workers=2, epochs=3))
 
-``sequences`` imports neither torch nor Ray; ``model`` and ``train`` import torch (Ray only
-when training starts).
+Modules: ``windows`` (the point-in-time window kernel, Arrow/NumPy), ``sequences`` (its Ray
+Data build and ``to_tensors``), ``model``, ``spec`` (``FraudSpec``), ``train`` (the driver),
+``worker`` (what each Ray Train worker runs), ``checkpoint`` (the checkpoint files).
+``windows`` and ``sequences`` import neither torch nor Ray; ``model``, ``spec``, ``worker``
+and ``train`` import torch (Ray only when training starts).
 """
