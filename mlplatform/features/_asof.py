@@ -1,97 +1,31 @@
 """The point-in-time (as-of) join of one partition: the kernel behind ``point_in_time_join``.
 
-Pure pyarrow/numpy and fully vectorised: keys are factorised across both sides, the feature
-rows are sorted once by (key, time) and every entity row is answered by one ``searchsorted``.
-No Ray here, so the kernel is unit-testable and runs inside any Ray task unchanged.
+Pure pyarrow/numpy and fully vectorised: keys are factorised across both sides
+(:mod:`mlplatform.features._join_keys`), the feature rows are sorted once by (key, time) and
+every entity row is answered by one ``searchsorted``. No Ray here, so the kernel is
+unit-testable and runs inside any Ray task unchanged. Timestamps are compared after
+:func:`~mlplatform.features._timestamps.to_utc`, re-exported here with ``UTC_MICROS`` for the
+callers that import them from this module.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
+from mlplatform.features._join_keys import factorize_keys
+from mlplatform.features._timestamps import UTC_MICROS, to_utc
 
 __all__ = ["UTC_MICROS", "asof_join", "to_utc"]
-
-#: The platform's canonical timestamp type: microseconds since the epoch, tz-aware UTC.
-UTC_MICROS = pa.timestamp("us", tz="UTC")
 
 # Composite (key, time) codes are int64; stay clear of the sign bit with a margin.
 _INT64_BUDGET = 1 << 62
 _ONE_MICRO = dt.timedelta(microseconds=1)
-
-
-def to_utc(values: Any) -> pa.Array | pa.ChunkedArray:
-    """Normalise timestamps to ``timestamp[us, tz=UTC]``, the platform's one time type.
-
-        >>> to_utc(pd.Series(["2024-01-01 12:00", None], dtype="datetime64[ns]")).type
-        TimestampType(timestamp[us, tz=UTC])
-
-    Naive values are taken to be UTC; aware values in any zone are converted to UTC (the
-    instant is kept). A pandas ``object`` column may mix naive ``datetime``, aware
-    ``datetime``/``Timestamp`` and missing values. Sub-microsecond parts are truncated.
-    Integers are taken to be microseconds since the epoch.
-
-    Args:
-        values: a pyarrow Array/ChunkedArray, pandas Series/Index, numpy array or list.
-
-    Returns:
-        A pyarrow Array (ChunkedArray if given one) of type ``timestamp[us, tz=UTC]``; nulls
-        stay null.
-
-    Raises:
-        DataError: the values are not timestamps and cannot be parsed as such.
-    """
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        typ = values.type
-        if pa.types.is_dictionary(typ):
-            return to_utc(values.cast(typ.value_type))
-        if pa.types.is_timestamp(typ):
-            if typ == UTC_MICROS:
-                return values
-            # Arrow stores aware timestamps as UTC instants and we read naive ones as UTC, so
-            # only the unit and the label change: a reinterpreting cast is exact.
-            as_us = values.cast(pa.timestamp("us", tz=typ.tz), safe=False)
-            return as_us.cast(pa.int64()).cast(UTC_MICROS)
-        if pa.types.is_integer(typ):
-            return values.cast(pa.int64()).cast(UTC_MICROS)
-        if pa.types.is_date(typ) or pa.types.is_null(typ):
-            return values.cast(pa.timestamp("us")).cast(pa.int64()).cast(UTC_MICROS)
-        return _from_pandas(pd.Series(values.to_pandas()), chunked=isinstance(values, pa.ChunkedArray))
-    if isinstance(values, (pd.Series, pd.Index)):
-        return _from_pandas(pd.Series(values), chunked=False)
-    try:
-        inferred = pa.array(values, from_pandas=True)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        inferred = None
-    if inferred is not None and (pa.types.is_integer(inferred.type) or pa.types.is_timestamp(inferred.type)):
-        return to_utc(inferred)
-    return _from_pandas(pd.Series(values), chunked=False)
-
-
-def _from_pandas(series: pd.Series, *, chunked: bool) -> pa.Array | pa.ChunkedArray:
-    if pd.api.types.is_integer_dtype(series.dtype):
-        arr = pa.array(series, type=pa.int64()).cast(UTC_MICROS)
-    else:
-        try:
-            # utc=True localises naive values as UTC and converts aware ones, also when an
-            # object column mixes the two (which pandas otherwise refuses).
-            converted = pd.to_datetime(series, utc=True, format="ISO8601")
-        except (ValueError, TypeError) as exc:
-            sample = series.dropna().head(3).tolist()
-            raise DataError(
-                f"cannot read timestamps from values like {sample!r} (dtype {series.dtype}): {exc}; "
-                "pass datetimes, pandas Timestamps or ISO-8601 strings"
-            ) from exc
-        arr = pa.array(converted.dt.as_unit("us"), type=UTC_MICROS)
-    return pa.chunked_array([arr]) if chunked else arr
 
 
 def asof_join(
@@ -209,7 +143,7 @@ def _choose_rows(
             created = np.where(created_ok, created, event)
     else:
         created = event
-    k_e, k_f, n_codes = _factorize_keys(entities, features, join_keys)
+    k_e, k_f, n_codes = factorize_keys(entities, features, join_keys)
 
     # Drop feature rows that can never match; remember where the rest came from.
     usable = (k_f >= 0) & event_ok
@@ -351,84 +285,6 @@ def _sortable(typ: pa.DataType) -> bool:
         or pa.types.is_temporal(typ)
         or pa.types.is_decimal(typ)
     )
-
-
-def _factorize_keys(entities: pa.Table, features: pa.Table, join_keys: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Dense-ish int64 codes for the join keys, shared by both sides; -1 where any key is null."""
-    n = entities.num_rows
-    code: np.ndarray | None = None
-    cardinality = 1
-    for name in join_keys:
-        c, card = _factorize_column(name, entities.column(name), features.column(name))
-        if code is None:
-            code, cardinality = c, card
-            continue
-        if cardinality * card >= _INT64_BUDGET:
-            code, cardinality = _densify(code)
-        null = (code < 0) | (c < 0)
-        code = code * card + c
-        cardinality *= card
-        code[null] = -1
-    assert code is not None
-    if cardinality > code.size + 1:
-        code, cardinality = _densify(code)
-    return code[:n], code[n:], max(cardinality, 1)
-
-
-def _densify(code: np.ndarray) -> tuple[np.ndarray, int]:
-    dense, uniques = pd.factorize(code, use_na_sentinel=False)
-    dense = dense.astype(np.int64)
-    # Keep -1 (null) as -1; its factor code is some non-negative number otherwise.
-    null = code < 0
-    if null.any():
-        dense[null] = -1
-    return dense, len(uniques)
-
-
-def _factorize_column(name: str, left: pa.ChunkedArray, right: pa.ChunkedArray) -> tuple[np.ndarray, int]:
-    left, right = _decode(left), _decode(right)
-    lt, rt = left.type, right.type
-    if pa.types.is_integer(lt) and pa.types.is_integer(rt):
-        both = pa.chunked_array([*left.cast(pa.int64()).chunks, *right.cast(pa.int64()).chunks], pa.int64())
-        valid = both.is_valid().to_numpy() if both.null_count else None
-        values = (pc.fill_null(both, 0) if valid is not None else both).to_numpy()
-        present = values if valid is None else values[valid]
-        if present.size == 0:
-            return np.full(values.size, -1, dtype=np.int64), 1
-        lo, hi = int(present.min()), int(present.max())
-        if hi - lo <= 4 * values.size + 1024:
-            # Compact integer ids need no hashing: the offset is already a dense-enough code.
-            code = values - lo
-            card = hi - lo + 1
-        else:
-            factor, uniques = pd.factorize(values)
-            code, card = factor.astype(np.int64), len(uniques)
-        if valid is not None:
-            code[~valid] = -1
-        return code, card
-    if _is_text(lt) and _is_text(rt):
-        both = pa.chunked_array(
-            [*left.cast(pa.large_string()).chunks, *right.cast(pa.large_string()).chunks], pa.large_string()
-        )
-        encoded = both.dictionary_encode()
-        indices = pa.chunked_array([chunk.indices for chunk in encoded.chunks], encoded.type.index_type)
-        code = pc.fill_null(indices, -1).to_numpy().astype(np.int64, copy=False)
-        card = len(encoded.chunks[0].dictionary) if encoded.num_chunks else 0
-        return code, max(card, 1)
-    raise DataError(
-        f"join key {name!r} has type {lt} in the entity table but {rt} in the feature table; "
-        "cast one side so both are integers or both are strings"
-    )
-
-
-def _decode(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    if pa.types.is_dictionary(column.type):
-        return column.cast(column.type.value_type)
-    return column
-
-
-def _is_text(typ: pa.DataType) -> bool:
-    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)
 
 
 def _micros(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.errors import DataError, DefinitionError
-from mlplatform.features._asof import UTC_MICROS, to_utc
+from mlplatform.features._timestamps import UTC_MICROS, to_utc
 from mlplatform.features._windows import (
     CREATED_TIMESTAMP,
     EVENT_TIMESTAMP,

@@ -20,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlplatform.features._asof import asof_join, to_utc
+from mlplatform.features._asof import asof_join
+from mlplatform.features._timestamps import to_utc
 
 if TYPE_CHECKING:
     import ray.data

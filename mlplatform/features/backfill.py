@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.errors import DataError, DefinitionError, NotFoundError
-from mlplatform.features._asof import UTC_MICROS, to_utc
 from mlplatform.features._backfill_rows import PARTITION, Plan, compute_rows
+from mlplatform.features._timestamps import UTC_MICROS, to_utc
 from mlplatform.features._windows import EVENT_TIMESTAMP
 from mlplatform.features.definitions import FeatureView
 

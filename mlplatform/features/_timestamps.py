@@ -1,0 +1,86 @@
+"""The platform's one time type, and the conversion every timestamp goes through.
+
+``UTC_MICROS`` (``timestamp[us, tz=UTC]``) is the type of every timestamp the platform
+stores or compares; ``to_utc`` brings Arrow, pandas, numpy or Python values to it (naive
+values are UTC). Used by the as-of join, the window kernel, backfills and the online store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from mlplatform.errors import DataError
+
+__all__ = ["UTC_MICROS", "to_utc"]
+
+#: The platform's canonical timestamp type: microseconds since the epoch, tz-aware UTC.
+UTC_MICROS = pa.timestamp("us", tz="UTC")
+
+
+def to_utc(values: Any) -> pa.Array | pa.ChunkedArray:
+    """Normalise timestamps to ``timestamp[us, tz=UTC]``, the platform's one time type.
+
+        >>> to_utc(pd.Series(["2024-01-01 12:00", None], dtype="datetime64[ns]")).type
+        TimestampType(timestamp[us, tz=UTC])
+
+    Naive values are taken to be UTC; aware values in any zone are converted to UTC (the
+    instant is kept). A pandas ``object`` column may mix naive ``datetime``, aware
+    ``datetime``/``Timestamp`` and missing values. Sub-microsecond parts are truncated.
+    Integers are taken to be microseconds since the epoch.
+
+    Args:
+        values: a pyarrow Array/ChunkedArray, pandas Series/Index, numpy array or list.
+
+    Returns:
+        A pyarrow Array (ChunkedArray if given one) of type ``timestamp[us, tz=UTC]``; nulls
+        stay null.
+
+    Raises:
+        DataError: the values are not timestamps and cannot be parsed as such.
+    """
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        typ = values.type
+        if pa.types.is_dictionary(typ):
+            return to_utc(values.cast(typ.value_type))
+        if pa.types.is_timestamp(typ):
+            if typ == UTC_MICROS:
+                return values
+            # Arrow stores aware timestamps as UTC instants and we read naive ones as UTC, so
+            # only the unit and the label change: a reinterpreting cast is exact.
+            as_us = values.cast(pa.timestamp("us", tz=typ.tz), safe=False)
+            return as_us.cast(pa.int64()).cast(UTC_MICROS)
+        if pa.types.is_integer(typ):
+            return values.cast(pa.int64()).cast(UTC_MICROS)
+        if pa.types.is_date(typ) or pa.types.is_null(typ):
+            return values.cast(pa.timestamp("us")).cast(pa.int64()).cast(UTC_MICROS)
+        return _from_pandas(pd.Series(values.to_pandas()), chunked=isinstance(values, pa.ChunkedArray))
+    if isinstance(values, (pd.Series, pd.Index)):
+        return _from_pandas(pd.Series(values), chunked=False)
+    try:
+        inferred = pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        inferred = None
+    if inferred is not None and (pa.types.is_integer(inferred.type) or pa.types.is_timestamp(inferred.type)):
+        return to_utc(inferred)
+    return _from_pandas(pd.Series(values), chunked=False)
+
+
+def _from_pandas(series: pd.Series, *, chunked: bool) -> pa.Array | pa.ChunkedArray:
+    if pd.api.types.is_integer_dtype(series.dtype):
+        arr = pa.array(series, type=pa.int64()).cast(UTC_MICROS)
+    else:
+        try:
+            # utc=True localises naive values as UTC and converts aware ones, also when an
+            # object column mixes the two (which pandas otherwise refuses).
+            converted = pd.to_datetime(series, utc=True, format="ISO8601")
+        except (ValueError, TypeError) as exc:
+            sample = series.dropna().head(3).tolist()
+            raise DataError(
+                f"cannot read timestamps from values like {sample!r} (dtype {series.dtype}): {exc}; "
+                "pass datetimes, pandas Timestamps or ISO-8601 strings"
+            ) from exc
+        arr = pa.array(converted.dt.as_unit("us"), type=UTC_MICROS)
+    return pa.chunked_array([arr]) if chunked else arr
