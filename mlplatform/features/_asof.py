@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
 from mlplatform.features._join_keys import factorize_keys
-from mlplatform.features._timestamps import UTC_MICROS, to_utc
+from mlplatform.features._timestamps import UTC_MICROS, micros_and_valid, to_utc
 
 __all__ = ["UTC_MICROS", "asof_join", "to_utc"]
 
@@ -135,10 +135,10 @@ def _choose_rows(
     if n == 0 or features.num_rows == 0:
         return chosen
 
-    t, t_ok = _micros(entities.column(entity_ts))
-    event, event_ok = _micros(features.column(event_ts))
+    t, t_ok = micros_and_valid(entities.column(entity_ts))
+    event, event_ok = micros_and_valid(features.column(event_ts))
     if created_ts is not None:
-        created, created_ok = _micros(features.column(created_ts))
+        created, created_ok = micros_and_valid(features.column(created_ts))
         if not created_ok.all():
             created = np.where(created_ok, created, event)
     else:
@@ -285,15 +285,6 @@ def _sortable(typ: pa.DataType) -> bool:
         or pa.types.is_temporal(typ)
         or pa.types.is_decimal(typ)
     )
-
-
-def _micros(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """UTC microseconds as int64 (0 where null) and the validity mask."""
-    ints = to_utc(column).cast(pa.int64())
-    if ints.null_count:
-        return pc.fill_null(ints, 0).to_numpy(), ints.is_valid().to_numpy()
-    values = ints.to_numpy()
-    return values, np.ones(values.size, dtype=bool)
 
 
 def _take(column: pa.ChunkedArray | pa.Array, indices: pa.Array) -> pa.Array | pa.ChunkedArray:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
 
-__all__ = ["UTC_MICROS", "to_utc"]
+__all__ = ["UTC_MICROS", "micros_and_valid", "to_utc"]
 
 #: The platform's canonical timestamp type: microseconds since the epoch, tz-aware UTC.
 UTC_MICROS = pa.timestamp("us", tz="UTC")
@@ -84,3 +86,13 @@ def _from_pandas(series: pd.Series, *, chunked: bool) -> pa.Array | pa.ChunkedAr
             ) from exc
         arr = pa.array(converted.dt.as_unit("us"), type=UTC_MICROS)
     return pa.chunked_array([arr]) if chunked else arr
+
+
+def micros_and_valid(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps (any of ``to_utc``'s inputs) as UTC microseconds since the epoch, int64 with
+    0 where null, and the validity mask: what the join and window kernels compute on."""
+    ints = to_utc(column).cast(pa.int64())
+    if ints.null_count:
+        return pc.fill_null(ints, 0).to_numpy(), ints.is_valid().to_numpy(zero_copy_only=False)
+    values = ints.to_numpy()
+    return values, np.ones(values.size, dtype=bool)

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
 from mlplatform.features._intervals import Intervals, count_holding, running_sums, segment_cover, stab
-from mlplatform.features._timestamps import UTC_MICROS, to_utc
+from mlplatform.features._timestamps import UTC_MICROS, micros_and_valid
 from mlplatform.features.definitions import Aggregation
 
 __all__ = ["EVENT_TIMESTAMP", "CREATED_TIMESTAMP", "event_time_range", "boundary_indices", "window_aggregate"]
@@ -163,9 +163,9 @@ def window_aggregate(
         return _empty(join_keys, key_types, aggregations)
 
     # ---- per-event times, in boundary indices
-    event, event_ok = _micros(events.column(event_ts))
+    event, event_ok = micros_and_valid(events.column(event_ts))
     if created_ts:
-        created, created_ok = _micros(events.column(created_ts))
+        created, created_ok = micros_and_valid(events.column(created_ts))
         known = np.where(created_ok, np.maximum(event, created), event)
     else:
         known = event
@@ -305,15 +305,6 @@ def _number(keys: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ helpers
 def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
     return -((-a) // b)
-
-
-def _micros(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """UTC microseconds as int64 (0 where null) and the validity mask."""
-    ints = to_utc(column).cast(pa.int64())
-    if ints.null_count:
-        return pc.fill_null(ints, 0).to_numpy(), ints.is_valid().to_numpy(zero_copy_only=False)
-    values = ints.to_numpy()
-    return values, np.ones(values.size, dtype=bool)
 
 
 def _plain(column: pa.ChunkedArray) -> pa.Array:
