@@ -26,7 +26,6 @@ recompute the score exactly.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -180,8 +179,7 @@ class DecisionEngine:
         started = time.perf_counter()
         columns = dict(zip(response.metadata.feature_names, response.results))
         rows = [{n: columns[n].values[i] for n in scorer.feature_names} for i in range(len(jobs))]
-        iso = _IsoMemo()
-        stamps = [{n: iso(columns[n].event_timestamps[i]) for n in scorer.feature_names} for i in range(len(jobs))]
+        stamps = [{n: _iso(columns[n].event_timestamps[i]) for n in scorer.feature_names} for i in range(len(jobs))]
         try:
             x = scorer.matrix(rows)
             probabilities = scorer.predict(x).tolist()
@@ -303,7 +301,7 @@ class DecisionEngine:
             "model_name": scorer.name if scorer else None,
             "model_version": scorer.version if scorer else None,
             "model_sha256": scorer.sha256 if scorer else None,
-            "feature_names": _names_json(scorer.feature_names if scorer and row is not None else ()),
+            "feature_names": _dumps(list(scorer.feature_names) if scorer and row is not None else []),
             "features": _dumps_values(row if row is not None else {}),
             "feature_event_timestamps": _dumps(stamps if stamps is not None else {}),
             "fallback": not scored,
@@ -316,24 +314,5 @@ class DecisionEngine:
         return Outcome(body=body.encode(), record=record, answer=answer, decision=decision, fallback_reason=fallback_reason)
 
 
-@functools.lru_cache(maxsize=16)
-def _names_json(names: tuple[str, ...]) -> str:
-    return _dumps(list(names))
-
-
-class _IsoMemo:
-    """``datetime`` -> UTC ISO text, each distinct time formatted once (the features of one
-    view share their row's event time)."""
-
-    __slots__ = ("_seen",)
-
-    def __init__(self) -> None:
-        self._seen: dict[datetime, str] = {}
-
-    def __call__(self, value: datetime | None) -> str | None:
-        if value is None:
-            return None
-        text = self._seen.get(value)
-        if text is None:
-            text = self._seen[value] = value.astimezone(UTC).isoformat()
-        return text
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
