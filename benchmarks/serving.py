@@ -145,6 +145,33 @@ def train(platform):
     return booster
 
 
+def deploy_floor(replicas: int, cpus: float) -> None:
+    """Serve's floor on this machine: endpoints that do nothing, through the same ingress.
+    ``floor-raw`` is a plain deployment (``__call__`` gets a Starlette request: no FastAPI),
+    ``floor-fastapi`` a FastAPI route like the baseline's; both answer a constant body."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=64, logging_config={"enable_access_log": False})
+    class FloorRaw:
+        async def __call__(self, request: Request) -> Response:
+            return Response(b'{"ok":true}', media_type="application/json")
+
+    floor = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=64, logging_config={"enable_access_log": False})
+    @serve.ingress(floor)
+    class FloorFastAPI:
+        @floor.post("/")
+        async def nothing(self) -> Response:
+            return Response(b'{"ok":true}', media_type="application/json")
+
+    for name, cls in (("floor-raw", FloorRaw), ("floor-fastapi", FloorFastAPI)):
+        app = cls.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus}).bind()
+        serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+
+
 def deploy_baseline(model_text: str, replicas: int, cpus: float) -> None:
     """A bare FastAPI + LightGBM scorer: JSON features in, probability out."""
     from fastapi import FastAPI, Request
@@ -267,6 +294,7 @@ def check(url: str, kind: str) -> None:
         "features": {"feature_service": "underwriting_v1",
                      "entities": {"applicant_id": [1], "merchant_id": [1], "amount": [100.0], "term": [4]}},
         "baseline": {"missed_installments_90d": 1, "order_amount": 100.0},
+        "floor-raw": {}, "floor-fastapi": {},
         "stored": {"features": STORED_REFS, "entities": {"applicant_id": [1], "merchant_id": [1]}},
     }
     request = urllib.request.Request(url, data=json.dumps(bodies[kind]).encode(), method="POST",
@@ -289,6 +317,8 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="storage root (default: a temporary directory)")
     parser.add_argument("--deadline", default="50ms", help="serving.deadline (default 50ms, the production default)")
     parser.add_argument("--spool-dir", default=None, help="decision log spool (default <root>/decisions/spool, on disk)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure endpoints that do nothing (raw Serve and FastAPI): the floor of this machine")
     args = parser.parse_args()
 
     root = Path(args.root or tempfile.mkdtemp(prefix="mlp-serving-bench-"))
@@ -304,15 +334,20 @@ def main() -> None:
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
     platform = build_platform(root, f"redis://127.0.0.1:{port}/0" if redis else None, args.deadline)
     booster = train(platform)
-    cpus = max(0.25, (os.cpu_count() or 2) / (2 * args.replicas))
+    cpus = max(0.1, (os.cpu_count() or 2) / ((4 if args.floor else 2) * args.replicas))
     deployed = platform.serving.deploy("underwriting", num_replicas=args.replicas, replica_cpus=cpus, spool_dir=args.spool_dir)
     deploy_baseline(booster.model_to_string(), args.replicas, cpus)
+    if args.floor:
+        deploy_floor(args.replicas, cpus)
     load = run_wrk if shutil.which("wrk") else run_python
     print(f"ingress: {deployed.ingress}; online store: {'redis' if redis else 'sqlite'}; load: {load.__name__}; "
           f"{args.replicas} replicas each; {os.cpu_count()} CPUs; deadline {args.deadline}; spool {deployed.spool_dir}", flush=True)
 
     targets = {"baseline": f"{deployed.url}/baseline/score", "decision": f"{deployed.url}/v1/decisions",
                "features": f"{deployed.url}/get-online-features", "stored": f"{deployed.url}/get-online-features"}
+    if args.floor:
+        targets.update({"floor-raw": f"{deployed.url}/floor-raw", "floor-fastapi": f"{deployed.url}/floor-fastapi/"})
+        _wait_ready([targets["floor-raw"], targets["floor-fastapi"]])
     for kind, url in targets.items():
         check(url, kind)
         load(url, kind, 4, 2.0)  # warm up: connections, pools, caches
@@ -339,6 +374,22 @@ def main() -> None:
     if redis is not None:
         redis.terminate()
     platform.close()
+
+
+def _wait_ready(urls: list[str], timeout: float = 120.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    for url in urls:
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=10).read()
+                break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{url} did not become ready in {timeout:.0f} s") from None
+                time.sleep(0.5)
 
 
 def _free_port() -> int:
