@@ -12,7 +12,7 @@ customer is sent are the ones an auditor can reproduce.
 Definition, per row:
   1. Contributions are LightGBM's SHAP values, ``booster.predict(X, pred_contrib=True)``, in
      log-odds; the bias (expected value) column is ignored. They are computed by
-     ``treeshap.FastTreeShap`` (the same values, ~4x faster) where the model allows, else by
+     ``treeshap.FastTreeShap`` (the same values, 2-4x faster) where the model allows, else by
      LightGBM itself.
   2. Only features with a contribution ``> 0`` (toward default) are candidates; they are
      taken in descending order of contribution, ties by the feature's position in the model.

@@ -44,11 +44,15 @@ def _probe(seed: int, k: int) -> np.ndarray:
     ],
     ids=["nan-missing", "zero-as-missing", "no-missing-handling", "deep-narrow", "stumps"],
 )
-def test_equals_pred_contrib(params):
+@pytest.mark.parametrize("way", ["tables", "paths"])
+def test_equals_pred_contrib(params, way, monkeypatch):
+    if way == "paths":  # no room for tables: the path-by-path kernel
+        monkeypatch.setattr(treeshap, "MAX_TABLE_ENTRIES", -1)
     x, y = _data(1)
     booster = lgb.train({"objective": "binary", "verbose": -1, "seed": 3, **params}, lgb.Dataset(x, y), 60)
     shap = FastTreeShap.for_booster(booster)
     assert shap is not None
+    assert ("table" in shap._a) == (way == "tables")
     rows = np.vstack([x[:300], _probe(1, x.shape[1])])
     expected = booster.predict(rows, pred_contrib=True)
     got = shap.contributions(rows)
@@ -58,7 +62,10 @@ def test_equals_pred_contrib(params):
     np.testing.assert_allclose(got.sum(axis=1), booster.predict(rows, raw_score=True), rtol=0, atol=1e-12)
 
 
-def test_a_feature_split_several_times_on_one_path():
+@pytest.mark.parametrize("way", ["tables", "paths"])
+def test_a_feature_split_several_times_on_one_path(way, monkeypatch):
+    if way == "paths":
+        monkeypatch.setattr(treeshap, "MAX_TABLE_ENTRIES", -1)
     rng = np.random.default_rng(5)
     x = rng.uniform(-3, 3, size=(4000, 2))
     y = ((np.abs(x[:, 0]) < 1) ^ (x[:, 1] > 0.5)).astype(int)  # bands of x0: the same feature again and again
@@ -70,7 +77,10 @@ def test_a_feature_split_several_times_on_one_path():
     )
 
 
-def test_single_leaf_trees_are_all_bias():
+@pytest.mark.parametrize("way", ["tables", "paths"])
+def test_single_leaf_trees_are_all_bias(way, monkeypatch):
+    if way == "paths":
+        monkeypatch.setattr(treeshap, "MAX_TABLE_ENTRIES", -1)
     x, _ = _data(2, k=3)
     booster = lgb.train({"objective": "binary", "verbose": -1, "min_data_in_leaf": 10_000}, lgb.Dataset(x, np.r_[np.ones(100), np.zeros(2900)]), 5)
     assert booster.dump_model()["tree_info"][0]["num_leaves"] == 1
@@ -80,7 +90,7 @@ def test_single_leaf_trees_are_all_bias():
     assert not got[:, :-1].any()
 
 
-def test_models_it_cannot_do_exactly_fall_back(monkeypatch):
+def test_models_it_cannot_do_exactly_fall_back():
     x, y = _data(3, k=4)
     frame = pd.DataFrame(x, columns=list("abcd"))
     frame["kind"] = pd.Categorical(np.random.default_rng(0).choice(["p", "q", "r"], len(frame)))
@@ -88,9 +98,9 @@ def test_models_it_cannot_do_exactly_fall_back(monkeypatch):
     assert FastTreeShap.for_booster(categorical) is None
     multiclass = lgb.train({"objective": "multiclass", "num_class": 3, "verbose": -1}, lgb.Dataset(x, y + (x[:, 3] > 1)), 5)
     assert FastTreeShap.for_booster(multiclass) is None
-    monkeypatch.setattr(treeshap, "MAX_TABLE_ENTRIES", 64)  # tables this model would need are larger
-    big = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 31}, lgb.Dataset(x, y), 10)
-    assert FastTreeShap.for_booster(big) is None
+    rf = lgb.train({"objective": "binary", "verbose": -1, "boosting": "rf", "bagging_freq": 1, "bagging_fraction": 0.5},
+                   lgb.Dataset(x, y), 5)
+    assert FastTreeShap.for_booster(rf) is None
 
 
 def test_wrong_row_width_is_refused():
