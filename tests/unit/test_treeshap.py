@@ -103,6 +103,15 @@ def test_models_it_cannot_do_exactly_fall_back():
     assert FastTreeShap.for_booster(rf) is None
 
 
+def test_long_paths_are_explained_path_by_path(monkeypatch):
+    monkeypatch.setattr(treeshap, "MAX_TABLE_PATH_FEATURES", 2)  # a leaf's table would be too wide
+    x, y = _data(7)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 15}, lgb.Dataset(x, y), 20)
+    shap = FastTreeShap.for_booster(booster)
+    assert "table" not in shap._a
+    np.testing.assert_allclose(shap.contributions(x[:200]), booster.predict(x[:200], pred_contrib=True), rtol=0, atol=1e-12)
+
+
 def test_wrong_row_width_is_refused():
     x, y = _data(4, k=5)
     shap = FastTreeShap.for_booster(lgb.train({"objective": "binary", "verbose": -1}, lgb.Dataset(x, y), 5))
