@@ -205,7 +205,7 @@ class DecisionEngine:
         shadow: list[dict[str, Any]] | None,
         now: datetime,
     ) -> list[Outcome]:
-        """Policy per job; the reasons of every score-based decline in one ``pred_contrib`` call."""
+        """Policy per job; the reasons of every score-based decline in one ``ReasonCoder.explain_encoded`` call."""
         policy = self.policy
         decisions: list[str] = []
         reasons: list[list[dict[str, Any]]] = []
