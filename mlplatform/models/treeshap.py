@@ -185,7 +185,8 @@ def _build(booster: Any) -> FastTreeShap | None:
     }
     if table_size <= MAX_TABLE_ENTRIES and widest <= MAX_TABLE_PATH_FEATURES:
         starts = arrays["leaf_start"]
-        tabled = [_k_table(arrays["uf_z"][a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        weights = arrays["weights"]
+        tabled = [_k_table(arrays["uf_z"][a:b], weights[b - a - 1, : b - a]) for a, b in zip(starts[:-1], starts[1:])]
         arrays["leaf_table"] = np.cumsum([0] + [len(t) for t in tabled[:-1]], dtype=np.int64)
         arrays["table"] = np.concatenate(tabled) if tabled else np.zeros(0)
     return FastTreeShap(int(model["max_feature_idx"]) + 1, arrays, bias)
@@ -214,11 +215,12 @@ def _unsupported(model: dict[str, Any]) -> str | None:
     return None
 
 
-def _k_table(z: np.ndarray) -> np.ndarray:
+def _k_table(z: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``K(A)`` for every subset ``A`` (bit ``j`` = path feature ``j``) of a leaf's ``d`` features:
     ``sum_m w(|A| - m) e_m(z_A)``, ``e_m`` the elementary symmetric polynomials of A's zero
-    fractions; the subsets holding bit ``j`` are built from those below ``2^j``. ``K(F)`` is
-    never used (a satisfied feature is taken out first) and is left 0."""
+    fractions and ``w`` the leaf's Shapley weights (``_shapley_weights``); the subsets holding
+    bit ``j`` are built from those below ``2^j``. ``K(F)`` is never used (a satisfied feature
+    is taken out first) and is left 0."""
     d = len(z)
     n = 1 << d
     e = np.zeros((n, d + 1))
@@ -229,9 +231,8 @@ def _k_table(z: np.ndarray) -> np.ndarray:
         e[low:high] = e[:low]
         e[low:high, 1:] += z[j] * e[:low, :-1]
         size[low:high] = size[:low] + 1
-    w = np.array([math.factorial(k) * math.factorial(d - k - 1) / math.factorial(d) for k in range(d)] + [0.0])
     k = size[:, None] - np.arange(d + 1)[None, :]  # |U| = |A| - m for the term e_m
-    weights = np.where((k >= 0) & (k < d), w[np.clip(k, 0, d)], 0.0)
+    weights = np.where((k >= 0) & (k < d), np.append(w, 0.0)[np.clip(k, 0, d)], 0.0)
     return (weights * e).sum(axis=1)
 
 
@@ -260,9 +261,11 @@ def _kernel() -> Any:
             except ImportError:
                 _KERNEL = False
             else:
-                global _split_directions
+                global _split_directions, _satisfies
                 jit = numba.njit(cache=True, nogil=True)
-                _split_directions = jit(_split_directions)  # compiled before the kernels that call it
+                # compiled before the kernels that call them
+                _split_directions = jit(_split_directions)
+                _satisfies = numba.njit(cache=True, nogil=True, inline="always")(_satisfies)  # per path feature: inlined
                 _KERNEL = (jit(_rows_tables), jit(_rows_paths))
         return _KERNEL or None
 
@@ -273,12 +276,21 @@ def _split_directions(row, left, node_feature, node_threshold, node_missing, nod
     for n in range(node_feature.shape[0]):
         v = row[node_feature[n]]
         missing = node_missing[n]
-        if v != v and missing != 2:  # NaN where NaN is not the missing value counts as 0
+        if v != v and missing != _MISSING_NAN:  # NaN where NaN is not the missing value counts as 0
             v = 0.0
-        if (missing == 1 and -_ZERO <= v <= _ZERO) or (missing == 2 and v != v):
+        if (missing == _MISSING_ZERO and -_ZERO <= v <= _ZERO) or (missing == _MISSING_NAN and v != v):
             left[n] = node_default_left[n]
         else:
             left[n] = v <= node_threshold[n]
+
+
+def _satisfies(left, cond_node, cond_left, first, last):  # pragma: no cover - compiled
+    """1 if the row goes the path's way at each of a path feature's splits ``first:last``, else 0
+    (branch-free: which features a row satisfies is unpredictable)."""
+    ok = 1
+    for c in range(first, last):
+        ok &= left[cond_node[c]] == cond_left[c]
+    return ok
 
 
 def _rows_paths(x, out, node_feature, node_threshold, node_missing, node_default_left,
@@ -299,9 +311,7 @@ def _rows_paths(x, out, node_feature, node_threshold, node_missing, node_default
             s = 0
             p = 1.0
             for u in range(d):
-                ok = True
-                for c in range(uf_cond[first + u], uf_cond[first + u + 1]):
-                    ok = ok and left[cond_node[c]] == cond_left[c]
+                ok = _satisfies(left, cond_node, cond_left, uf_cond[first + u], uf_cond[first + u + 1])
                 sat[u] = ok
                 if ok:
                     zs[s] = uf_z[first + u]
@@ -352,9 +362,7 @@ def _rows_tables(x, out, node_feature, node_threshold, node_missing, node_defaul
             satisfied = 0
             p = 1.0
             for u in range(first, last):
-                ok = 1
-                for c in range(uf_cond[u], uf_cond[u + 1]):
-                    ok &= left[cond_node[c]] == cond_left[c]
+                ok = _satisfies(left, cond_node, cond_left, uf_cond[u], uf_cond[u + 1])
                 satisfied |= ok << (u - first)
                 p *= ok + (1 - ok) * uf_z[u]
             scale = leaf_value[leaf] * p
