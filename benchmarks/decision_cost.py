@@ -22,6 +22,7 @@ import pstats
 import random
 import sys
 import tempfile
+from datetime import UTC, datetime
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def main() -> None:
     from mlplatform.serving.catalog import FeatureCatalog
     from mlplatform.serving.decision_log import DecisionLog
     from mlplatform.serving.engine import DecisionEngine, Job
-    from mlplatform.serving.idempotency import open_idempotency_store
+    from mlplatform.serving.idempotency import open_idempotency_store, pending_marker
     from mlplatform.serving.policy import DecisionPolicy
     from mlplatform.serving.schemas import DecisionRequest
     from mlplatform.serving.scoring import ModelWatcher
@@ -54,14 +55,14 @@ def main() -> None:
                            available_inputs=set(DecisionRequest.model_fields), poll_s=60.0)
     watcher.poll()
     idempotency = open_idempotency_store(platform.config, catalog.online_store)
-    engine = DecisionEngine(watcher=watcher, catalog=catalog, policy=DecisionPolicy.model_validate({}), idempotency=idempotency)
+    engine = DecisionEngine(watcher=watcher, catalog=catalog, policy=DecisionPolicy.model_validate({}))
     log = DecisionLog(platform.storage, spool_dir=str(root / "spool"), replica_id="cost-1", group_commit_ms=0)
     counter = iter(range(10**12))
 
     def body() -> bytes:
         return json.dumps({"application_id": f"c-{next(counter)}", "applicant_id": random.randrange(bench.APPLICANTS),
                            "merchant_id": random.randrange(bench.MERCHANTS), "amount": random.randint(20, 900) + 0.5,
-                           "currency": "USD", "term": 4, "timestamp": "2026-01-01T00:00:00Z"}).encode()
+                           "currency": "USD", "term": 4, "timestamp": datetime.now(UTC).isoformat()}).encode()
 
     async def run(n: int, size: int, phases: dict[str, float]) -> int:
         declines = 0
@@ -69,6 +70,7 @@ def main() -> None:
             t0 = time.perf_counter()
             jobs = [Job(DecisionRequest.model_validate_json(body()), time.perf_counter()) for _ in range(size)]
             t1 = time.perf_counter()
+            idempotency.reserve_many([(j.request.application_id, pending_marker("cost-1")) for j in jobs])
             outcomes, _ = engine.decide(jobs)
             t2 = time.perf_counter()
             await asyncio.gather(*(log.append(o.record) for o in outcomes))

@@ -62,8 +62,8 @@ function request()
   local applicant = math.random(0, %(applicants)d - 1)
   local body
   if kind == "decision" then
-    body = string.format('{"application_id":"b%%d-%%d-%%d","applicant_id":%%d,"merchant_id":%%d,"amount":%%d.5,"currency":"USD","term":4,"timestamp":"2026-01-01T00:00:00Z"}',
-      tid, os.time(), counter, applicant, math.random(0, %(merchants)d - 1), math.random(20, 900))
+    body = string.format('{"application_id":"b%%d-%%d-%%d","applicant_id":%%d,"merchant_id":%%d,"amount":%%d.5,"currency":"USD","term":4,"timestamp":"%%s"}',
+      tid, os.time(), counter, applicant, math.random(0, %(merchants)d - 1), math.random(20, 900), os.date("!%%Y-%%m-%%dT%%H:%%M:%%SZ"))
   elseif kind == "features" then
     body = string.format('{"feature_service":"underwriting_v1","entities":{"applicant_id":[%%d],"merchant_id":[%%d],"amount":[%%d.0],"term":[4]}}',
       applicant, math.random(0, %(merchants)d - 1), math.random(20, 900))
@@ -233,7 +233,7 @@ def run_python(url: str, kind: str, connections: int, seconds: float) -> dict:
         applicant, merchant, amount = random.randrange(APPLICANTS), random.randrange(MERCHANTS), random.randint(20, 900)
         if kind == "decision":
             doc = {"application_id": f"py-{os.getpid()}-{next(counter)}", "applicant_id": applicant, "merchant_id": merchant,
-                   "amount": amount + 0.5, "currency": "USD", "term": 4, "timestamp": "2026-01-01T00:00:00Z"}
+                   "amount": amount + 0.5, "currency": "USD", "term": 4, "timestamp": datetime.now(UTC).isoformat()}
         elif kind == "features":
             doc = {"feature_service": "underwriting_v1",
                    "entities": {"applicant_id": [applicant], "merchant_id": [merchant], "amount": [float(amount)], "term": [4]}}
@@ -290,7 +290,7 @@ def check(url: str, kind: str) -> None:
 
     bodies = {
         "decision": {"application_id": f"check-{time.time_ns()}", "applicant_id": 1, "merchant_id": 1, "amount": 100.0,
-                     "currency": "USD", "term": 4, "timestamp": "2026-01-01T00:00:00Z"},
+                     "currency": "USD", "term": 4, "timestamp": datetime.now(UTC).isoformat()},
         "features": {"feature_service": "underwriting_v1",
                      "entities": {"applicant_id": [1], "merchant_id": [1], "amount": [100.0], "term": [4]}},
         "baseline": {"missed_installments_90d": 1, "order_amount": 100.0},

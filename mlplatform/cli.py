@@ -184,6 +184,14 @@ def cmd_decide(args: argparse.Namespace) -> None:
         raise ServingError(f"decision service at {url} did not answer: {exc}") from None
 
 
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    from mlplatform.serving.keys import new_key
+
+    key, entry = new_key(args.role)
+    print(f"key (give it to the caller; it is not stored anywhere): {key}")
+    print(f"entry (append to MLP_API_KEY_DIGESTS or serving.api_key_digests_file): {entry}")
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     workload = _workload(args)
     with workload.platform() as platform:
@@ -285,6 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--application", required=True, help="JSON of the application, or @file.json")
     p.add_argument("--config", default="configs/local.yaml", help="platform config (host, port, API key env var)")
     p.add_argument("--url", help="endpoint base URL; default from the config")
+
+    keys = sub.add_parser("keys", help="Create API keys for the serving application.", description="Create API keys for the serving application.")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True, help="create")
+    p = keys_sub.add_parser(
+        "create",
+        help="Print a new random API key and its 'role+role:sha256hex' entry.",
+        description="Print a new random API key and its 'role+role:sha256hex' entry (only the entry goes where deploy runs).",
+    )
+    p.set_defaults(handler=cmd_keys_create)
+    p.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        choices=["decide", "read_features", "write_features", "operate"],
+        help="a role the key holds (repeatable)",
+    )
 
     p = add("score", cmd_score, "Batch-score applications with a registered model (Ray Data actor pool).")
     p.add_argument("workload", help="workload YAML")

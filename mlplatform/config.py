@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -25,6 +26,8 @@ from mlplatform.errors import ConfigError
 from mlplatform.serving.policy import DecisionPolicy
 
 __all__ = [
+    "ROLES",
+    "FeaturesConfig",
     "OnlineStoreConfig",
     "PlatformConfig",
     "RayConfig",
@@ -191,13 +194,51 @@ OnlineStoreConfig = Annotated[
 ]
 
 
+Role = Literal["decide", "read_features", "write_features", "operate"]
+ROLES: tuple[str, ...] = ("decide", "read_features", "write_features", "operate")
+
+
+class FeaturesConfig(_Model):
+    """Bounds on the feature data the platform accepts."""
+
+    max_future_skew: Duration = Field(
+        default="5m", description="Pushed or ingested event times may be at most this far after the server clock."
+    )
+    min_event_time: datetime = Field(
+        default=datetime(2000, 1, 1, tzinfo=UTC), description="Pushed or ingested event times before this are refused (naive = UTC)."
+    )
+
+    @field_validator("min_event_time")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class ServingConfig(_Model):
     """The online decision service."""
 
     host: str = Field(default="127.0.0.1", description="Where Ray Serve's HTTP ingress listens.")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8000, description="HTTP port.")
-    deadline: Duration = Field(default="50ms", description="Feature lookup + scoring budget before falling back.")
-    api_key_env: str = Field(default="MLP_API_KEY", min_length=1, description="Env var that holds the API key.")
+    deadline: Duration = Field(
+        default="50ms", description="The whole decision's budget (idempotency, features, scoring, answer) before falling back."
+    )
+    max_clock_skew: Duration = Field(
+        default="5m", description="A decision request's timestamp may differ from the server clock by at most this."
+    )
+    api_key_env: str = Field(default="MLP_API_KEY", min_length=1, description="Env var that holds plain API keys (comma-separated).")
+    api_key_roles: tuple[Role, ...] = Field(
+        default=("decide", "read_features"),
+        min_length=1,
+        description="Roles of the keys in api_key_env: decide, read_features, write_features, operate.",
+    )
+    api_key_digests_env: str = Field(
+        default="MLP_API_KEY_DIGESTS",
+        min_length=1,
+        description="Env var with 'role+role:sha256hex' entries (comma or newline separated): keys given as digests, with their roles.",
+    )
+    api_key_digests_file: str | None = Field(
+        default=None, description="A file with one 'role+role:sha256hex' entry per line ('#' comments), read where deploy runs."
+    )
     fast_ingress: Literal["auto", "on", "off"] = Field(
         default="auto", description="HAProxy ingress + throughput mode: auto = on when haproxy is installed."
     )
@@ -217,6 +258,7 @@ class PlatformConfig(_Model):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     online_store: OnlineStoreConfig = Field(default_factory=SqliteOnlineStoreConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from mlplatform.errors import DataError
+from mlplatform.errors import DataError, PlatformError
 from mlplatform.features.definitions import FeatureService, FeatureView, OnDemandFeatureView, RequestSource, parse_ref
+from mlplatform.features.values import check_values
 from mlplatform.online.base import FeatureStatus
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def get_online_features(
     if missing:
         listed = "; ".join(f"{c!r} ({why})" for c, why in missing.items())
         raise DataError(f"entities lack {listed}; given {sorted(entities)}")
+    entities = _checked_inputs(entities, views, odfvs)
 
     online = store.online_store
     looked_up: dict[str, list[dict[str, Any]]] = {}
@@ -142,7 +144,7 @@ def get_online_features(
     for key in key_names:
         names.append(key)
         results.append(FeatureResult([_python(v) for v in entities[key]], [FeatureStatus.PRESENT] * rows, [None] * rows))
-    computed = {name: _on_demand(odfv, wanted, entities, views, looked_up, rows) for name, (odfv, wanted) in odfvs.items()}
+    computed = {name: _on_demand_checked(odfv, wanted, entities, views, looked_up, rows) for name, (odfv, wanted) in odfvs.items()}
     for ref in refs:
         view_name, feature = parse_ref(ref)
         name = f"{view_name}__{feature}" if full_feature_names else feature
@@ -190,6 +192,56 @@ def _plan(
                 wanted = views.setdefault(source.name, (source, []))[1]
                 wanted.extend(f.name for f in source.features if f.name not in wanted)
     return views, odfvs
+
+
+def _checked_inputs(
+    entities: Mapping[str, Sequence[Any]],
+    views: dict[str, tuple[FeatureView, list[str]]],
+    odfvs: dict[str, tuple[OnDemandFeatureView, list[str]]],
+) -> dict[str, Sequence[Any]]:
+    """``entities`` with every join key and request field checked against its declared dtype
+    (``mlplatform.features.values``) before a store or a feature function sees it; columns
+    nothing reads are passed through unchecked."""
+    out: dict[str, Sequence[Any]] = dict(entities)
+    done: set[str] = set()
+    for view, _ in views.values():
+        for entity in view.entities:
+            for key in entity.join_keys:
+                if key not in done:
+                    where = f"entity key of view {view.name!r}"
+                    out[key] = check_values(key, entities[key], entity.value_type, where=where, nullable=False)
+                    done.add(key)
+    for odfv, _ in odfvs.values():
+        for source in odfv.sources:
+            if isinstance(source, RequestSource):
+                for f in source.schema_:
+                    if f.name not in done:
+                        where = f"request field of on-demand view {odfv.name!r}"
+                        out[f.name] = check_values(f.name, entities[f.name], f.dtype, where=where)
+                        done.add(f.name)
+    return out
+
+
+def _on_demand_checked(
+    odfv: OnDemandFeatureView,
+    wanted: list[str],
+    entities: Mapping[str, Sequence[Any]],
+    views: dict[str, tuple[FeatureView, list[str]]],
+    looked_up: dict[str, list[dict[str, Any]]],
+    rows: int,
+) -> dict[str, list[Any]]:
+    """``_on_demand``, with a function that raises on this request's values reported as a
+    ``DataError`` naming the view, its features and the request fields it read."""
+    try:
+        return _on_demand(odfv, wanted, entities, views, looked_up, rows)
+    except PlatformError:
+        raise
+    except Exception as exc:
+        fields = [f.name for s in odfv.sources if isinstance(s, RequestSource) for f in s.schema_]
+        raise DataError(
+            f"on-demand feature view {odfv.name!r} (features {wanted}) failed on this request's values "
+            f"({type(exc).__name__}: {str(exc)[:200]}); check the request fields {fields}"
+        ) from exc
 
 
 def _on_demand(

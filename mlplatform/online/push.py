@@ -12,11 +12,12 @@ moment serving could have used them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from mlplatform.errors import DataError, NotFoundError
 from mlplatform.features.definitions import FeatureView
+from mlplatform.features.values import check_values
 from mlplatform.online.base import CREATED_TIMESTAMP, EVENT_TIMESTAMP
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
     from mlplatform.features.store import FeatureStore
 
-__all__ = ["PushMode", "push"]
+__all__ = ["PushMode", "check_event_times", "push"]
 
 PushMode = Literal["online", "offline", "online_and_offline"]
 PARTITION = "date"  # the offline datasets' partition column: UTC date of event_timestamp
@@ -43,9 +44,13 @@ def push(
         platform.features.push("applicant_history", [{"applicant_id": 42, "event_timestamp": now, ...}])
 
     Rows need exactly the view's join keys, ``event_timestamp`` (naive = UTC) and every
-    feature; values must fit the declared types (ints for int64 — a float column of whole
-    numbers and NaN, as pandas makes of ints with a gap, is accepted —, numbers for float64,
-    str, bool, timestamps; features may be null, keys and times may not).
+    feature; values must fit the declared types (``mlplatform.features.values``: ints in the
+    int64 range for int64 — a float column of whole numbers and NaN, as pandas makes of ints
+    with a gap, is accepted —, finite numbers for float64, str, bool, timestamps; features may
+    be null, keys and times may not). Event times must lie between ``features.min_event_time``
+    and the server clock plus ``features.max_future_skew`` (5 minutes by default): a row from
+    the far future would otherwise win every later write of its key. Nothing of a refused
+    push is written.
     ``created_timestamp`` is set to the time of the push, for every row.
 
     Online, each key takes its pushed row only if it is at least as new as the stored one
@@ -69,6 +74,10 @@ def push(
     table = _validate(view, rows, _offline_schema(store, view))
     if table.num_rows == 0:
         return 0
+    bounds = store.platform.config.features
+    check_event_times(
+        view.name, table.column(EVENT_TIMESTAMP), now=datetime.now(UTC), max_future=bounds.max_future_skew, floor=bounds.min_event_time
+    )
     if to != "online":
         _append_offline(store, view, table)
     if to != "offline":
@@ -156,58 +165,40 @@ def _validate(view: FeatureView, rows: Any, existing: pa.Schema | None) -> pa.Ta
 
 
 def _typed(view: FeatureView, column: str, series: Any, dtype: str, *, nullable: bool) -> pa.Array:
-    """``series`` as an Arrow array of ``dtype``, or a DataError naming the column and a bad value."""
-    import numpy as np
-    import pandas as pd
+    """``series`` as an Arrow array of ``dtype``, or a DataError naming the column and a bad value
+    (``mlplatform.features.values.check_values``: int64 range, finite floats, years 1-9999)."""
     import pyarrow as pa
 
-    from mlplatform.features._asof import to_utc
+    from mlplatform.features._asof import UTC_MICROS
 
-    where = f"push to view {view.name!r}: column {column!r}"
-    nulls = series.isna().to_numpy()
-    if nulls.any() and not nullable:
-        raise DataError(f"{where} must not be null (row {int(np.argmax(nulls))})")
-    present = series[~nulls]
-
-    def bad(kind: str) -> DataError:
-        for value in present:
-            if not _fits(value, dtype):
-                return DataError(f"{where} must hold {kind}, got {value!r} ({type(value).__name__})")
-        return DataError(f"{where} must hold {kind}, got dtype {series.dtype}")
-
-    if dtype == "timestamp":
-        try:
-            return to_utc(series)
-        except DataError as exc:
-            raise DataError(f"{where} must hold timestamps: {exc}") from None
-    if dtype == "int64":
-        if pd.api.types.is_bool_dtype(series.dtype) or not all(_fits(v, "int64") for v in present):
-            raise bad("integers")
-        return pa.array([None if n else int(v) for v, n in zip(series, nulls)], pa.int64())
-    if dtype == "float64":
-        if pd.api.types.is_bool_dtype(series.dtype) or not all(_fits(v, "float64") for v in present):
-            raise bad("numbers")
-        return pa.array([None if n else float(v) for v, n in zip(series, nulls)], pa.float64())
-    if dtype == "string":
-        if not all(isinstance(v, str) for v in present):
-            raise bad("strings")
-        return pa.array([None if n else v for v, n in zip(series, nulls)], pa.string())
-    if dtype == "bool":
-        if not all(_fits(v, "bool") for v in present):
-            raise bad("booleans")
-        return pa.array([None if n else bool(v) for v, n in zip(series, nulls)], pa.bool_())
-    raise DataError(f"{where}: unsupported dtype {dtype!r}")
+    values = check_values(column, series.tolist(), dtype, where=f"push to view {view.name!r}: column", nullable=nullable)
+    arrow_type = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(), "bool": pa.bool_(), "timestamp": UTC_MICROS}
+    if dtype not in arrow_type:
+        raise DataError(f"push to view {view.name!r}: column {column!r}: unsupported dtype {dtype!r}")
+    return pa.array(values, arrow_type[dtype])
 
 
-def _fits(value: Any, dtype: str) -> bool:
-    import numpy as np
+def check_event_times(view_name: str, times: pa.Array, *, now: datetime, max_future: timedelta, floor: datetime) -> None:
+    """Refuse event times after ``now + max_future`` or before ``floor``: a row stamped in the
+    far future would win every later write of its key (the newer row wins) and read as
+    NOT_FOUND until then; one before the floor is a unit or parsing mistake.
 
-    if dtype == "bool":
-        return isinstance(value, (bool, np.bool_))
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    if dtype == "int64":
-        return isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer())
-    if dtype == "float64":
-        return isinstance(value, (int, float, np.integer, np.floating))
-    return isinstance(value, str)
+    Raises:
+        DataError: naming the view, the first offending time and the bound.
+    """
+    import pyarrow.compute as pc
+
+    if len(times) == 0:
+        return
+    latest, earliest = pc.max(times).as_py(), pc.min(times).as_py()
+    if latest is not None and latest > now + max_future:
+        raise DataError(
+            f"push to view {view_name!r}: event_timestamp {latest.isoformat()} is in the future "
+            f"(more than {max_future} after the server clock, {now.isoformat()}); send rows as they happen "
+            "(features.max_future_skew bounds clock skew)"
+        )
+    if earliest is not None and earliest < floor:
+        raise DataError(
+            f"push to view {view_name!r}: event_timestamp {earliest.isoformat()} is before features.min_event_time "
+            f"({floor.isoformat()}); check the timestamp's unit and time zone"
+        )

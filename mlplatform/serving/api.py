@@ -12,7 +12,6 @@ See ``mlplatform.serving`` for the cluster setup and ``mlplatform.serving.app`` 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -31,7 +30,6 @@ __all__ = ["APP_NAME", "DeployedApp", "Serving"]
 log = logging.getLogger(__name__)
 
 APP_NAME = "mlplatform"
-MIN_KEY_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -101,14 +99,17 @@ class Serving:
             A ``DeployedApp`` with the ``url`` to call; it answers when this returns.
 
         Raises:
-            ServingError: no API key is set (or it is shorter than 16 characters), the model has
+            ServingError: no API key is set (or one is shorter than 16 characters; see
+                ``mlplatform.serving.keys`` for keys, their roles and digests), the model has
                 no ``production`` version, that version does not fit the feature service, or
                 the URL did not answer within ``ready_timeout_s``.
         """
         from mlplatform.serving.ingress import plan_ingress, prepare_process, serve_controller_running
 
         config = self.platform.config
-        digests = _key_digests(config.serving.api_key_env)
+        from mlplatform.serving.keys import load_keys
+
+        keys = load_keys(config.serving)
         policy = _policy(policy if policy is not None else config.serving.policy)
         version = self._check_model(model_name, feature_service)
         if spool_dir is not None and not os.fspath(spool_dir):
@@ -148,7 +149,8 @@ class Serving:
             model_name=model_name,
             feature_service=feature_service,
             policy=policy.model_dump(mode="json"),
-            key_digests=digests,
+            keys=keys,
+            max_clock_skew_s=config.serving.max_clock_skew.total_seconds(),
             spool_dir=spool,
             deadline_s=config.serving.deadline.total_seconds(),
             batch_wait_s=batch_wait_ms / 1000.0,
@@ -294,22 +296,6 @@ class Serving:
 
         chosen = _policy(policy) if policy is not None else self._policy
         return replay(self.platform, decision_id, spool_dir=self.spool_dir(), policy=chosen)
-
-
-def _key_digests(env_var: str) -> tuple[str, ...]:
-    """SHA-256 digests of the API keys in ``env_var`` (comma-separated, for rotation). Only
-    digests travel to the replicas; the keys stay in this process's environment."""
-    raw = os.environ.get(env_var, "")
-    keys = [k.strip() for k in raw.split(",") if k.strip()]
-    if not keys:
-        raise ServingError(
-            f"no API key: set the environment variable {env_var} (serving.api_key_env) to a secret of at least "
-            f"{MIN_KEY_LENGTH} characters, e.g. {env_var}=$(openssl rand -hex 24); clients send it as X-API-Key"
-        )
-    short = [i for i, k in enumerate(keys) if len(k) < MIN_KEY_LENGTH]
-    if short:
-        raise ServingError(f"API key(s) at position {short} in {env_var} are shorter than {MIN_KEY_LENGTH} characters")
-    return tuple(hashlib.sha256(k.encode()).hexdigest() for k in keys)
 
 
 def _policy(value: DecisionPolicy | Mapping[str, Any]) -> DecisionPolicy:

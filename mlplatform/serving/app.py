@@ -1,38 +1,54 @@
 """The Ray Serve application: one FastAPI ingress deployment that serves features and decisions.
 
-Routes (all JSON; every route but ``/health`` needs the ``X-API-Key`` header):
+Routes (all JSON; every route but ``/health`` needs an ``X-API-Key`` holding the route's
+role, see ``mlplatform.serving.guard``):
 
-=============================  ===============================================================
-``POST /v1/decisions``         decide a checkout application (``schemas.DecisionRequest``)
-``POST /get-online-features``  Feast-compatible online feature lookup
-``POST /push``                 Feast-compatible push of feature rows (online and/or offline)
-``GET  /health``               liveness and the model version this replica serves (no key)
-``GET  /v1/internal/replica``  this replica's process id, replica id and model (operators)
-=============================  ===============================================================
+=============================  ==============  ================================================
+``POST /v1/decisions``         decide          decide a checkout application (``schemas.DecisionRequest``)
+``POST /get-online-features``  read_features   Feast-compatible online feature lookup
+``POST /push``                 write_features  Feast-compatible push of feature rows (online and/or offline)
+``GET  /health``               (none)          liveness and the model version this replica serves
+``GET  /v1/internal/replica``  operate         this replica's process id, replica id and model
+``GET  /openapi.json``         any key         the OpenAPI document of every route
+=============================  ==============  ================================================
+
+Errors are JSON (``schemas.ErrorResponse``): 401/403 for a missing key or role, 413 for a
+body too large, 422 naming each bad field (and, for an on-demand feature, the request field
+its function failed on), 409 for a conflicting or still-running copy of a decision, 503 when
+a store or the decision log is unavailable. No error body holds a URL, path or address.
+Anything else is a bug: it answers 500 with an ``error_id`` that is logged with the traceback.
 
 Everything runs in the ingress replica's process: there is no second deployment to call, so
 a decision costs no inter-replica hop (on two cores a hop costs more than the whole
 decision). Work is grouped in micro-batches by ``@serve.batch`` without waiting (a batch is
-whatever queued while the previous one ran): one online-store round trip per feature view,
-one on-demand transform and one ``predict`` serve many requests under load, and a lone
-request pays no batching delay. The batches run on the replica's event loop, not in a
-thread pool: each thread hand-off costs a scheduler wake-up, which on a busy machine is
-worth more than the work, and a blocked loop is bounded by the online store's timeout and
-``serving.deadline``. Batching feature lookups assumes on-demand functions are row-wise (a
-row's output depends only on that row), which training sets assume too: they run the same
-function over batches of arbitrary composition.
+whatever queued while the previous one ran): one idempotency round trip, one online-store
+round trip per feature view, one on-demand transform and one ``predict`` serve many requests
+under load, and a lone request pays no batching delay. Batching feature lookups assumes
+on-demand functions are row-wise (a row's output depends only on that row), which training
+sets assume too: they run the same function over batches of arbitrary composition.
 
-The decision path per request:
+The decision path per request, all within one budget, ``serving.deadline``, counted from the
+request's arrival (steps 3 and 4 run on a small thread pool so that a hung store cannot hold
+them past it):
 
-1. the per-replica memory of recent answers, then (in the batch) the shared idempotency
-   store: a retried ``application_id`` gets its stored answer;
-2. features, score, policy, reasons in the batch; past ``serving.deadline`` (measured from
-   the oldest request in the batch) the batch gets the fallback decision instead;
-3. ``DecisionLog.append``: the record is fsynced to the replica's spool (group commit; the
-   only hand-off to another thread);
-4. the answer is stored put-if-absent in the idempotency store (a concurrent copy of the same
-   request that stored first wins, and this one answers with that);
-5. the response.
+1. a retry is answered from the replica's memory of recent answers or the node's
+   unconfirmed answers; a copy of a request this replica is deciding waits for that answer;
+2. a ``timestamp`` farther than ``serving.max_clock_skew`` from the server clock is refused
+   (422), unless the application was decided before (then that answer);
+3. the application id is reserved in the shared idempotency store (``idempotency``): an
+   answer found there is returned; a copy being decided by another replica is waited for
+   (up to the deadline plus ``WAIT_MARGIN_S``; then 409 ``decision_in_progress``, retry);
+   if the store does not answer in time the decision goes on unconfirmed;
+4. features, score, policy, reasons in the batch; past the deadline the batch gets the
+   fallback decision instead;
+5. ``DecisionLog.append``: the record is fsynced to the replica's spool (group commit), with
+   ``returned: true`` and ``confirmed`` saying whether step 3 reserved it;
+6. the answer replaces the reservation in the idempotency store; if the store cannot take it
+   in time (or step 3 failed), the answer is kept durably in the node's spool
+   (``UnconfirmedAnswers``) and written to the store by the replicas' housekeeping as soon as
+   it answers; if another copy's answer got there first (only after a reservation lapsed),
+   that answer is given and this decision is logged again with ``returned: false``;
+7. the response.
 
 A decision that cannot be logged is not answered (503): a returned decision is always in the
 log, even if the replica is SIGKILLed right after.
@@ -45,9 +61,13 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,13 +77,28 @@ from ray import serve
 from mlplatform.errors import DataError, DefinitionError, NotFoundError, PlatformError
 from mlplatform.online.base import OnlineStoreUnavailable
 from mlplatform.serving.guard import Guard
-from mlplatform.serving.schemas import DecisionRequest, FeatureRequest, PushRequest
+from mlplatform.serving.idempotency import IdempotencyUnavailable, is_pending, pending_marker
+from mlplatform.serving.schemas import (
+    DecisionRequest,
+    DecisionResponse,
+    ErrorResponse,
+    FeatureRequest,
+    FeatureResponse,
+    HealthResponse,
+    PushRequest,
+    PushResponse,
+)
 
-__all__ = ["AppSettings", "ServingApp", "ServingReplica", "app"]
+__all__ = ["WAIT_MARGIN_S", "AppSettings", "ServingApp", "ServingReplica", "app"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _RECENT = 10_000  # answers remembered per replica for retries while the shared store is down
+#: How much longer than its own deadline a copy waits for another replica's answer.
+WAIT_MARGIN_S = 1.0
+_COMMIT_FLOOR_S = 0.005  # the answer's store write gets at least this, even past the deadline
+_IO_THREADS = 4  # store calls in flight per replica; a hung store can block at most these
 
 
 @dataclass(frozen=True)
@@ -74,9 +109,10 @@ class AppSettings:
     model_name: str
     feature_service: str
     policy: dict[str, Any]
-    key_digests: tuple[str, ...]
+    keys: tuple[tuple[str, tuple[str, ...]], ...]
     spool_dir: str
     deadline_s: float
+    max_clock_skew_s: float = 300.0
     alias_poll_s: float = 1.0
     compact_every_s: float = 60.0
     batch_wait_s: float = 0.0
@@ -86,8 +122,25 @@ class AppSettings:
 
 
 # ----------------------------------------------------------------------------- the app
-app = FastAPI(title="mlplatform serving", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(
+    title="mlplatform serving",
+    summary="Checkout decisions, online features (Feast-compatible) and pushes.",
+    version="1",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url="/openapi.json",
+)
 app.add_middleware(Guard)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong X-API-Key."},
+    403: {"model": ErrorResponse, "description": "The key lacks the route's role."},
+    413: {"model": ErrorResponse, "description": "The body is too large."},
+    422: {"model": ErrorResponse, "description": "The request is invalid; the message names each bad field."},
+    503: {"model": ErrorResponse, "description": "A store or the decision log is unavailable; retry."},
+}
+# URLs and absolute paths never reach a client: a store's error may name its address.
+_SECRET_LOOKING = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(?<![\w.])/(?:[\w.@-]+/)+[\w.@-]*")
 
 
 @app.exception_handler(RequestValidationError)
@@ -96,8 +149,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     for err in exc.errors():
         loc = list(err.get("loc", ()))
         loc = ".".join(str(p) for p in (loc[1:] if loc[:1] == ["body"] else loc)) or "body"
-        shown = repr(err.get("input"))
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        shown = _short(err.get("input"))
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         problems.append({"field": loc, "message": msg, "type": err.get("type")})
         if err.get("type") not in ("missing", "json_invalid"):
@@ -106,16 +158,39 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse({"error": "invalid_request", "message": summary, "problems": problems}, status_code=422)
 
 
-def _error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": kind, "message": message}, status_code=status)
+@app.exception_handler(Exception)
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """Anything that escapes a route is a bug: log it with an id the client can quote."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    message = f"internal error {error_id}: the server failed on this request; it is logged under this id"
+    return JSONResponse({"error": "internal_error", "message": message, "error_id": error_id}, status_code=500)
+
+
+def _short(value: Any) -> str:
+    try:
+        shown = repr(value)
+    except Exception:  # a value whose repr fails (e.g. an int too long to print)
+        shown = f"<{type(value).__name__}>"
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": kind, "message": _SECRET_LOOKING.sub("<redacted>", message), **extra}, status_code=status)
 
 
 def _platform_error(exc: Exception) -> JSONResponse:
-    """The HTTP answer to a ``PlatformError``; anything else is a bug and is raised (a 500)."""
-    if isinstance(exc, OnlineStoreUnavailable):
-        return _error(503, "feature_store_unavailable", str(exc))
-    if isinstance(exc, (DataError, DefinitionError, NotFoundError)):
+    """The HTTP answer to a ``PlatformError``: 422 for bad input, 503 for a store that failed
+    (its detail, which may hold an address, goes to the log under an error id, not to the
+    client). Anything else is a bug and is raised (the 500 handler answers it)."""
+    if isinstance(exc, (DataError, DefinitionError)) or (isinstance(exc, NotFoundError) and "registered" in str(exc)):
         return _error(422, "invalid_request", str(exc))
+    if isinstance(exc, PlatformError):
+        error_id = uuid.uuid4().hex[:16]
+        log.warning("unavailable %s: %s", error_id, exc)
+        if isinstance(exc, OnlineStoreUnavailable):
+            return _error(503, "feature_store_unavailable", f"the online feature store did not answer; retry (error {error_id})", error_id=error_id)
+        return _error(503, "unavailable", f"a store this request needs is unavailable; retry (error {error_id})", error_id=error_id)
     raise exc
 
 
@@ -134,8 +209,9 @@ class ServingReplica:
         from mlplatform.serving.metrics import ServingMetrics
         from mlplatform.serving.policy import DecisionPolicy
         from mlplatform.serving.scoring import ModelWatcher
+        from mlplatform.serving.unconfirmed import UnconfirmedAnswers
 
-        Guard.configure(settings.key_digests)
+        Guard.configure(settings.keys)
         self.settings = settings
         self.platform = Platform.from_config(settings.config)
         self.catalog = FeatureCatalog(self.platform.features)
@@ -153,7 +229,7 @@ class ServingReplica:
         self.watcher.poll()  # serve the current version from the first request
         self.watcher.start()
         self.idempotency = open_idempotency_store(self.platform.config, self.catalog.online_store)
-        self.engine = DecisionEngine(watcher=self.watcher, catalog=self.catalog, policy=policy, idempotency=self.idempotency)
+        self.engine = DecisionEngine(watcher=self.watcher, catalog=self.catalog, policy=policy)
         context = serve.get_replica_context()
         self.replica_id = re.sub(r"[^A-Za-z0-9_.+=-]", "-", f"{context.deployment}-{context.replica_id.unique_id}")[:100]
         self.log = DecisionLog(
@@ -162,25 +238,32 @@ class ServingReplica:
             replica_id=self.replica_id,
             group_commit_ms=settings.group_commit_ms,
         )
+        self.unconfirmed = UnconfirmedAnswers(os.path.join(settings.spool_dir, "unconfirmed"))
         self.metrics = ServingMetrics(settings.model_name)
         self.recent: OrderedDict[str, str] = OrderedDict()
+        self.inflight: dict[str, asyncio.Future[str | None]] = {}
         self.batches = {"decide": [0, 0], "features": [0, 0]}  # batches, requests: for operators
         self.phases = [0, 0.0, 0.0, 0.0]  # decisions; seconds deciding, logging, storing the answer
+        self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="serving-io")
         if settings.batch_wait_s > 0:
             self._decide_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
         self._stop = threading.Event()
         self._housekeeping = threading.Thread(target=self._housekeep, name="serving-housekeeping", daemon=True)
         self._housekeeping.start()
+        self._syncing = threading.Thread(target=self._sync_unconfirmed, name="serving-unconfirmed", daemon=True)
+        self._syncing.start()
         log.info("replica %s (pid %d) ready; model %s", self.replica_id, os.getpid(), self._model_ref())
 
     # ------------------------------------------------------------------------ routes
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse)
     async def health(self) -> dict[str, Any]:
+        """Liveness and the model version this replica serves (no key needed)."""
         model = self._model_ref()
         return {"status": "ok" if model else "degraded", "model": model, "replica": self.replica_id}
 
-    @app.get("/v1/internal/replica")
+    @app.get("/v1/internal/replica", responses=_ERRORS)
     async def replica(self) -> dict[str, Any]:
+        """This replica's process, model, batching and phase timings (role ``operate``)."""
         return {
             "pid": os.getpid(),
             "replica_id": self.replica_id,
@@ -194,8 +277,10 @@ class ServingReplica:
             },
         }
 
-    @app.post("/get-online-features")
+    @app.post("/get-online-features", response_model=FeatureResponse, responses=_ERRORS)
     async def get_online_features(self, body: FeatureRequest) -> Response:
+        """Feast's online lookup: the current values of ``features`` (or a ``feature_service``)
+        for column-wise ``entities`` (role ``read_features``)."""
         started = time.perf_counter()
         result = await self._features_batch(body)
         if isinstance(result, Exception):
@@ -203,8 +288,12 @@ class ServingReplica:
         self.metrics.feature_server_seconds.observe(time.perf_counter() - started)
         return Response(result, media_type="application/json")
 
-    @app.post("/push")
+    @app.post("/push", response_model=PushResponse, responses=_ERRORS)
     async def push(self, body: PushRequest) -> Response:
+        """Feast's push: rows of one feature view to the online store, the offline store or both
+        (role ``write_features``). Event times must lie between ``features.min_event_time`` and
+        the server clock plus ``features.max_future_skew``; nothing of a refused push is written."""
+
         def run() -> int:
             frame = _push_frame(self.catalog, body.view(), body.df)
             return self.platform.features.push(body.view(), frame, to=body.to)
@@ -215,47 +304,175 @@ class ServingReplica:
             return _platform_error(exc)
         return JSONResponse({"pushed": rows, "feature_view": body.view(), "to": body.to})
 
-    @app.post("/v1/decisions")
+    @app.post(
+        "/v1/decisions",
+        response_model=DecisionResponse,
+        responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "The application_id was decided for a different request, or a copy is still being decided."}},
+    )
     async def decide(self, body: DecisionRequest) -> Response:
-        from mlplatform.serving.engine import Job, answer_for
+        """Decide a checkout application (role ``decide``); a retry with the same
+        ``application_id`` gets the same answer (see the module docstring for the guarantee)."""
+        from mlplatform.serving.engine import Job
 
         job = Job(body, time.perf_counter())
-        known = self.recent.get(body.application_id)
+        application_id = body.application_id
+        known = self.recent.get(application_id)
+        if known is None and self.unconfirmed.any():
+            known = self.unconfirmed.get(application_id)
         if known is not None:
             return self._replayed(known, job)
+        running = self.inflight.get(application_id)
+        if running is not None:  # a copy is being decided in this replica: its answer is ours
+            answer = await asyncio.shield(running)
+            if answer is None:
+                return _error(503, "decision_unavailable", "an identical request being decided failed; retry the same request")
+            return self._replayed(answer, job)
+        skew = (body.timestamp - datetime.now(UTC)).total_seconds()
+        if abs(skew) > self.settings.max_clock_skew_s:
+            return await self._off_clock(job, skew)
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.inflight[application_id] = future
+        answer = None
+        try:
+            response, answer = await self._decide_new(job)
+            return response
+        finally:
+            del self.inflight[application_id]
+            future.set_result(answer)
+
+    # --------------------------------------------------------------- decision steps
+    async def _decide_new(self, job: Any) -> tuple[Response, str | None]:
+        """Steps 3-7 of the module docstring; returns the response and the answer it carries."""
+        from mlplatform.serving.engine import answer_for
+
         outcome = await self._decide_batch(job)
         if outcome.stored is not None:
-            return self._replayed(outcome.stored, job)
+            return self._replayed(outcome.stored, job), outcome.stored
+        if outcome.wait:
+            stored = await self._wait_for_answer(job)
+            if stored is None:
+                message = "a copy of this application is still being decided by another replica; retry the same request shortly"
+                return _error(409, "decision_in_progress", message), None
+            return self._replayed(stored, job), stored
         decided = time.perf_counter()
         try:
             await self.log.append(outcome.record)
         except Exception as exc:  # not durable: the decision must not be given
             log.error("decision %s not logged: %r", outcome.record["decision_id"], exc)
             self.metrics.log_failures.inc()
-            return _error(503, "decision_log_unavailable", "the decision could not be recorded; retry the same request")
+            return _error(503, "decision_log_unavailable", "the decision could not be recorded; retry the same request"), None
         logged = time.perf_counter()
-        winner = await self._commit_batch((body.application_id, outcome.answer))
+        application_id = job.request.application_id
+        winner = None
+        if outcome.confirmed:
+            winner = await self._commit_batch((application_id, outcome.answer, job.started + self.settings.deadline_s))
+        else:
+            self.unconfirmed.add(application_id, outcome.answer)
         phases = self.phases
         phases[0] += 1
         phases[1] += decided - job.started
         phases[2] += logged - decided
         phases[3] += time.perf_counter() - logged
-        if winner is not None:  # a copy of this request stored its answer first: give that one
+        if winner is not None:  # a copy stored its answer first (our reservation had lapsed)
+            try:
+                await self.log.append({**outcome.record, "returned": False})
+            except Exception as exc:
+                log.error("decision %s not marked as not returned: %r", outcome.record["decision_id"], exc)
             status, content = answer_for(winner, job.fingerprint)
             self.metrics.replays.inc()
-            return Response(content, status_code=status, media_type="application/json")
-        self._remember(body.application_id, outcome.answer)
+            return Response(content, status_code=status, media_type="application/json"), winner
+        self._remember(application_id, outcome.answer)
         self.metrics.decided(outcome.decision, outcome.fallback_reason, time.perf_counter() - job.started)
-        return Response(outcome.body, media_type="application/json")
+        return Response(outcome.body, media_type="application/json"), outcome.answer
+
+    async def _off_clock(self, job: Any, skew: float) -> Response:
+        """A request whose timestamp is too far from the server clock: its earlier answer if the
+        application was decided before (a late retry), else a 422 naming ``timestamp``."""
+        try:
+            stored = (await self._bounded(lambda: self.idempotency.get_many([job.request.application_id]), job.started + self.settings.deadline_s))[0]
+        except (IdempotencyUnavailable, TimeoutError):
+            stored = None
+        if stored is not None and not is_pending(stored):
+            return self._replayed(stored, job)
+        side = "ahead of" if skew > 0 else "behind"
+        message = (
+            f"timestamp: {job.request.timestamp.isoformat()} is {abs(skew):.0f} s {side} the server clock; an online decision "
+            f"uses the features as of now, so send the time the customer applied (within serving.max_clock_skew, "
+            f"{self.settings.max_clock_skew_s:.0f} s); score past applications with batch scoring"
+        )
+        problem = {"field": "timestamp", "message": message, "type": "clock_skew"}
+        return JSONResponse({"error": "invalid_request", "message": message, "problems": [problem]}, status_code=422)
+
+    async def _wait_for_answer(self, job: Any) -> str | None:
+        """Poll the store until the copy decided elsewhere has its answer stored (None: it did
+        not within the deadline plus ``WAIT_MARGIN_S``, or its reservation vanished)."""
+        application_id = job.request.application_id
+        until = job.started + self.settings.deadline_s + WAIT_MARGIN_S
+        delay = 0.002
+        while time.perf_counter() < until:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            try:
+                value = (await self._bounded(lambda: self.idempotency.get_many([application_id]), until))[0]
+            except (IdempotencyUnavailable, TimeoutError):
+                value = self.unconfirmed.get(application_id)
+                if value is None:
+                    continue
+            if value is None:
+                return self.unconfirmed.get(application_id)
+            if not is_pending(value):
+                return value
+        return None
+
+    async def _bounded(self, call: Callable[[], T], deadline_at: float) -> T:
+        """``call()`` on the replica's I/O threads, given until ``deadline_at`` (perf_counter).
+
+        Raises:
+            TimeoutError: it did not finish in time (it may still finish later, unobserved).
+        """
+        remaining = deadline_at - time.perf_counter()
+        if remaining <= 0:
+            raise TimeoutError("no time left in the request's budget")
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._io, call), remaining)
 
     # ------------------------------------------------------------------ micro-batches
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _decide_batch(self, jobs: list[Any]) -> list[Any]:
+        """Reserve, then decide, a micro-batch (steps 3-4); one outcome per job."""
+        from mlplatform.serving.engine import Outcome
+
         self.batches["decide"][0] += 1
         self.batches["decide"][1] += len(jobs)
         deadline_at = min(j.started for j in jobs) + self.settings.deadline_s
+        marker = pending_marker(f"{self.replica_id}:{uuid.uuid4().hex[:12]}")
+        entries = [(j.request.application_id, marker) for j in jobs]
         try:
-            outcomes, timings = self.engine.decide(jobs, deadline_at=deadline_at)
+            found: list[str | None] | None = await self._bounded(lambda: self.idempotency.reserve_many(entries), deadline_at)
+        except (IdempotencyUnavailable, TimeoutError) as exc:
+            log.warning("idempotency store not reserved for %d decisions (deciding unconfirmed): %s", len(jobs), exc or "timed out")
+            found = None
+        outcomes: list[Any] = [None] * len(jobs)
+        todo = []
+        for i, job in enumerate(jobs):
+            value = None if found is None else found[i]
+            if value is None:
+                todo.append(i)
+            else:
+                outcomes[i] = Outcome(wait=True) if is_pending(value) else Outcome(stored=value)
+        if todo:
+            decided = await self._decide_jobs([jobs[i] for i in todo], deadline_at)
+            for i, outcome in zip(todo, decided):
+                if found is None:
+                    outcome.confirmed = False
+                    outcome.record["confirmed"] = False
+                outcomes[i] = outcome
+        return outcomes
+
+    async def _decide_jobs(self, jobs: list[Any], deadline_at: float) -> list[Any]:
+        try:
+            outcomes, timings = await self._bounded(lambda: self.engine.decide(jobs, deadline_at=deadline_at), deadline_at)
+        except TimeoutError:
+            return self.engine.fallback(jobs, "deadline_exceeded", scorer=self.watcher.current("production"))
         except Exception:  # a bug must still answer, with the fallback
             log.exception("deciding a batch of %d failed", len(jobs))
             return self.engine.fallback(jobs, "internal_error", scorer=self.watcher.current("production"))
@@ -266,15 +483,20 @@ class ServingReplica:
         return outcomes
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _commit_batch(self, entries: list[tuple[str, str]]) -> list[str | None]:
-        from mlplatform.serving.idempotency import IdempotencyUnavailable
-
+    async def _commit_batch(self, entries: list[tuple[str, str, float]]) -> list[str | None]:
+        """Store the answers over their reservations (step 6); per entry the answer that won
+        if it is not ours. An answer the store cannot take in time is kept unconfirmed."""
+        deadline_at = max(min(d for _, _, d in entries), time.perf_counter() + _COMMIT_FLOOR_S)
+        pairs = [(a, answer) for a, answer, _ in entries]
         try:
-            return self.idempotency.put_if_absent_many(entries)
-        except IdempotencyUnavailable as exc:
-            # Answer anyway: the decision is logged; retries to this replica still hit ``recent``.
-            log.warning("idempotency store not written for %d decisions: %s", len(entries), exc)
+            results = await self._bounded(lambda: self.idempotency.put_if_absent_many(pairs), deadline_at)
+        except (IdempotencyUnavailable, TimeoutError) as exc:
+            # Answer anyway (the decision is logged); keep the answers for retries and the store.
+            log.warning("idempotency store not written for %d decisions: %s", len(entries), exc or "timed out")
+            for application_id, answer in pairs:
+                self.unconfirmed.add(application_id, answer)
             return [None] * len(entries)
+        return [None if r is None or r == answer else r for r, (_, answer) in zip(results, pairs)]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _features_batch(self, bodies: list[FeatureRequest]) -> list[bytes | Exception]:
@@ -314,6 +536,21 @@ class ServingReplica:
                 except Exception:
                     log.exception("compacting the decision log spool failed (the next run retries)")
 
+    def _sync_unconfirmed(self) -> None:
+        """Write the node's unconfirmed answers into the idempotency store once it answers."""
+        while not self._stop.wait(0.25):
+            if not self.unconfirmed.any():
+                continue
+            try:
+                stored, conflicts = self.unconfirmed.sync(self.idempotency)
+            except IdempotencyUnavailable:
+                continue
+            except Exception:
+                log.exception("writing unconfirmed answers to the idempotency store failed")
+                continue
+            if stored or conflicts:
+                log.info("idempotency store now holds %d answers given while it was unreachable (%d conflicts)", stored, conflicts)
+
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown; parts may be missing if __init__ failed.
         if hasattr(self, "_stop"):
@@ -322,6 +559,8 @@ class ServingReplica:
             self.watcher.stop()
         if hasattr(self, "log"):
             self.log.close()  # rolls the open segment so any compactor may take it
+        if hasattr(self, "_io"):
+            self._io.shutdown(wait=False, cancel_futures=True)
 
 
 ServingApp = serve.deployment(name="mlplatform", max_ongoing_requests=64, graceful_shutdown_timeout_s=10)(
@@ -382,18 +621,20 @@ def _encode_response(doc: dict[str, Any]) -> bytes:
 
 
 def _push_frame(catalog: Any, view_name: str, df: dict[str, list[Any]]) -> Any:
-    """The pushed columns as a DataFrame, timestamps parsed from ISO 8601 text."""
+    """The pushed columns as a DataFrame, timestamps parsed from ISO 8601 text (checked, so a
+    bad one is a DataError naming its column and row)."""
     import pandas as pd
+
+    from mlplatform.features.values import check_values
 
     lengths = {c: len(v) for c, v in df.items()}
     if len(set(lengths.values())) != 1:
         raise DataError(f"push: every df column must have one length, got {lengths}")
     view = catalog.resolve_view(view_name)
     stamps = {"event_timestamp"} | {f.name for f in getattr(view, "features", ()) if f.dtype == "timestamp"}
-    frame = pd.DataFrame(df)
-    for column in stamps & set(frame.columns):
-        try:
-            frame[column] = pd.to_datetime(frame[column], utc=True, format="ISO8601")
-        except (ValueError, TypeError) as exc:
-            raise DataError(f"push: column {column!r} must hold ISO 8601 timestamps: {exc}") from None
-    return frame
+    columns = {}
+    for name, values in df.items():
+        if name in stamps:
+            values = check_values(name, values, "timestamp", where=f"push to view {view_name!r}: column")
+        columns[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(columns)

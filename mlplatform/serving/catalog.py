@@ -20,6 +20,7 @@ definitions field for field; only that derived tuple is stored.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
     from mlplatform.online import OnlineStore
 
-__all__ = ["FeatureCatalog"]
+__all__ = ["MAX_CHECKED", "FeatureCatalog"]
+
+#: How many distinct checked feature lists a catalog remembers.
+MAX_CHECKED = 256
 
 
 class FeatureCatalog:
@@ -44,7 +48,8 @@ class FeatureCatalog:
         self._revision = store.registry.revision()
         self._views: dict[str, FeatureView | OnDemandFeatureView] = {}
         self._services: dict[str, list[str]] = {}
-        self._checked: frozenset[tuple[str, ...]] = frozenset()
+        # Checked ref lists, most recently used last: bounded, since callers choose the lists.
+        self._checked: OrderedDict[tuple[str, ...], None] = OrderedDict()
 
     @property
     def registry(self) -> FeatureCatalog:
@@ -81,13 +86,18 @@ class FeatureCatalog:
         return self._check(refs)
 
     def _check(self, refs: list[str]) -> list[str]:
+        """``refs`` once each names a registered view's feature; a list is remembered (at most
+        ``MAX_CHECKED`` of them, the oldest dropped first) only after it passed."""
         key = tuple(refs)
         if key in self._checked:
             return refs
         for ref in refs:
             view, feature = parse_ref(ref)
             self.resolve_view(view).feature(feature)
-        self._checked = self._checked | {key}
+        with self._lock:
+            self._checked[key] = None
+            while len(self._checked) > MAX_CHECKED:
+                self._checked.popitem(last=False)
         return refs
 
     def refresh(self) -> bool:
@@ -96,7 +106,7 @@ class FeatureCatalog:
         if revision == self._revision:
             return False
         with self._lock:
-            self._revision, self._views, self._services, self._checked = revision, {}, {}, frozenset()
+            self._revision, self._views, self._services, self._checked = revision, {}, {}, OrderedDict()
         return True
 
 

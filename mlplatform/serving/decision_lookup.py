@@ -24,7 +24,9 @@ def find_decision(storage: Storage, decision_id: str, *, spool_dir: str | os.Pat
         record = find_decision(platform.storage, "d-123", spool_dir="/var/lib/mlp/decision-spool")
 
     A segment only moves forward (spool -> claim -> dataset), and the places are searched in
-    that order, so a record being compacted meanwhile is still found. The dataset search
+    that order, so a record being compacted meanwhile is still found. Where a decision has two
+    records (the second amends the first: its answer was not the one returned), the later
+    one of the segment or dataset it is found in is returned. The dataset search
     reads the ``decision_id`` column of every file: fine for audits, not for a hot path.
 
     Raises:
@@ -45,9 +47,9 @@ def find_decision(storage: Storage, decision_id: str, *, spool_dir: str | os.Pat
                     continue  # moved on to a claim or compacted: searched next
                 if needle not in data:
                     continue
-                for record in parse_lines(data)[0]:
-                    if record["decision_id"] == decision_id:
-                        return record
+                matches = [r for r in parse_lines(data)[0] if r["decision_id"] == decision_id]
+                if matches:  # a later record of the same decision amends it (returned: false)
+                    return matches[-1]
     datasets = DatasetStore(storage)
     if datasets.exists(DATASET):
         import pyarrow.compute as pc
@@ -58,8 +60,8 @@ def find_decision(storage: Storage, decision_id: str, *, spool_dir: str | os.Pat
             found = pads.dataset(paths, schema=record_schema(), format="parquet", filesystem=storage.arrow_fs).to_table(
                 filter=pc.field("decision_id") == decision_id
             )
-            if found.num_rows:
-                return found.slice(0, 1).to_pylist()[0]
+            if found.num_rows:  # a later record of the same decision amends it (returned: false)
+                return found.slice(found.num_rows - 1, 1).to_pylist()[0]
     where = f"the spool {spool_dir!r} nor " if spool_dir is not None else ""
     raise NotFoundError(f"decision {decision_id!r} is in neither {where}{storage.uri(DATASET)!r}")
 

@@ -50,7 +50,11 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool, type | None]] = {
     "latency_ms": ((float, int), False, None),
     "created_at": (_STR, False, None),
     "shadow": (_JSON, True, object),
+    "returned": ((bool,), False, None),
+    "confirmed": ((bool,), False, None),
 }
+# Keys added after the first records were written: a record without them gets these values.
+_DEFAULTS = {"returned": True, "confirmed": True}
 # A fallback decision may have been made without a model, hence without a score.
 _NULLABLE_IN_FALLBACK = {"probability_of_default", "model_name", "model_sha256"}
 
@@ -65,14 +69,19 @@ def record_schema() -> pa.Schema:
 def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """Check a decision record and return it as a plain dict (ints in float fields as floats).
 
-    Keys, all required (no others allowed): ``decision_id``, ``application_id``, ``decision``,
+    Keys, all required but ``returned`` and ``confirmed`` (no others allowed): ``decision_id``, ``application_id``, ``decision``,
     ``model_name``, ``model_sha256`` (str); ``request``, ``reasons``,
     ``feature_event_timestamps`` (JSON text); ``feature_names`` (JSON list, the model's feature
     order); ``features`` (JSON object name -> value, null when missing); ``shadow`` (JSON text
     or None); ``probability_of_default``, ``latency_ms`` (finite float); ``model_version``
     (int or None); ``fallback`` (bool); ``fallback_reason`` (str or None); ``created_at`` (ISO
-    8601 in UTC, e.g. ``2025-01-31T09:00:00.123456+00:00``). When ``fallback`` is true,
-    ``probability_of_default``, ``model_name`` and ``model_sha256`` may be None.
+    8601 in UTC, e.g. ``2025-01-31T09:00:00.123456+00:00``); ``returned`` (bool: this decision
+    is the answer given for its application — False on a second record of the same
+    ``decision_id`` whose answer lost to another copy's); ``confirmed`` (bool: False when the
+    idempotency store could not reserve the application, so the decision was made without
+    knowing whether a copy had been decided elsewhere; both default to True when absent).
+    When ``fallback`` is true, ``probability_of_default``, ``model_name`` and
+    ``model_sha256`` may be None.
 
     Raises:
         DataError: a key is missing or unknown, or a value has the wrong type or is not valid
@@ -81,6 +90,8 @@ def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
     # On the request path: the common case (a dict of exact types) takes the cheap checks.
     if type(record) is not dict and not isinstance(record, Mapping):
         raise DataError(f"a decision record must be a mapping, got {type(record).__name__}")
+    if any(k not in record for k in _DEFAULTS):
+        record = {**_DEFAULTS, **record}
     missing = [k for k in _FIELDS if k not in record]
     if missing:
         raise DataError(f"decision record {record.get('decision_id')!r} lacks keys {missing}")

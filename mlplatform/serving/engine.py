@@ -1,6 +1,6 @@
 """The decision itself, without HTTP: features, score, policy, reasons, and the log record.
 
-    engine = DecisionEngine(watcher=watcher, catalog=catalog, policy=policy, idempotency=store)
+    engine = DecisionEngine(watcher=watcher, catalog=catalog, policy=policy)
     outcomes, timings = engine.decide([Job(request, started=time.perf_counter())])
     engine.fallback(jobs, "deadline_exceeded")      # when the caller's deadline passed
 
@@ -37,11 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from mlplatform.online.base import OnlineStoreUnavailable
 from mlplatform.online.lookup import get_online_features
-from mlplatform.serving.idempotency import IdempotencyUnavailable
 
 if TYPE_CHECKING:
     from mlplatform.serving.catalog import FeatureCatalog
-    from mlplatform.serving.idempotency import IdempotencyStore
     from mlplatform.serving.policy import DecisionPolicy
     from mlplatform.serving.schemas import DecisionRequest
     from mlplatform.serving.scoring import ModelWatcher, Scorer
@@ -78,14 +76,18 @@ class Outcome:
     """What to do with one job.
 
     ``stored`` set: the application was decided before; answer with that (``answer_for``).
+    ``wait`` set: a copy of the request is being decided by another replica; wait for its answer.
     Otherwise ``record`` goes to the decision log, then ``answer`` to the idempotency store,
-    then ``body`` to the client.
+    then ``body`` to the client; ``confirmed`` is False when the idempotency store could not
+    reserve the application (then the answer is kept by ``UnconfirmedAnswers`` until it can).
     """
 
     body: bytes = b""
     record: dict[str, Any] | None = None
     answer: str = ""
     stored: str | None = None
+    wait: bool = False
+    confirmed: bool = True
     decision: str = ""
     fallback_reason: str | None = None
 
@@ -121,12 +123,10 @@ class DecisionEngine:
         watcher: ModelWatcher,
         catalog: FeatureCatalog,
         policy: DecisionPolicy,
-        idempotency: IdempotencyStore,
     ) -> None:
         self.watcher = watcher
         self.catalog = catalog
         self.policy = policy
-        self.idempotency = idempotency
 
     # --------------------------------------------------------------------------- main
     def decide(self, jobs: list[Job], *, deadline_at: float | None = None) -> tuple[list[Outcome], Timings]:
@@ -138,23 +138,7 @@ class DecisionEngine:
         by its own timeout (``online_store.timeout``), and the check follows.
         """
         timings = Timings()
-        outcomes: list[Outcome | None] = [None] * len(jobs)
-        try:
-            stored = self.idempotency.get_many([j.request.application_id for j in jobs])
-        except IdempotencyUnavailable as exc:
-            timings.notes.append(str(exc))
-            stored = [None] * len(jobs)
-        todo = []
-        for i, (job, answer) in enumerate(zip(jobs, stored)):
-            if answer is not None:
-                outcomes[i] = Outcome(stored=answer)
-            else:
-                todo.append(i)
-        if todo:
-            decided = self._decide_new([jobs[i] for i in todo], timings, deadline_at)
-            for i, outcome in zip(todo, decided):
-                outcomes[i] = outcome
-        return outcomes, timings  # type: ignore[return-value]
+        return self._decide_new(jobs, timings, deadline_at), timings
 
     def _decide_new(self, jobs: list[Job], timings: Timings, deadline_at: float | None) -> list[Outcome]:
         scorer = self.watcher.current(self.watcher.aliases[0])
@@ -309,6 +293,8 @@ class DecisionEngine:
             "latency_ms": (time.perf_counter() - job.started) * 1000.0,
             "created_at": now.isoformat(),
             "shadow": _dumps_values(shadow) if shadow is not None else None,
+            "returned": True,
+            "confirmed": True,
         }
         answer = f'{{"fingerprint":"{job.fingerprint}","response":{body}}}'
         return Outcome(body=body.encode(), record=record, answer=answer, decision=decision, fallback_reason=fallback_reason)

@@ -1,12 +1,26 @@
-"""The guard in front of every route: API key and body size, checked before any parsing.
+"""The guard in front of every route: API key, its role, and body size, checked before any parsing.
 
     app.add_middleware(Guard)
-    Guard.configure(key_digests)      # in each replica: SHA-256 hex digests of the valid keys
+    Guard.configure(keys)      # in each replica: ((sha256 hex digest, (role, ...)), ...)
 
 - ``X-API-Key`` must be one of the configured keys (401 otherwise). Keys are compared as
   SHA-256 digests with ``hmac.compare_digest``, against every configured key, so the time
   taken says nothing about the key or which one matched. Only the digests reach replicas.
   ``GET /health`` is open, for load balancers.
+- The key must hold the role of the route (403 otherwise, naming the role):
+
+  ========================  ==================  =============================================
+  role                      routes              who holds it
+  ========================  ==================  =============================================
+  ``decide``                ``/v1/decisions``   checkout
+  ``read_features``         ``/get-online-features``  models, analysts' tools
+  ``write_features``        ``/push``           feature pipelines
+  ``operate``               ``/v1/internal/…``  operators
+  ========================  ==================  =============================================
+
+  Any valid key may read the OpenAPI document (``/openapi.json``); other paths need a valid
+  key too (and then get a 404), so nothing about the service answers an anonymous caller but
+  ``/health``.
 - Bodies are limited (413): 16 KiB for ``/v1/decisions`` (an application is ~300 bytes),
   4 MiB elsewhere (feature lookups, pushes). A declared ``Content-Length`` is checked before
   reading; a chunked body is read up to the limit, then handed on.
@@ -19,31 +33,54 @@ import hmac
 import json
 from typing import Any
 
-__all__ = ["DECISION_MAX_BYTES", "MAX_BODY_BYTES", "Guard"]
+__all__ = ["DECISION_MAX_BYTES", "MAX_BODY_BYTES", "ROUTE_ROLES", "Guard", "role_for"]
 
 DECISION_MAX_BYTES = 16 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024
 _OPEN_PATHS = frozenset({"/health"})
+#: The role each route needs: exact paths, then prefixes (ending in "/").
+ROUTE_ROLES: dict[str, str] = {
+    "/v1/decisions": "decide",
+    "/get-online-features": "read_features",
+    "/push": "write_features",
+    "/v1/internal/": "operate",
+}
+
+
+def role_for(path: str) -> str | None:
+    """The role ``path`` needs; None when any valid key will do."""
+    role = ROUTE_ROLES.get(path)
+    if role is not None:
+        return role
+    for prefix, role in ROUTE_ROLES.items():
+        if prefix.endswith("/") and path.startswith(prefix):
+            return role
+    return None
 
 
 class Guard:
     """ASGI middleware (see the module docstring); the keys come from ``configure``."""
 
-    digests: tuple[bytes, ...] = ()
+    keys: tuple[tuple[bytes, frozenset[str]], ...] = ()
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     @classmethod
-    def configure(cls, digests: tuple[str, ...]) -> None:
-        cls.digests = tuple(bytes.fromhex(d) for d in digests)
+    def configure(cls, keys: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+        cls.keys = tuple((bytes.fromhex(digest), frozenset(roles)) for digest, roles in keys)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if not self._authorized(headers.get(b"x-api-key")):
+        roles = self._roles(headers.get(b"x-api-key"))
+        if roles is None:
             return await _send_json(send, 401, {"error": "unauthorized", "message": "missing or wrong X-API-Key header"})
+        needed = role_for(scope["path"])
+        if needed is not None and needed not in roles:
+            message = f"this API key lacks the role {needed!r} that {scope['path']} needs; use a key that holds it"
+            return await _send_json(send, 403, {"error": "forbidden", "message": message})
         limit = DECISION_MAX_BYTES if scope["path"] == "/v1/decisions" else MAX_BODY_BYTES
         length = headers.get(b"content-length")
         if length is not None:
@@ -75,14 +112,16 @@ class Guard:
 
         return await self.app(scope, replay, send)
 
-    def _authorized(self, key: bytes | None) -> bool:
-        if not key or not self.digests:
-            return False
+    def _roles(self, key: bytes | None) -> frozenset[str] | None:
+        """The roles of ``key``; None when it is not a configured key."""
+        if not key or not self.keys:
+            return None
         digest = hashlib.sha256(key).digest()
-        ok = False
-        for expected in self.digests:  # compare with every key: timing says nothing about which
-            ok |= hmac.compare_digest(digest, expected)
-        return ok
+        found: frozenset[str] | None = None
+        for expected, roles in self.keys:  # compare with every key: timing says nothing about which
+            if hmac.compare_digest(digest, expected):
+                found = roles if found is None else found | roles
+        return found
 
 
 def _too_large(limit: int) -> dict[str, Any]:

@@ -1,18 +1,26 @@
 """Idempotent decisions: the first answer given for an ``application_id``, shared by replicas.
 
     store = open_idempotency_store(platform.config, online_store)
-    store.get_many(["app-1", "app-2"])                      # [None, '{"decision_id": …}']
-    store.put_if_absent_many([("app-1", entry)])            # [None]: ours is kept
+    store.reserve_many([("app-1", pending_marker("replica-a"))])   # [None]: reserved by us
+    store.get_many(["app-1", "app-2"])                      # ['{"pending": …}', None]
+    store.put_if_absent_many([("app-1", entry)])            # [None]: ours replaced the reservation
 
 A retried checkout (same ``application_id``) must get the decision it was given, not a new
-one, whichever replica it reaches. The decision endpoint therefore, per application:
+one, whichever replica it reaches, and concurrent copies of one request must be decided once.
+The decision endpoint therefore, per application:
 
-1. looks the id up here (and in a small per-replica memory of recent answers);
-2. if absent, decides, appends the decision to the decision log (durable), then stores the
-   answer here with put-if-absent, and only then responds. If another replica stored an
-   answer first (two copies of one request raced), the stored one is returned instead, so
-   every copy gets the same ``decision_id``. The loser's record stays in the decision log
-   (it was decided, never returned); audits tell them apart by the stored answer.
+1. looks the id up in a small per-replica memory of recent answers, and joins a copy of the
+   same request already being decided in this replica;
+2. **reserves** the id here (set-if-absent of a pending marker that expires after
+   ``pending_ttl``). An answer found instead is returned; another replica's pending marker
+   means a copy is being decided there: this copy waits for that answer (polling) and returns it;
+3. the reserver decides, appends the decision to the decision log (durable), then stores the
+   answer here over its reservation (``put_if_absent_many``: a pending marker does not count
+   as an answer), and only then responds.
+
+So every copy gets the same ``decision_id`` and the log holds one record for the application.
+Only if a reserver stalls past ``pending_ttl`` (30 s) can a second copy reserve and decide;
+the first to store its answer wins and the other is logged again as not returned.
 
 The store lives beside the online store: Redis keys ``<prefix>:<project>:decision:<id>`` with
 a TTL (``SET NX GET``: atomic on Redis and on each key's node of a Redis Cluster) when the
@@ -25,6 +33,7 @@ catches retries that reach the same replica); ``IdempotencyUnavailable`` says so
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -41,9 +50,38 @@ if TYPE_CHECKING:
     from mlplatform.config import PlatformConfig
     from mlplatform.online import OnlineStore
 
-__all__ = ["IdempotencyStore", "IdempotencyUnavailable", "RedisIdempotencyStore", "SqliteIdempotencyStore", "open_idempotency_store"]
+__all__ = [
+    "IdempotencyStore",
+    "IdempotencyUnavailable",
+    "RedisIdempotencyStore",
+    "SqliteIdempotencyStore",
+    "is_pending",
+    "open_idempotency_store",
+    "pending_marker",
+]
 
 DEFAULT_TTL = timedelta(days=7)
+PENDING_TTL = timedelta(seconds=30)
+_PENDING = '{"pending":'
+
+
+def pending_marker(owner: str) -> str:
+    """The value that reserves an id for ``owner`` (a replica and request token) while it decides."""
+    return json.dumps({"pending": owner, "at": time.time()}, separators=(",", ":"))
+
+
+def is_pending(value: str | None) -> bool:
+    """Whether a stored value is a reservation rather than an answer."""
+    return value is not None and value.startswith(_PENDING)
+
+# put-if-absent where a pending reservation counts as absent; returns what was there if it
+# was an answer (nil when ours was stored). One key: safe on each node of a Redis Cluster.
+_PUT_LUA = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 11) ~= '{"pending":' then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
 
 
 class IdempotencyUnavailable(ServingError):
@@ -51,20 +89,32 @@ class IdempotencyUnavailable(ServingError):
 
 
 class IdempotencyStore(ABC):
-    """``application_id`` → the stored answer (opaque text), first writer wins."""
+    """``application_id`` → a reservation or the stored answer (opaque text), first writer wins."""
 
     @abstractmethod
     def get_many(self, ids: Sequence[str]) -> list[str | None]:
-        """The stored answer of each id (None: none stored or expired).
+        """The stored value of each id: an answer, a pending reservation (``is_pending``) or
+        None (none stored, or expired).
 
         Raises:
             IdempotencyUnavailable: the store did not answer.
         """
 
     @abstractmethod
+    def reserve_many(self, entries: Sequence[tuple[str, str]]) -> list[str | None]:
+        """Store each ``(id, pending marker)`` unless the id has a value. Per entry: None when
+        the reservation is ours, else the value there (an answer or someone's reservation).
+        Reservations expire after the store's ``pending_ttl``.
+
+        Raises:
+            IdempotencyUnavailable: the store did not answer; nothing is known to be reserved.
+        """
+
+    @abstractmethod
     def put_if_absent_many(self, entries: Sequence[tuple[str, str]]) -> list[str | None]:
-        """Store each ``(id, answer)`` unless the id already has one. Per entry: None when
-        ours was stored, else the answer stored before (which wins).
+        """Store each ``(id, answer)`` unless the id already has an answer (a pending
+        reservation, anyone's, is replaced). Per entry: None when ours was stored, else the
+        answer stored before (which wins).
 
         Raises:
             IdempotencyUnavailable: the store did not answer; nothing is known to be stored.
@@ -77,11 +127,21 @@ class IdempotencyStore(ABC):
 class RedisIdempotencyStore(IdempotencyStore):
     """Answers in Redis (or Redis Cluster) under ``<prefix>:<project>:decision:<id>``."""
 
-    def __init__(self, url: str, *, project: str, key_prefix: str = "mlp", timeout: timedelta, ttl: timedelta = DEFAULT_TTL) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        project: str,
+        key_prefix: str = "mlp",
+        timeout: timedelta,
+        ttl: timedelta = DEFAULT_TTL,
+        pending_ttl: timedelta = PENDING_TTL,
+    ) -> None:
         self.url = url
         self.prefix = f"{key_prefix}:{project}:decision:"
         self.timeout = timeout.total_seconds()
         self.ttl_ms = int(ttl.total_seconds() * 1000)
+        self.pending_ttl_ms = max(1, int(pending_ttl.total_seconds() * 1000))
         self._client: Any = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -129,6 +189,21 @@ class RedisIdempotencyStore(IdempotencyStore):
         except redis.RedisError as exc:
             raise IdempotencyUnavailable(f"idempotency store {self.url!r}: {exc}") from None
 
+    def reserve_many(self, entries: Sequence[tuple[str, str]]) -> list[str | None]:
+        if not entries:
+            return []
+        import redis
+
+        try:
+            client = self._redis()
+            pipe = client.pipeline(transaction=False)
+            for i, marker in entries:
+                # SET NX GET (Redis >= 7): sets only if absent and returns what was there.
+                pipe.set(self.prefix + i, marker, nx=True, get=True, px=self.pending_ttl_ms)
+            return list(pipe.execute())
+        except redis.RedisError as exc:
+            raise IdempotencyUnavailable(f"idempotency store {self.url!r}: {exc}") from None
+
     def put_if_absent_many(self, entries: Sequence[tuple[str, str]]) -> list[str | None]:
         if not entries:
             return []
@@ -138,9 +213,8 @@ class RedisIdempotencyStore(IdempotencyStore):
             client = self._redis()
             pipe = client.pipeline(transaction=False)
             for i, answer in entries:
-                # SET NX GET (Redis >= 7): sets only if absent and returns what was there.
-                pipe.set(self.prefix + i, answer, nx=True, get=True, px=self.ttl_ms)
-            return list(pipe.execute())
+                pipe.eval(_PUT_LUA, 1, self.prefix + i, answer, self.ttl_ms)
+            return [v if v else None for v in pipe.execute()]
         except redis.RedisError as exc:
             raise IdempotencyUnavailable(f"idempotency store {self.url!r}: {exc}") from None
 
@@ -153,9 +227,17 @@ class RedisIdempotencyStore(IdempotencyStore):
 class SqliteIdempotencyStore(IdempotencyStore):
     """Answers in a SQLite file (WAL), shared by the processes of one machine."""
 
-    def __init__(self, path: str | os.PathLike[str], *, ttl: timedelta = DEFAULT_TTL, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        ttl: timedelta = DEFAULT_TTL,
+        pending_ttl: timedelta = PENDING_TTL,
+        busy_timeout: float = 5.0,
+    ) -> None:
         self.path = str(Path(path).expanduser().resolve())
         self.ttl_s = ttl.total_seconds()
+        self.pending_ttl_s = pending_ttl.total_seconds()
         self.busy_timeout = busy_timeout
         self._local = threading.local()
 
@@ -191,7 +273,13 @@ class SqliteIdempotencyStore(IdempotencyStore):
         found = dict(rows)
         return [found.get(i) for i in ids]
 
+    def reserve_many(self, entries: Sequence[tuple[str, str]]) -> list[str | None]:
+        return self._put(entries, self.pending_ttl_s, replace_pending=False)
+
     def put_if_absent_many(self, entries: Sequence[tuple[str, str]]) -> list[str | None]:
+        return self._put(entries, self.ttl_s, replace_pending=True)
+
+    def _put(self, entries: Sequence[tuple[str, str]], ttl_s: float, *, replace_pending: bool) -> list[str | None]:
         if not entries:
             return []
         now = time.time()
@@ -200,16 +288,16 @@ class SqliteIdempotencyStore(IdempotencyStore):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 out: list[str | None] = []
-                for i, answer in entries:
+                for i, value in entries:
                     row = conn.execute(
                         "SELECT answer FROM mlp_decisions WHERE application_id = ? AND expires > ?", (i, now)
                     ).fetchone()
-                    if row is not None:
+                    if row is not None and not (replace_pending and is_pending(row[0])):
                         out.append(row[0])
                         continue
                     conn.execute(
                         "INSERT OR REPLACE INTO mlp_decisions (application_id, answer, expires) VALUES (?, ?, ?)",
-                        (i, answer, now + self.ttl_s),
+                        (i, value, now + ttl_s),
                     )
                     out.append(None)
                 conn.execute("COMMIT")

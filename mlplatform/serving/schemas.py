@@ -27,9 +27,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 __all__ = [
     "DecisionRequest",
     "DecisionResponse",
+    "ErrorResponse",
     "FeatureRequest",
+    "FeatureResponse",
+    "HealthResponse",
     "ModelRef",
+    "Problem",
     "PushRequest",
+    "PushResponse",
     "ReasonOut",
 ]
 
@@ -41,11 +46,17 @@ MAX_ID = 2**63 - 1
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (OverflowError, ValueError):  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError("the time in UTC must fall within the years 1-9999") from None
 
 
 class DecisionRequest(BaseModel):
-    """One checkout application. ``timestamp`` is when the customer applied (naive = UTC)."""
+    """One checkout application. ``timestamp`` is when the customer applied (naive = UTC); it
+    must be within ``serving.max_clock_skew`` (5 minutes) of the server clock: an online
+    decision uses the features as of now, so an application from another time is refused
+    rather than silently decided on today's features."""
 
     model_config = ConfigDict(**_STRICT, coerce_numbers_to_str=True)
 
@@ -82,6 +93,58 @@ class DecisionResponse(BaseModel):
     model: ModelRef | None
     fallback: bool
     fallback_reason: str | None
+
+
+class Problem(BaseModel):
+    """One problem with a request: the field (dotted path) and what is wrong with it."""
+
+    field: str
+    message: str
+    type: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: a machine-readable ``error`` kind and a ``message`` for people.
+    ``problems`` lists each bad field of a 422; ``error_id`` identifies an internal error in the
+    server's log; ``decision_id`` names the existing decision of a 409."""
+
+    error: str
+    message: str
+    problems: list[Problem] | None = None
+    error_id: str | None = None
+    decision_id: str | None = None
+
+
+class FeatureResultOut(BaseModel):
+    """One output column: a value, status and event time (ISO 8601, ``1970-01-01T00:00:00Z``
+    when none) per entity row."""
+
+    values: list[Any]
+    statuses: list[Literal["PRESENT", "NOT_FOUND", "NULL_VALUE", "OUTSIDE_MAX_AGE"]]
+    event_timestamps: list[str]
+
+
+class FeatureMetadataOut(BaseModel):
+    feature_names: list[str]
+
+
+class FeatureResponse(BaseModel):
+    """Feast's ``/get-online-features`` answer: ``results[i]`` belongs to ``metadata.feature_names[i]``."""
+
+    metadata: FeatureMetadataOut
+    results: list[FeatureResultOut]
+
+
+class PushResponse(BaseModel):
+    pushed: int
+    feature_view: str
+    to: Literal["online", "offline", "online_and_offline"]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"]
+    model: ModelRef | None
+    replica: str
 
 
 EntityValue = StrictInt | float | str | StrictBool | None

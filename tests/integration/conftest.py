@@ -22,3 +22,16 @@ def ray_session():
     ctx.print_on_execution_start = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, ray_session):
+    """The serving application deployed once for the session (see ``_serving_app``); the last
+    test of test_serving.py closes it early so its replicas' CPUs are free for later modules."""
+    from _serving_app import deploy_served
+
+    app = deploy_served(tmp_path_factory)
+    try:
+        yield app
+    finally:
+        app.close()

@@ -1,8 +1,9 @@
 """The serving application end to end: a real Serve app (two replicas) over real HTTP, a real
 redis-server as online and idempotency store, the decision log on local disk.
 
-One application is deployed for the module; tests run in file order and the last one stops
-Redis, so it must stay last.
+The application is the session's ``served`` (tests/integration/_serving_app.py); tests run in
+file order and the last one stops Redis and shuts the application down, so it must stay last
+and this module must run after every other module that uses ``served``.
 """
 
 from __future__ import annotations
@@ -25,160 +26,48 @@ import pandas as pd
 import pytest
 import requests
 
-from mlplatform import Platform, ServingError
-from mlplatform.serving.decision_records import DATASET
-from workloads.underwriting.features import DEFINITIONS
+from _serving_app import (
+    CHECKOUT_KEY,
+    DIGESTS_ENV,
+    HEADERS,
+    KEY,
+    KEY_ENV,
+    POLICY,
+    RISKY,
+    SAFE,
+    UNKNOWN,
+    application,
+    feature_names,
+    history,
+    post,
+    push_online,
+    register,
+)
 
-KEY = "test-key-" + "x" * 24
-KEY_ENV = "MLP_TEST_SERVING_KEY"
-HEADERS = {"X-API-Key": KEY}
-RISKY, SAFE, UNKNOWN = 900_001, 900_002, 123_456_789
-POLICY = {"approve_below": 0.1, "decline_at": 0.3, "max_amount": 2000, "shadow_alias": "candidate"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(directory) -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: apt-get install redis-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
-
-
-def _feature_names(platform: Platform) -> list[str]:
-    return [ref.split(":")[1] for ref in platform.features.resolve_features("underwriting_v1")]
-
-
-def _train(platform: Platform, seed: int) -> lgb.Booster:
-    """A small model on random data whose risk rises with missed and late payments."""
-    names = _feature_names(platform)
-    rng = np.random.default_rng(seed)
-    x = pd.DataFrame(rng.poisson(1.0, (3000, len(names))).astype(float), columns=names)
-    logit = -4.0 + 1.5 * x["missed_installments_90d"] + 0.8 * x["late_installments_30d"]
-    y = (rng.random(len(x)) < 1 / (1 + np.exp(-logit))).astype(int)
-    params = {"objective": "binary", "verbose": -1, "num_leaves": 7, "seed": seed, "num_threads": 1}
-    return lgb.train(params, lgb.Dataset(x, y), num_boost_round=30)
-
-
-def _register(platform: Platform, seed: int) -> int:
-    mv = platform.models.register(
-        "underwriting", flavor="lightgbm", model=_train(platform, seed),
-        lineage={"feature_service": "underwriting_v1"}, metrics={}, params={"seed": seed},
-    )
-    return mv.version
-
-
-def _history(applicant_id: int, when: datetime, **values: float) -> dict:
-    row = {"applicant_id": applicant_id, "event_timestamp": when.isoformat()}
-    for window in ("30d", "90d", "365d"):
-        for kind in ("loans", "late_installments", "missed_installments", "max_days_past_due"):
-            row[f"{kind}_{window}"] = 0.0
-    row.update(outstanding_balance=0.0, avg_loan_amount_365d=200.0)
-    row.update(values)
-    return row
-
-
-def _application(applicant_id: int = SAFE, **overrides) -> dict:
-    body = {
-        "application_id": f"app-{uuid.uuid4().hex[:16]}",
-        "applicant_id": applicant_id,
-        "merchant_id": 7,
-        "amount": 120.0,
-        "currency": "USD",
-        "term": 4,
-        "timestamp": datetime.now(UTC).isoformat(),
-    }
-    body.update(overrides)
-    return body
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, ray_session):
-    """A platform on tmp disk + Redis, underwriting definitions, a few online rows, model v1 in
-    production, and the serving app deployed with two replicas."""
-    root = tmp_path_factory.mktemp("serving")
-    redis_proc, redis_url = _start_redis(root)
-    # HAProxy's stats and metrics ports are fixed host ports: free ones let this run beside
-    # another Serve with HAProxy on the machine (deploy passes RAY_SERVE_* on to Serve).
-    env = {KEY_ENV: KEY, "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
-    old_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    platform = Platform.from_config({
-        "project": "servingtest",
-        "storage": {"root": str(root / "store")},
-        "online_store": {"type": "redis", "url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:6]}", "timeout": "2s"},
-        # A loaded CI machine can take far longer than production's 50 ms; the fallback test
-        # stops Redis instead, which fails fast.
-        "serving": {"port": _free_port(), "deadline": "3s", "api_key_env": KEY_ENV},
-    })
-    platform.features.apply(DEFINITIONS)
-    version = _register(platform, seed=1)
-    platform.models.set_alias("underwriting", "production", version)
-    started = time.monotonic()
-    deployed = platform.serving.deploy("underwriting", policy=POLICY, num_replicas=2, replica_cpus=0.5)
-    print(f"deployed in {time.monotonic() - started:.1f}s via {deployed.ingress}")
-    try:
-        yield platform, deployed, redis_proc
-    finally:
-        platform.serving.shutdown()
-        redis_proc.terminate()
-        redis_proc.wait(timeout=10)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _post(url: str, body, headers=HEADERS, session=None, **kw) -> requests.Response:
-    return (session or requests).post(url, json=body, headers=headers, timeout=30, **kw)
-
-
-def _push_online(deployed, view: str, rows: list[dict]) -> requests.Response:
-    df = {col: [row[col] for row in rows] for col in rows[0]}
-    return _post(f"{deployed.url}/push", {"push_source_name": view, "df": df, "to": "online"})
-
+from mlplatform import DataError, ServingError
+from mlplatform.serving.decision_records import DATASET, parse_lines, record_schema
+from mlplatform.serving.decision_spool import SEGMENT_NAME
 
 # ------------------------------------------------------------------------- feature server
 def test_push_and_get_online_features_speak_feast(served):
     platform, deployed, _ = served
     now = datetime.now(UTC) - timedelta(minutes=5)
-    pushed = _push_online(deployed, "applicant_history", [
-        _history(RISKY, now, missed_installments_90d=5.0, late_installments_30d=4.0, loans_30d=3.0),
-        _history(SAFE, now, loans_365d=2.0),
+    pushed = push_online(deployed, "applicant_history", [
+        history(RISKY, now, missed_installments_90d=5.0, late_installments_30d=4.0, loans_30d=3.0),
+        history(SAFE, now, loans_365d=2.0),
     ])
     assert pushed.status_code == 200, pushed.text
     assert pushed.json()["pushed"] == 2
     merchant = {"merchant_id": 7, "event_timestamp": now.isoformat(), "default_rate_90d": 0.02, "outcomes_90d": 40}
-    assert _push_online(deployed, "merchant_risk", [merchant]).status_code == 200
+    assert push_online(deployed, "merchant_risk", [merchant]).status_code == 200
     activity = {"merchant_id": 7, "event_timestamp": now.isoformat(), "applications_90d": 300}
-    assert _push_online(deployed, "merchant_activity", [activity]).status_code == 200
+    assert push_online(deployed, "merchant_activity", [activity]).status_code == 200
 
     body = {
         "features": ["applicant_history:missed_installments_90d", "checkout_features:amount_to_avg_prior"],
         "entities": {"applicant_id": [RISKY, UNKNOWN], "amount": [100.0, 50.0], "term": [4, 4]},
     }
-    response = _post(f"{deployed.url}/get-online-features", body)
+    response = post(f"{deployed.url}/get-online-features", body)
     assert response.status_code == 200, response.text
     doc = response.json()
     assert doc["metadata"]["feature_names"] == ["applicant_id", "missed_installments_90d", "amount_to_avg_prior"]
@@ -190,7 +79,7 @@ def test_push_and_get_online_features_speak_feast(served):
     assert missed["event_timestamps"][1] == "1970-01-01T00:00:00Z"
     assert ratio["values"] == [0.5, None]  # the on-demand view: 100 / avg_loan_amount_365d of 200
 
-    by_service = _post(f"{deployed.url}/get-online-features", {
+    by_service = post(f"{deployed.url}/get-online-features", {
         "feature_service": "underwriting_v1",
         "entities": {"applicant_id": [SAFE], "merchant_id": [7], "amount": [10.0], "term": [4]},
         "full_feature_names": True,
@@ -199,7 +88,7 @@ def test_push_and_get_online_features_speak_feast(served):
     assert names[:2] == ["applicant_id", "merchant_id"] and "merchant_risk__default_rate_90d" in names
     assert all(r["statuses"] == ["PRESENT"] for r in by_service["results"])
 
-    unknown_view = _post(f"{deployed.url}/get-online-features", {"features": ["nope:x"], "entities": {"applicant_id": [1]}})
+    unknown_view = post(f"{deployed.url}/get-online-features", {"features": ["nope:x"], "entities": {"applicant_id": [1]}})
     assert unknown_view.status_code == 422 and "nope" in unknown_view.json()["message"]
     health = requests.get(f"{deployed.url}/health", timeout=30).json()
     assert health["status"] == "ok" and health["model"] == {"name": "underwriting", "version": 1}
@@ -211,7 +100,7 @@ def test_push_and_get_online_features_speak_feast(served):
 # ------------------------------------------------------------------------------ decisions
 def test_decisions_come_with_reasons_and_are_logged(served):
     platform, deployed, _ = served
-    declined = _post(f"{deployed.url}/v1/decisions", _application(RISKY)).json()
+    declined = post(f"{deployed.url}/v1/decisions", application(RISKY)).json()
     assert declined["decision"] == "decline" and declined["fallback"] is False
     assert declined["probability_of_default"] >= POLICY["decline_at"]
     assert declined["model"] == {"name": "underwriting", "version": 1}
@@ -219,20 +108,20 @@ def test_decisions_come_with_reasons_and_are_logged(served):
     assert 1 <= len(texts) <= 4 and "Missed payments in the last 90 days" in texts
     assert len(set(texts)) == len(texts)
 
-    approved = _post(f"{deployed.url}/v1/decisions", _application(SAFE)).json()
+    approved = post(f"{deployed.url}/v1/decisions", application(SAFE)).json()
     assert approved["decision"] == "approve" and approved["reasons"] == []
 
-    unknown = _post(f"{deployed.url}/v1/decisions", _application(UNKNOWN))
+    unknown = post(f"{deployed.url}/v1/decisions", application(UNKNOWN))
     assert unknown.status_code == 200 and unknown.json()["fallback"] is False  # decided on missing features
 
-    over_limit = _post(f"{deployed.url}/v1/decisions", _application(SAFE, amount=2500.0)).json()
+    over_limit = post(f"{deployed.url}/v1/decisions", application(SAFE, amount=2500.0)).json()
     assert over_limit["decision"] == "decline"
     assert [r["code"] for r in over_limit["reasons"]] == ["amount_above_limit"]
 
     record = platform.serving.decision(declined["decision_id"])
     assert record["probability_of_default"] == declined["probability_of_default"]
     features = json.loads(record["features"])
-    assert json.loads(record["feature_names"]) == _feature_names(platform)
+    assert json.loads(record["feature_names"]) == feature_names(platform)
     assert features["missed_installments_90d"] == 5.0 and features["order_amount"] == 120.0
     assert json.loads(record["feature_event_timestamps"])["order_amount"] is None
     missing = json.loads(platform.serving.decision(unknown.json()["decision_id"])["features"])
@@ -241,7 +130,7 @@ def test_decisions_come_with_reasons_and_are_logged(served):
 
 def test_replay_reproduces_logged_scores_exactly(served):
     platform, deployed, _ = served
-    ids = [_post(f"{deployed.url}/v1/decisions", _application(a)).json()["decision_id"] for a in (RISKY, SAFE, UNKNOWN)]
+    ids = [post(f"{deployed.url}/v1/decisions", application(a)).json()["decision_id"] for a in (RISKY, SAFE, UNKNOWN)]
     for decision_id in ids:
         result = platform.serving.replay(decision_id)
         assert result.identical, result
@@ -265,7 +154,7 @@ def test_replay_reproduces_logged_scores_exactly(served):
 )
 def test_bad_input_is_a_4xx_naming_the_field(served, change, field):
     _, deployed, _ = served
-    response = _post(f"{deployed.url}/v1/decisions", _application(**change))
+    response = post(f"{deployed.url}/v1/decisions", application(**change))
     assert response.status_code == 422, response.text
     assert field in response.json()["message"]
 
@@ -273,42 +162,42 @@ def test_bad_input_is_a_4xx_naming_the_field(served, change, field):
 def test_malformed_missing_and_huge_bodies_are_4xx(served):
     _, deployed, _ = served
     url = f"{deployed.url}/v1/decisions"
-    body = _application()
+    body = application()
     del body["merchant_id"]
-    missing = _post(url, body)
+    missing = post(url, body)
     assert missing.status_code == 422 and "merchant_id" in missing.json()["message"]
     not_json = requests.post(url, data=b"{not json", headers={**HEADERS, "Content-Type": "application/json"}, timeout=30)
     assert not_json.status_code == 422
     assert requests.post(url, data=b"[1, 2]", headers={**HEADERS, "Content-Type": "application/json"}, timeout=30).status_code == 422
     for number in ("NaN", "Infinity", "1e309"):
-        text = json.dumps(_application()).replace("120.0", number)
+        text = json.dumps(application()).replace("120.0", number)
         bad = requests.post(url, data=text, headers={**HEADERS, "Content-Type": "application/json"}, timeout=30)
         assert bad.status_code == 422 and "amount" in bad.json()["message"], (number, bad.text)
-    huge = _application(application_id="a" * 64)
+    huge = application(application_id="a" * 64)
     huge_bytes = json.dumps({**huge, "padding": "x" * 100_000}).encode()
     assert requests.post(url, data=huge_bytes, headers={**HEADERS, "Content-Type": "application/json"}, timeout=30).status_code == 413
     chunked = requests.post(url, data=iter([huge_bytes[:50_000], huge_bytes[50_000:]]), headers={**HEADERS, "Content-Type": "application/json"}, timeout=30)
     assert chunked.status_code == 413
-    push = _post(f"{deployed.url}/push", {"push_source_name": "applicant_history", "df": {"applicant_id": [1]}})
+    push = post(f"{deployed.url}/push", {"push_source_name": "applicant_history", "df": {"applicant_id": [1]}})
     assert push.status_code == 422 and "event_timestamp" in push.json()["message"]
-    both = _post(f"{deployed.url}/get-online-features", {"features": ["a:b"], "feature_service": "s", "entities": {"x": [1]}})
+    both = post(f"{deployed.url}/get-online-features", {"features": ["a:b"], "feature_service": "s", "entities": {"x": [1]}})
     assert both.status_code == 422
 
 
 def test_api_key_is_required(served):
     platform, deployed, _ = served
     url = f"{deployed.url}/v1/decisions"
-    assert _post(url, _application(), headers={}).status_code == 401
-    assert _post(url, _application(), headers={"X-API-Key": KEY[:-1] + "y"}).status_code == 401
-    assert _post(f"{deployed.url}/get-online-features", {"feature_service": "underwriting_v1", "entities": {"applicant_id": [1]}}, headers={}).status_code == 401
+    assert post(url, application(), headers={}).status_code == 401
+    assert post(url, application(), headers={"X-API-Key": KEY[:-1] + "y"}).status_code == 401
+    assert post(f"{deployed.url}/get-online-features", {"feature_service": "underwriting_v1", "entities": {"applicant_id": [1]}}, headers={}).status_code == 401
     assert requests.get(f"{deployed.url}/health", timeout=30).status_code == 200  # load balancers probe without a key
 
-    os.environ.pop(KEY_ENV)
+    saved = {name: os.environ.pop(name) for name in (KEY_ENV, DIGESTS_ENV)}
     try:
         with pytest.raises(ServingError, match=KEY_ENV):
             platform.serving.deploy("underwriting")
     finally:
-        os.environ[KEY_ENV] = KEY
+        os.environ.update(saved)
 
 
 def test_an_empty_spool_dir_is_refused_before_anything_changes(served):
@@ -316,24 +205,168 @@ def test_an_empty_spool_dir_is_refused_before_anything_changes(served):
     with pytest.raises(ServingError, match="spool_dir is empty"):
         platform.serving.deploy("underwriting", spool_dir="")
     assert platform.serving.spool_dir() == deployed.spool_dir
-    assert _post(f"{deployed.url}/v1/decisions", _application()).status_code == 200
+    assert post(f"{deployed.url}/v1/decisions", application()).status_code == 200
 
 
 def test_a_retry_gets_the_same_decision(served):
     _, deployed, _ = served
     url = f"{deployed.url}/v1/decisions"
-    body = _application(RISKY)
-    first = _post(url, body).json()
+    body = application(RISKY)
+    first = post(url, body).json()
     for _ in range(3):
-        again = _post(url, body)
+        again = post(url, body)
         assert again.status_code == 200 and again.json() == first
     # copies racing on both replicas all get one decision
-    body = _application(SAFE)
+    body = application(SAFE)
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: _post(url, body).json()["decision_id"], range(16)))
+        answers = list(pool.map(lambda _: post(url, body).json()["decision_id"], range(16)))
     assert len(set(answers)) == 1
-    changed = _post(url, {**body, "amount": 999.0})
+    changed = post(url, {**body, "amount": 999.0})
     assert changed.status_code == 409 and changed.json()["decision_id"] == answers[0]
+
+
+# ------------------------------------------------------------------------------- hardening
+def _raw(url: str, text: str, headers=HEADERS) -> requests.Response:
+    return requests.post(url, data=text.encode(), headers={**headers, "Content-Type": "application/json"}, timeout=30)
+
+
+def logged_records(platform, deployed, application_id: str) -> list[dict]:
+    """Every decision-log record of ``application_id``: in the spool (open and closed segments,
+    claims) and in the compacted dataset."""
+    found = []
+    for folder, _, names in os.walk(deployed.spool_dir):
+        for name in names:
+            if SEGMENT_NAME.match(name):
+                try:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    continue
+                found += [r for r in parse_lines(data)[0] if r["application_id"] == application_id]
+    if platform.datasets.exists(DATASET):
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        paths = platform.datasets.file_paths(platform.datasets.get(DATASET))
+        table = pads.dataset(paths, schema=record_schema(), format="parquet", filesystem=platform.storage.arrow_fs)
+        found += table.to_table(filter=pc.field("application_id") == application_id).to_pylist()
+    return found
+
+
+def test_keys_carry_roles_and_a_checkout_key_can_only_decide(served):
+    platform, deployed, _ = served
+    checkout = {"X-API-Key": CHECKOUT_KEY}
+    decided = post(f"{deployed.url}/v1/decisions", application(SAFE), headers=checkout)
+    assert decided.status_code == 200 and decided.json()["decision"] == "approve"
+    clean = [history(RISKY, datetime.now(UTC) - timedelta(seconds=30))]
+    pushed = post(f"{deployed.url}/push", {"push_source_name": "applicant_history", "df": {c: [r[c] for r in clean] for c in clean[0]}}, headers=checkout)
+    assert pushed.status_code == 403 and "write_features" in pushed.json()["message"]
+    lookup = {"features": ["applicant_history:missed_installments_90d"], "entities": {"applicant_id": [RISKY]}}
+    read = post(f"{deployed.url}/get-online-features", lookup, headers=checkout)
+    assert read.status_code == 403 and "read_features" in read.json()["message"]
+    internal = requests.get(f"{deployed.url}/v1/internal/replica", headers=checkout, timeout=30)
+    assert internal.status_code == 403 and "operate" in internal.json()["message"] and "pid" not in internal.text
+    # the refused push changed nothing: RISKY still reads its missed installments
+    assert post(f"{deployed.url}/get-online-features", lookup).json()["results"][1]["values"] == [5.0]
+    assert post(f"{deployed.url}/v1/decisions", application(RISKY), headers=checkout).json()["decision"] == "decline"
+
+    document = requests.get(f"{deployed.url}/openapi.json", headers=checkout, timeout=30)
+    assert document.status_code == 200
+    paths = document.json()["paths"]
+    for route in ("/v1/decisions", "/get-online-features", "/push"):
+        post_op = paths[route]["post"]
+        assert "requestBody" in post_op and {"200", "422"} <= set(post_op["responses"]), route
+    assert {"/health", "/v1/internal/replica"} <= set(paths)
+    assert requests.get(f"{deployed.url}/openapi.json", timeout=30).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('"timestamp": "0001-01-01T00:00:00+01:00"', "timestamp"),
+        ('"timestamp": "9999-12-31T23:59:59-01:00"', "timestamp"),
+        ('"amount": 1' + "0" * 400, "amount"),
+        ('"applicant_id": 9223372036854775808', "applicant_id"),
+    ],
+)
+def test_extreme_decision_values_are_422(served, body, field):
+    _, deployed, _ = served
+    good = application()
+    key = body.split(":")[0].strip('"')
+    del good[key]
+    text = json.dumps(good)[:-1] + ", " + body + "}"
+    answer = _raw(f"{deployed.url}/v1/decisions", text)
+    assert answer.status_code == 422, answer.text
+    assert field in answer.json()["message"]
+
+
+def test_a_decision_timestamp_far_from_the_clock_is_refused_unless_it_is_a_retry(served):
+    _, deployed, _ = served
+    url = f"{deployed.url}/v1/decisions"
+    for when in (datetime.now(UTC) - timedelta(days=1), datetime(2025, 1, 2, tzinfo=UTC), datetime.now(UTC) + timedelta(hours=1)):
+        answer = post(url, application(SAFE, timestamp=when.isoformat()))
+        assert answer.status_code == 422, answer.text
+        assert "timestamp" in answer.json()["message"] and "server clock" in answer.json()["message"]
+
+
+def test_bad_on_demand_and_push_values_are_422_naming_the_field(served):
+    platform, deployed, _ = served
+    url = f"{deployed.url}/get-online-features"
+    for amount, field in (('["abc"]', "amount"), ('[1' + "0" * 400 + "]", "amount"), ("[1e308]", None)):
+        text = '{"features": ["checkout_features:amount_to_avg_prior"], "entities": {"applicant_id": [%d], "amount": %s, "term": [4]}}' % (SAFE, amount)
+        answer = _raw(url, text)
+        if field is None:  # a huge but finite amount is a valid number: answered
+            assert answer.status_code == 200, answer.text
+            continue
+        assert answer.status_code == 422, answer.text
+        assert field in answer.json()["message"] and "checkout_features" in answer.json()["message"]
+    term = post(url, {"features": ["checkout_features:amount_to_avg_prior"], "entities": {"applicant_id": [SAFE], "amount": [10.0], "term": ["x"]}})
+    assert term.status_code == 422 and "term" in term.json()["message"]
+    key = post(url, {"features": ["applicant_history:loans_30d"], "entities": {"applicant_id": ["abc"]}})
+    assert key.status_code == 422 and "applicant_id" in key.json()["message"]
+
+    row = history(900_200, datetime.now(UTC) - timedelta(minutes=1))
+    push_url = f"{deployed.url}/push"
+    for column, literal in (("applicant_id", "9223372036854775808"), ("applicant_id", "1e308"), ("loans_30d", "1" + "0" * 400)):
+        df = {c: [v] for c, v in row.items()}
+        text = json.dumps({"push_source_name": "applicant_history", "to": "online", "df": df})
+        text = text.replace(json.dumps({column: [row[column]]})[1:-1], f'"{column}": [{literal}]')
+        answer = _raw(push_url, text)
+        assert answer.status_code == 422, (column, literal, answer.text)
+        assert column in answer.json()["message"]
+    lookup = post(url, {"features": ["applicant_history:loans_30d"], "entities": {"applicant_id": [900_200]}}).json()
+    assert lookup["results"][1]["statuses"] == ["NOT_FOUND"]  # nothing of a refused push was written
+
+
+def test_a_far_future_push_is_refused_and_cannot_lock_a_key(served):
+    platform, deployed, _ = served
+    applicant = 900_300
+    now = datetime.now(UTC) - timedelta(minutes=1)
+    assert push_online(deployed, "applicant_history", [history(applicant, now, loans_30d=1.0)]).status_code == 200
+    for when, word in ((datetime(2262, 1, 1, tzinfo=UTC), "future"), (datetime.now(UTC) + timedelta(hours=1), "future"), (datetime(1990, 1, 1, tzinfo=UTC), "min_event_time")):
+        answer = push_online(deployed, "applicant_history", [history(applicant, when, loans_30d=9.0)])
+        assert answer.status_code == 422 and "event_timestamp" in answer.json()["message"] and word in answer.json()["message"], answer.text
+    with pytest.raises(DataError, match="future"):
+        platform.features.push("applicant_history", [history(applicant, datetime(2262, 1, 1, tzinfo=UTC))], to="online")
+    later = push_online(deployed, "applicant_history", [history(applicant, now + timedelta(seconds=30), loans_30d=2.0)])
+    assert later.status_code == 200
+    read = post(f"{deployed.url}/get-online-features", {"features": ["applicant_history:loans_30d"], "entities": {"applicant_id": [applicant]}}).json()
+    assert read["results"][1]["values"] == [2.0] and read["results"][1]["statuses"] == ["PRESENT"]
+
+
+def test_concurrent_copies_are_decided_once_and_logged_once(served):
+    platform, deployed, _ = served
+    url = f"{deployed.url}/v1/decisions"
+    body = application(RISKY)
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(lambda _: post(url, body), range(50)))
+    assert [a.status_code for a in answers] == [200] * 50, [a.text for a in answers if a.status_code != 200][:3]
+    assert len({a.json()["decision_id"] for a in answers}) == 1
+    assert len({a.text for a in answers}) == 1
+    records = logged_records(platform, deployed, body["application_id"])
+    assert len(records) == 1, records
+    assert records[0]["returned"] is True and records[0]["confirmed"] is True
+    assert records[0]["decision_id"] == answers[0].json()["decision_id"]
 
 
 # ------------------------------------------------------------------------------- load helpers
@@ -348,7 +381,7 @@ class _Load:
         session = requests.Session()
         while not self._stop.is_set():
             try:
-                response = _post(self.url, _application(RISKY if np.random.random() < 0.5 else SAFE), session=session)
+                response = post(self.url, application(RISKY if np.random.random() < 0.5 else SAFE), session=session)
                 self.results.append((response.status_code, response.json() if response.status_code == 200 else response.text))
             except requests.RequestException as exc:
                 self.results.append((None, repr(exc)))
@@ -395,7 +428,7 @@ def _wait_until_replicas_serve(deployed, version: int, timeout: float) -> bool:
 
 def test_moving_the_production_alias_under_load_drops_nothing(served):
     platform, deployed, _ = served
-    v2 = _register(platform, seed=2)
+    v2 = register(platform, seed=2)
     with _Load(f"{deployed.url}/v1/decisions") as load:
         assert load.wait_for(lambda b: True, 30)
         platform.models.set_alias("underwriting", "production", v2)
@@ -439,20 +472,53 @@ def test_a_replica_killed_under_load_loses_no_returned_decision(served):
     assert not lost, f"{len(lost)} of {len(returned)} returned decisions are not in the log"
 
 
+def test_with_redis_hung_decisions_fall_back_in_time_and_retries_keep_them(served):
+    """Redis paused (SIGSTOP): the idempotency read, the feature read and the answer's write
+    share one deadline, so every decision answers with the fallback; after Redis resumes, a
+    retry of each (on either replica) gets the decision it was given, never a new one."""
+    platform, deployed, redis_proc = served
+    url = f"{deployed.url}/v1/decisions"
+    deadline = platform.config.serving.deadline.total_seconds()
+    bodies = [application(SAFE, amount=60.0 + i) for i in range(24)]
+
+    def timed(body):
+        started = time.monotonic()
+        answer = post(url, body)
+        return answer, time.monotonic() - started
+
+    os.kill(redis_proc.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            first = list(pool.map(timed, bodies))
+    finally:
+        os.kill(redis_proc.pid, signal.SIGCONT)
+    assert [a.status_code for a, _ in first] == [200] * len(bodies), [a.text for a, _ in first][:3]
+    assert all(a.json()["fallback"] is True for a, _ in first)
+    print(f"hung Redis: slowest decision {max(t for _, t in first):.2f} s against a {deadline:.1f} s deadline")
+    retries = [post(url, body) for body in bodies for _ in range(2)]
+    assert [r.status_code for r in retries] == [200] * len(retries)
+    assert [r.json() for r in retries] == [a.json() for a, _ in first for _ in range(2)]
+    for body, (answer, _) in zip(bodies[:4], first):
+        records = logged_records(platform, deployed, body["application_id"])
+        assert [r["decision_id"] for r in records] == [answer.json()["decision_id"]]
+        assert records[0]["confirmed"] is False and records[0]["returned"] is True
+
+
 def test_fallback_decisions_when_redis_stops(served):
     """Stops Redis for good: keep this test last in the module."""
     platform, deployed, redis_proc = served
     url = f"{deployed.url}/v1/decisions"
-    assert _post(url, _application(SAFE)).json()["fallback"] is False
+    assert post(url, application(SAFE)).json()["fallback"] is False
     redis_proc.terminate()
     redis_proc.wait(timeout=10)
-    answers = [_post(url, _application(SAFE, amount=50.0 + i)) for i in range(10)]
+    answers = [post(url, application(SAFE, amount=50.0 + i)) for i in range(10)]
     assert [a.status_code for a in answers] == [200] * 10
     bodies = [a.json() for a in answers]
     assert all(b["fallback"] is True for b in bodies)
     assert {b["fallback_reason"] for b in bodies} <= {"feature_store_unavailable", "deadline_exceeded"}
     assert all(b["decision"] == "review" and b["probability_of_default"] is None for b in bodies)  # the configured fallback
-    knocked = _post(url, _application(SAFE, currency="EUR")).json()
+    knocked = post(url, application(SAFE, currency="EUR")).json()
     assert knocked["fallback"] is True and knocked["decision"] == "decline"  # policy still applies
     record = platform.serving.decision(bodies[0]["decision_id"])
     assert record["fallback"] is True and record["fallback_reason"] == bodies[0]["fallback_reason"]
+    served.close()  # the last user of the session's application: free its CPUs for what follows

@@ -46,6 +46,8 @@ def record(decision_id: str, **changes) -> dict:
         "latency_ms": 4.2,
         "created_at": datetime.now(UTC).isoformat(),
         "shadow": None,
+        "returned": True,
+        "confirmed": True,
     }
     rec.update(changes)
     return rec

@@ -85,6 +85,8 @@ def log_decision(log: DecisionLog, decision_id: str, mv, row: dict, score: float
         "latency_ms": 3.0,
         "created_at": datetime.now(UTC).isoformat(),
         "shadow": None,
+        "returned": True,
+        "confirmed": True,
         **changes,
     })
 

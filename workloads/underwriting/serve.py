@@ -7,7 +7,7 @@ import os
 import secrets
 import urllib.request
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -98,7 +98,8 @@ def sample_applications(
                 "amount": float(row.amount),
                 "currency": row.currency,
                 "term": int(row.term),
-                "timestamp": (last + timedelta(days=1)).isoformat(),
+                # the endpoint decides on the features as of now and refuses another time
+                "timestamp": datetime.now(UTC).isoformat(),
             }
             for i, row in enumerate(frame.itertuples())
         ]
