@@ -114,6 +114,9 @@ class Platform:
 
             ray.shutdown()
             self._started_ray = False
+            from mlplatform.serving.ingress import cleanup
+
+            cleanup()  # the private HAProxy directory (admin socket) of the Serve that just stopped
 
     def __enter__(self) -> Platform:
         return self
