@@ -4,8 +4,7 @@ Pure pyarrow/numpy and fully vectorised: keys are factorised across both sides
 (:mod:`mlplatform.features._join_keys`), the feature rows are sorted once by (key, time) and
 every entity row is answered by one ``searchsorted``. No Ray here, so the kernel is
 unit-testable and runs inside any Ray task unchanged. Timestamps are compared after
-:func:`~mlplatform.features._timestamps.to_utc`, re-exported here with ``UTC_MICROS`` for the
-callers that import them from this module.
+:func:`~mlplatform.timestamps.to_utc`.
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
 from mlplatform.features._join_keys import factorize_keys
-from mlplatform.features._timestamps import UTC_MICROS, micros_and_valid, to_utc
+from mlplatform.timestamps import micros_and_valid, to_utc
 
-__all__ = ["UTC_MICROS", "asof_join", "to_utc"]
+__all__ = ["asof_join"]
 
 # Composite (key, time) codes are int64; stay clear of the sign bit with a margin.
 _INT64_BUDGET = 1 << 62

@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.errors import DataError, DefinitionError
-from mlplatform.features._timestamps import UTC_MICROS, to_utc
 from mlplatform.features._windows import (
     CREATED_TIMESTAMP,
     EVENT_TIMESTAMP,
@@ -32,6 +31,7 @@ from mlplatform.features._windows import (
     window_aggregate,
 )
 from mlplatform.features.definitions import FeatureView
+from mlplatform.timestamps import UTC_MICROS, to_utc
 
 if TYPE_CHECKING:
     import ray.data

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.features._asof import asof_join
-from mlplatform.features._timestamps import to_utc
+from mlplatform.timestamps import to_utc
 
 if TYPE_CHECKING:
     import ray.data

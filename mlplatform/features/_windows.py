@@ -40,8 +40,8 @@ import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
 from mlplatform.features._intervals import Intervals, count_holding, running_sums, segment_cover, stab
-from mlplatform.features._timestamps import UTC_MICROS, micros_and_valid
 from mlplatform.features.definitions import Aggregation
+from mlplatform.timestamps import UTC_MICROS, micros_and_valid
 
 __all__ = ["EVENT_TIMESTAMP", "CREATED_TIMESTAMP", "event_time_range", "boundary_indices", "window_aggregate"]
 

@@ -25,18 +25,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.errors import DataError, DefinitionError, NotFoundError
 from mlplatform.features._backfill_rows import PARTITION, Plan, compute_rows
-from mlplatform.features._timestamps import UTC_MICROS, to_utc
 from mlplatform.features._windows import EVENT_TIMESTAMP
 from mlplatform.features.definitions import FeatureView
+from mlplatform.timestamps import UTC_MICROS, parse_instant, to_utc
 
 if TYPE_CHECKING:
     import ray.data
@@ -143,7 +142,7 @@ def backfill(
     """
     began = time.perf_counter()
     view = _resolve(platform, view)
-    start_at, end_at = parse_instant(start, "start"), parse_instant(end, "end")
+    start_at, end_at = parse_instant(start, "backfill start"), parse_instant(end, "backfill end")
     if start_at >= end_at:
         raise DataError(f"backfill start {start_at.isoformat()} must be before end {end_at.isoformat()}")
     source = view.source
@@ -216,24 +215,6 @@ def backfill(
     )
     echo(result.summary())
     return result
-
-
-def parse_instant(value: Any, what: str) -> datetime:
-    """A UTC-aware datetime from a datetime, date, pandas Timestamp or ISO string (naive = UTC).
-
-    Raises:
-        DataError: the value is not a point in time.
-    """
-    if isinstance(value, date) and not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    try:
-        stamp = pd.Timestamp(value)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"backfill {what} {value!r} is not a point in time: {exc}; pass e.g. '2024-01-01'") from None
-    if stamp is pd.NaT or not isinstance(stamp, pd.Timestamp):
-        raise DataError(f"backfill {what} {value!r} is not a point in time; pass e.g. '2024-01-01'")
-    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-    return stamp.floor("us").to_pydatetime()
 
 
 def _resolve(platform: Platform, view: str | FeatureView) -> FeatureView:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from mlplatform.errors import DataError
 from mlplatform.features._hash_shuffle import Block, BucketSpec, Prepare, dataset_blocks, remote_tasks, shuffle
-from mlplatform.features._timestamps import UTC_MICROS
+from mlplatform.timestamps import UTC_MICROS
 
 if TYPE_CHECKING:
     import ray.data

@@ -68,7 +68,7 @@ def get_historical_features(
         DefinitionError: a reference is malformed or names an unknown view or feature.
         DataError: the entity data lacks a needed column, or a view has no (current) offline data.
     """
-    from mlplatform.features._timestamps import to_utc
+    from mlplatform.timestamps import to_utc
     from mlplatform.features.pit_join import ViewJoin, point_in_time_join
 
     refs = store.resolve_features(features)
@@ -196,7 +196,7 @@ def _arrow_from_pandas(frame: Any) -> Any:
     """pandas → Arrow, normalising object timestamp columns that mix naive and aware values."""
     import pyarrow as pa
 
-    from mlplatform.features._timestamps import to_utc
+    from mlplatform.timestamps import to_utc
 
     columns = {}
     for name in frame.columns:

@@ -297,7 +297,7 @@ def _arrow_from_pandas(frame: Any) -> pa.Table:
     """pandas → Arrow; the timestamp columns through ``to_utc`` (they may mix naive and aware)."""
     import pyarrow as pa
 
-    from mlplatform.features._asof import to_utc
+    from mlplatform.timestamps import to_utc
 
     stamps = {c: to_utc(frame[c]) for c in (EVENT_TIMESTAMP, CREATED_TIMESTAMP) if c in frame.columns}
     rest = frame.drop(columns=list(stamps))
@@ -315,7 +315,7 @@ def _encode_table(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from mlplatform.features._asof import to_utc
+    from mlplatform.timestamps import to_utc
 
     missing = [c for c in (*keys, EVENT_TIMESTAMP) if c not in table.column_names]
     if missing:
@@ -361,7 +361,7 @@ def _feature_column(table: pa.Table, name: str, as_float: bool) -> list[Any]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from mlplatform.features._asof import to_utc
+    from mlplatform.timestamps import to_utc
 
     if name not in table.column_names:
         return [None] * table.num_rows

@@ -117,7 +117,7 @@ def _reduce_block(block: pa.Table, bounds: _Bounds) -> pa.Table:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from mlplatform.features._asof import UTC_MICROS, to_utc
+    from mlplatform.timestamps import UTC_MICROS, to_utc
 
     if block.num_rows == 0:
         return block.append_column(_BUCKET, pa.array([], pa.int64()))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mlplatform.errors import DataError, NotFoundError
 from mlplatform.features.definitions import FeatureView
 from mlplatform.online.latest_rows import TARGET_BUCKET_ROWS, WRITE_BATCH_ROWS, write_latest_rows
+from mlplatform.timestamps import parse_instant
 
 if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
@@ -105,8 +106,8 @@ def materialize(
         OnlineStoreUnavailable / StorageError: the online store failed; the view's previous
             state is untouched.
     """
-    start_at = None if start is None else _instant(start, "start")
-    end_at = _instant(end, "end")
+    start_at = None if start is None else parse_instant(start, "materialize start")
+    end_at = parse_instant(end, "materialize end")
     if start_at is not None and start_at >= end_at:
         raise DataError(f"materialize needs start < end, got start={start_at.isoformat()} end={end_at.isoformat()}")
     results = []
@@ -140,7 +141,7 @@ def materialize_incremental(
 
     Returns / Raises: as ``materialize``.
     """
-    end_at = _instant(end, "end")
+    end_at = parse_instant(end, "materialize end")
     online = store.online_store
     results = []
     for view, manifest in _plan(store, views, echo):
@@ -173,21 +174,6 @@ def read_state(store: FeatureStore, view: str) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------- planning
-
-
-def _instant(value: Any, what: str) -> datetime:
-    import pandas as pd
-
-    if isinstance(value, date) and not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day)
-    try:
-        stamp = pd.Timestamp(value)
-    except (TypeError, ValueError):
-        raise DataError(f"{what} must be a datetime, date or ISO string, got {value!r}") from None
-    if stamp is pd.NaT:
-        raise DataError(f"{what} must be a datetime, date or ISO string, got {value!r}")
-    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-    return stamp.floor("us").to_pydatetime()
 
 
 def _plan(

@@ -122,7 +122,7 @@ def _validate(view: FeatureView, rows: Any, existing: pa.Schema | None) -> pa.Ta
     import pandas as pd
     import pyarrow as pa
 
-    from mlplatform.features._asof import UTC_MICROS
+    from mlplatform.timestamps import UTC_MICROS
 
     if isinstance(rows, pa.Table):
         frame = rows.to_pandas()
@@ -169,7 +169,7 @@ def _typed(view: FeatureView, column: str, series: Any, dtype: str, *, nullable:
     (``mlplatform.features.values.check_values``: int64 range, finite floats, years 1-9999)."""
     import pyarrow as pa
 
-    from mlplatform.features._asof import UTC_MICROS
+    from mlplatform.timestamps import UTC_MICROS
 
     values = check_values(column, series.tolist(), dtype, where=f"push to view {view.name!r}: column", nullable=nullable)
     arrow_type = {"int64": pa.int64(), "float64": pa.float64(), "string": pa.string(), "bool": pa.bool_(), "timestamp": UTC_MICROS}

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from mlplatform.errors import DataError
-from mlplatform.features._asof import UTC_MICROS
+from mlplatform.timestamps import UTC_MICROS
 from mlplatform.features import _hash_shuffle
 from mlplatform.features.pit_join import ViewJoin, point_in_time_join
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlplatform.errors import DataError
-from mlplatform.features._asof import UTC_MICROS, asof_join, to_utc
+from mlplatform.features._asof import asof_join
+from mlplatform.timestamps import UTC_MICROS, to_utc
 
 BASE = datetime(2024, 3, 1, tzinfo=timezone.utc)
 ZONES = [timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-7))]

@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
-from mlplatform.features._asof import to_utc
+from mlplatform.timestamps import to_utc
 from workloads.underwriting.generate import CATEGORIES as _GENERATED_CATEGORIES
 
 __all__ = [

@@ -1,12 +1,18 @@
 """The platform's one time type, and the conversion every timestamp goes through.
 
+    to_utc(frame["application_ts"])          # a column -> timestamp[us, tz=UTC]
+    parse_instant("2024-01-01", "start")     # one value -> datetime(2024, 1, 1, tzinfo=UTC)
+
 ``UTC_MICROS`` (``timestamp[us, tz=UTC]``) is the type of every timestamp the platform
 stores or compares; ``to_utc`` brings Arrow, pandas, numpy or Python values to it (naive
-values are UTC). Used by the as-of join, the window kernel, backfills and the online store.
+values are UTC), ``micros_and_valid`` gives the int64 microseconds the kernels compute on, and
+``parse_instant`` reads one point in time (a range bound given by a user). Used by the as-of
+join, the window kernel, backfills, materialization, push and the online store.
 """
 
 from __future__ import annotations
 
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
@@ -16,7 +22,7 @@ import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
 
-__all__ = ["UTC_MICROS", "micros_and_valid", "to_utc"]
+__all__ = ["UTC_MICROS", "micros_and_valid", "parse_instant", "to_utc"]
 
 #: The platform's canonical timestamp type: microseconds since the epoch, tz-aware UTC.
 UTC_MICROS = pa.timestamp("us", tz="UTC")
@@ -96,3 +102,28 @@ def micros_and_valid(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np
         return pc.fill_null(ints, 0).to_numpy(), ints.is_valid().to_numpy(zero_copy_only=False)
     values = ints.to_numpy()
     return values, np.ones(values.size, dtype=bool)
+
+
+def parse_instant(value: Any, what: str) -> datetime:
+    """One point in time as a UTC-aware datetime, truncated to microseconds.
+
+        >>> parse_instant("2024-01-01", "backfill start")
+        datetime.datetime(2024, 1, 1, 0, 0, tzinfo=datetime.timezone.utc)
+
+    Args:
+        value: a datetime, date (its midnight), pandas Timestamp or ISO string; naive = UTC.
+        what: what the value is, for the error message (e.g. ``"backfill start"``).
+
+    Raises:
+        DataError: the value is not a point in time (None included).
+    """
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    try:
+        stamp = pd.Timestamp(value)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{what} {value!r} is not a point in time: {exc}; pass e.g. '2024-01-01'") from None
+    if stamp is pd.NaT or not isinstance(stamp, pd.Timestamp):
+        raise DataError(f"{what} {value!r} is not a point in time; pass e.g. '2024-01-01'")
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.floor("us").to_pydatetime()
