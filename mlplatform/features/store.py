@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 
     from mlplatform.features.backfill import BackfillResult
     from mlplatform.online import OnlineStore
-    from mlplatform.online.lookup import OnlineResponse
-    from mlplatform.online.materialize import MaterializeResult
-    from mlplatform.online.push import PushMode
+    from mlplatform.features.online_lookup import OnlineResponse
+    from mlplatform.features.materialize import MaterializeResult
+    from mlplatform.features.push import PushMode
     from mlplatform.platform import Platform
 
 OFFLINE_PREFIX = "offline"
@@ -179,11 +179,11 @@ class FeatureStore:
         self, start: Any, end: Any, views: Iterable[str | FeatureView] | None = None, *, echo: Callable[[str], Any] = print
     ) -> list[MaterializeResult]:
         """Rebuild each view's online state from offline rows with ``start < event_timestamp <= end``,
-        atomically per view; see ``mlplatform.online.materialize.materialize`` for the exact semantics.
+        atomically per view; see ``mlplatform.features.materialize.materialize`` for the exact semantics.
 
             platform.features.materialize("2024-01-01", "2024-07-01")
         """
-        from mlplatform.online.materialize import materialize
+        from mlplatform.features.materialize import materialize
 
         return materialize(self, start, end, views, echo=echo)
 
@@ -191,15 +191,15 @@ class FeatureStore:
         self, end: Any, views: Iterable[str | FeatureView] | None = None, *, echo: Callable[[str], Any] = print
     ) -> list[MaterializeResult]:
         """Bring each view's online state up to ``end`` from where the last run ended; see
-        ``mlplatform.online.materialize.materialize_incremental``."""
-        from mlplatform.online.materialize import materialize_incremental
+        ``mlplatform.features.materialize.materialize_incremental``."""
+        from mlplatform.features.materialize import materialize_incremental
 
         return materialize_incremental(self, end, views, echo=echo)
 
     def push(self, view: str | FeatureView, rows: Any, *, to: PushMode = "online_and_offline") -> int:
         """Write fresh rows of ``view`` online (visible at once) and offline (appended, created now);
-        see ``mlplatform.online.push.push``. Returns the number of rows."""
-        from mlplatform.online.push import push
+        see ``mlplatform.features.push.push``. Returns the number of rows."""
+        from mlplatform.features.push import push
 
         return push(self, view, rows, to=to)
 
@@ -212,10 +212,10 @@ class FeatureStore:
         now: datetime | None = None,
     ) -> OnlineResponse:
         """Current online values for each entity row, Feast-style; see
-        ``mlplatform.online.lookup.get_online_features`` for the exact semantics.
+        ``mlplatform.features.online_lookup.get_online_features`` for the exact semantics.
 
             platform.features.get_online_features("underwriting_v1", {"applicant_id": [1, 2], ...})
         """
-        from mlplatform.online.lookup import get_online_features
+        from mlplatform.features.online_lookup import get_online_features
 
         return get_online_features(self, features, entities, full_feature_names=full_feature_names, now=now)

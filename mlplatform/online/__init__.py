@@ -1,12 +1,12 @@
-"""The online store: the latest feature values per entity, for serving.
+"""Online store backends: where the latest feature values per entity live, for serving.
 
-    platform.features.materialize(start, end)                 # offline → online, atomically per view
-    platform.features.materialize_incremental(end)            # continue from the last end
-    platform.features.push("applicant_history", rows)         # online (and offline) at once
-    platform.features.get_online_features("underwriting_v1", {"applicant_id": [1, 2]})
+    store = open_online_store(config, storage)      # SQLite or Redis, as config.online_store says
+    store.read(view, keys, ["loans_30d"], now)
 
 Backends share one contract (``OnlineStore`` in ``base``): ``sqlite`` (embedded default, one
 machine) and ``redis`` (production, Redis or Redis Cluster), chosen by ``online_store.type``.
+What goes into them and how it is read with the feature store's semantics is the feature
+store's: ``mlplatform.features.materialize``, ``.push``, ``.online_lookup`` and ``.latest_rows``.
 """
 
 from __future__ import annotations

@@ -573,7 +573,7 @@ def lookup_many(catalog: Any, bodies: list[FeatureRequest]) -> list[bytes | Exce
     the same entity columns in one ``get_online_features`` call (rows concatenated, results
     split back), the rest one by one. A merged call that fails is retried body by body, so each
     body gets its own answer or error. Returns JSON bytes or the ``PlatformError`` per body."""
-    from mlplatform.online.lookup import get_online_features
+    from mlplatform.features.online_lookup import get_online_features
 
     out: list[bytes | Exception | None] = [None] * len(bodies)
     groups: dict[tuple[Any, ...], list[int]] = {}

@@ -3,7 +3,7 @@
     catalog = FeatureCatalog(platform.features)
     get_online_features(catalog, "underwriting_v1", entities)   # same semantics, no registry reads
 
-``mlplatform.online.lookup.get_online_features`` takes a feature store and asks its registry
+``mlplatform.features.online_lookup.get_online_features`` takes a feature store and asks its registry
 for every view on every call; the registry re-reads its revision from storage and rebuilds
 each definition (hashing the on-demand function's source) each time: milliseconds per call.
 A ``FeatureCatalog`` stands in for the store there: it answers ``resolve_features``,

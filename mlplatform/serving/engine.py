@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.online.base import OnlineStoreUnavailable
-from mlplatform.online.lookup import get_online_features
+from mlplatform.features.online_lookup import get_online_features
 
 if TYPE_CHECKING:
     from mlplatform.serving.catalog import FeatureCatalog

@@ -33,7 +33,7 @@ from mlplatform import (
 )
 from mlplatform.features.store import offline_dataset
 from mlplatform.online import FeatureStatus
-from mlplatform.online.materialize import TARGET_BUCKET_ROWS, materialize, materialize_incremental, read_state
+from mlplatform.features.materialize import TARGET_BUCKET_ROWS, materialize, materialize_incremental, read_state
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 applicant = Entity(name="applicant", join_keys=["applicant_id"])
@@ -215,7 +215,7 @@ _CHILD = textwrap.dedent(
     """
     import json, sys
     from mlplatform import Platform
-    from mlplatform.online.materialize import materialize
+    from mlplatform.features.materialize import materialize
 
     platform = Platform.from_config(json.loads(sys.argv[1]))
     # small write batches: many short transactions, so the parent can catch it mid-write

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from mlplatform.config import load_config
 from mlplatform.errors import DataError, ServingError
 from mlplatform.features.values import INT64_MAX, INT64_MIN, check_value, check_values
-from mlplatform.online.push import check_event_times
+from mlplatform.features.push import check_event_times
 from mlplatform.serving.guard import Guard, role_for
 from mlplatform.serving.idempotency import SqliteIdempotencyStore, is_pending, pending_marker
 from mlplatform.serving.keys import load_keys, new_key, parse_digest_entries

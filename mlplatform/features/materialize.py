@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mlplatform.errors import DataError, NotFoundError
 from mlplatform.features.definitions import FeatureView
-from mlplatform.online.latest_rows import TARGET_BUCKET_ROWS, WRITE_BATCH_ROWS, write_latest_rows
+from mlplatform.features.latest_rows import TARGET_BUCKET_ROWS, WRITE_BATCH_ROWS, write_latest_rows
 from mlplatform.timestamps import parse_instant
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
     rows = write_latest_rows(store, online, view, manifest, partitions, offline_rows,
                              start, end, generation, batch_rows=..., bucket_rows=...)
 
-``mlplatform.online.materialize`` plans a run, opens and publishes the generation and records
+``mlplatform.features.materialize`` plans a run, opens and publishes the generation and records
 the state; this module does the work that grows with the data. Per view, as one Ray Data
 pipeline: read the view's offline dataset (only the ``date`` partitions that can hold events in
 the window), keep rows with ``start < event_timestamp <= end``, reduce each block to its latest
