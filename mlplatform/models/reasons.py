@@ -28,7 +28,6 @@ Definition, per row:
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from mlplatform.errors import DataError, ModelError
+from mlplatform.models.encoding import encode_frame, encode_values, is_missing, model_info
 from mlplatform.models.treeshap import FastTreeShap
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class ReasonCoder:
             raise ModelError(f"max_reasons must be at least 1, got {max_reasons}")
         self.booster = booster
         self.max_reasons = max_reasons
-        self._model = _model_info(booster)
+        self._model = model_info(booster)
         self._texts = [reasons.get(name, default_text) for name in self._model.names]
         self._shap = FastTreeShap.for_booster(booster)  # built once per booster, then cached
 
@@ -140,28 +140,19 @@ class ReasonCoder:
         Raises:
             DataError: a model feature is not a key of ``row``.
         """
-        names, categories = self._model.names, self._model.categories
+        names = self._model.names
         try:
             values = [row[name] for name in names]
         except KeyError:
             missing = [n for n in names if n not in row]
             raise DataError(f"the row lacks model features {missing}; pass None for a missing value") from None
-        x = np.empty((1, len(names)))
-        for j, v in enumerate(values):
-            if _missing(v):
-                x[0, j] = np.nan
-                continue
-            cats = categories.get(j)
-            try:
-                x[0, j] = cats.get(v, np.nan) if cats is not None else v  # unseen category: missing, as in training
-            except (TypeError, ValueError):
-                raise DataError(f"feature {names[j]!r} has value {v!r}, which is not a number") from None
+        x = encode_values(self._model, values)
         contrib = self._contributions(x)[0]
         return Explained(self._rank(contrib, values), float(contrib.sum()))
 
     def explain_encoded(self, x: np.ndarray, rows: Sequence[Mapping[str, Any]]) -> list[Explained]:
         """``explain_row`` for many rows in one ``pred_contrib`` call: ``x`` holds the rows
-        already encoded the way ``explain_row`` encodes one (``replay.encode_features``, as the
+        already encoded the way ``explain_row`` encodes one (``encoding.encode_features``, as the
         decision service scores them) and ``rows`` the same rows as ``{feature: value}``, whose
         values the reasons report."""
         if len(x) != len(rows):
@@ -184,20 +175,9 @@ class ReasonCoder:
         return [self._rank(contrib[i], values[i]) for i in range(len(x))]
 
     def matrix(self, features: pd.DataFrame) -> np.ndarray:
-        """The model's input matrix, encoded exactly as ``explain_row`` encodes one row."""
-        import pandas as pd
-
-        x = np.empty((len(features), len(self._model.names)))
-        for j, name in enumerate(self._model.names):
-            column = features[name]
-            cats = self._model.categories.get(j)
-            if cats is not None:
-                codes = pd.Categorical(column, categories=list(cats)).codes.astype(float)
-                codes[codes < 0] = np.nan
-                x[:, j] = codes
-            else:
-                x[:, j] = pd.to_numeric(column, errors="raise").to_numpy(dtype=float, na_value=np.nan)
-        return x
+        """The model's input matrix (``mlplatform.models.encoding.encode_frame``), encoded
+        exactly as ``explain_row`` encodes one row."""
+        return encode_frame(self.booster, features)
 
     def _contributions(self, x: np.ndarray, threads: int | None = 1) -> np.ndarray:
         """SHAP values of the encoded rows ``x``: (rows, features + 1), the last column the bias."""
@@ -261,60 +241,7 @@ def reason_texts_from_definitions(
     return out
 
 
-# ------------------------------------------------------------------------- model info
-class _ModelInfo(NamedTuple):
-    names: list[str]
-    categories: dict[int, dict[Any, int]]  # feature index -> {category: code}
-
-
-_INFO: weakref.WeakKeyDictionary[Any, _ModelInfo] = weakref.WeakKeyDictionary()
-
-
-def _model_info(booster: Any) -> _ModelInfo:
-    info = _INFO.get(booster)
-    if info is None:
-        if booster.num_model_per_iteration() != 1:
-            raise ModelError(
-                f"reason codes need a single-output (binary) model; this one has "
-                f"{booster.num_model_per_iteration()} outputs per iteration"
-            )
-        info = _ModelInfo(list(booster.feature_name()), _categories(booster))
-        _INFO[booster] = info
-    return info
-
-
-def _categories(booster: Any) -> dict[int, dict[Any, int]]:
-    """Encodings of features trained as pandas categoricals: LightGBM stores each one's
-    category list (``pandas_categorical``) in the order of the model's categorical features,
-    and codes a value as its position in that list."""
-    lists = getattr(booster, "pandas_categorical", None)
-    if not lists:
-        return {}
-    names = list(booster.feature_name())
-    text = booster.model_to_string(num_iteration=1)
-    declared = next((line for line in text.splitlines() if line.startswith("[categorical_feature: ")), None)
-    if declared is not None:
-        # The training parameters: indices "1,4", or "name:a,b" when given by name.
-        value = declared[len("[categorical_feature: ") : -1]
-        items = value.removeprefix("name:").split(",")
-        categorical = sorted(names.index(i) if value.startswith("name:") else int(i) for i in items if i)
-    else:
-        # Numeric features read "[min:max]" (or "none" when unused); categorical ones list codes "1:5:7".
-        infos = next(line for line in text.splitlines() if line.startswith("feature_infos="))
-        categorical = [j for j, i in enumerate(infos.split("=", 1)[1].split(" ")) if i != "none" and not i.startswith("[")]
-    if len(categorical) != len(lists):
-        raise ModelError(
-            f"cannot match the model's {len(categorical)} categorical features to its {len(lists)} pandas category lists"
-        )
-    return {j: {cat: code for code, cat in enumerate(cats)} for j, cats in zip(categorical, lists, strict=True)}
-
-
-def _missing(value: Any) -> bool:
-    # None, NaN, and pandas' NA / NaT (compared by type name so pandas need not be imported).
-    return value is None or (isinstance(value, float) and math.isnan(value)) or type(value).__name__ in ("NAType", "NaTType")
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
-    return None if _missing(value) else value
+    return None if is_missing(value) else value

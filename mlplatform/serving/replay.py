@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from mlplatform.errors import DataError, IntegrityError, ModelError
+from mlplatform.models.encoding import encode_features
 from mlplatform.serving.decision_lookup import find_decision
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
     from mlplatform.platform import Platform
 
-__all__ = ["ReplayResult", "encode_features", "replay", "score_features"]
+__all__ = ["ReplayResult", "replay", "score_features"]
 
 
 class FallbackPolicy(Protocol):
@@ -146,40 +147,6 @@ def score_features(booster: lightgbm.Booster, features: Mapping[str, Any]) -> fl
         DataError: a model feature is not a key of ``features`` (pass None for missing).
     """
     return float(booster.predict(encode_features(booster, features), num_threads=1)[0])
-
-
-def encode_features(booster: lightgbm.Booster, features: Mapping[str, Any]) -> np.ndarray:
-    """One row as the model's ``(1, n_features)`` float matrix, encoded exactly as
-    ``ReasonCoder.explain_row`` encodes it: columns in ``booster.feature_name()`` order;
-    None / NaN -> NaN; a categorical feature -> its code in the model's pandas category list
-    (NaN when the value is not in the list, as LightGBM's pandas path codes it).
-
-    Raises:
-        DataError: a model feature is not a key of ``features``, or a numeric feature's
-            value is not a number.
-    """
-    # The model facts and the missing-value rule of the online path; keep this loop in step
-    # with ReasonCoder.explain_row (test_replay checks both against LightGBM's pandas path).
-    from mlplatform.models.reasons import _missing, _model_info
-
-    info = _model_info(booster)
-    if not isinstance(features, Mapping):
-        raise DataError(f"features must be a mapping of feature name to value, got {type(features).__name__}")
-    missing = [n for n in info.names if n not in features]
-    if missing:
-        raise DataError(f"the features lack model features {missing}; a missing value is logged as null")
-    x = np.empty((1, len(info.names)))
-    for j, name in enumerate(info.names):
-        value = features[name]
-        if _missing(value):
-            x[0, j] = np.nan
-            continue
-        cats = info.categories.get(j)
-        try:
-            x[0, j] = cats.get(value, np.nan) if cats is not None else value  # unseen category: missing
-        except (TypeError, ValueError):
-            raise DataError(f"feature {name!r} has value {value!r}, which is not a number") from None
-    return x
 
 
 def _replay_fallback(record: Mapping[str, Any], policy: FallbackPolicy | None, base: dict[str, Any]) -> ReplayResult:

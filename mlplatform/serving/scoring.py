@@ -53,14 +53,14 @@ class Scorer:
     coder: ReasonCoder = field(repr=False)
 
     def matrix(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """The model input, one row per mapping, encoded by ``replay.encode_features`` (the
+        """The model input, one row per mapping, encoded by ``models.encoding.encode_features`` (the
         booster's column order; None → NaN; categories by the model's lists), so the logged
         score is the one replay recomputes, bit for bit.
 
         Raises:
             DataError: a value of a numeric feature is not a number.
         """
-        from mlplatform.serving.replay import encode_features
+        from mlplatform.models.encoding import encode_features
 
         if not rows:
             return np.empty((0, len(self.feature_names)))

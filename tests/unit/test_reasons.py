@@ -99,7 +99,7 @@ def test_single_row_path_matches_the_dataframe_path(data):
 def test_encoded_rows_are_explained_as_each_row_alone(data):
     """The decision service explains a micro-batch's declines in one call; each row must get
     exactly what it would get alone."""
-    from mlplatform.serving.replay import encode_features
+    from mlplatform.models.encoding import encode_features
 
     booster, df = data
     coder = ReasonCoder(booster, TEXTS)
