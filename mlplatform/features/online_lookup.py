@@ -11,21 +11,31 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mlplatform.errors import DataError, PlatformError
 from mlplatform.features.definitions import FeatureService, FeatureView, OnDemandFeatureView, RequestSource, parse_ref
+from mlplatform.features.planner import ViewResolver, plan_features
 from mlplatform.features.values import check_values
 from mlplatform.online.base import FeatureStatus
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from mlplatform.features.store import FeatureStore
+    from mlplatform.online import OnlineStore
 
-__all__ = ["FeatureResult", "OnlineMetadata", "OnlineResponse", "get_online_features"]
+__all__ = ["FeatureResult", "OnlineFeatureSource", "OnlineMetadata", "OnlineResponse", "get_online_features"]
 
 _EPOCH_JSON = "1970-01-01T00:00:00Z"
+
+
+class OnlineFeatureSource(ViewResolver, Protocol):
+    """What a lookup reads definitions and values from: the ``FeatureStore``, or serving's
+    ``FeatureCatalog`` (the same answers from definitions resolved once)."""
+
+    online_store: OnlineStore
+
+    def resolve_features(self, features: FeatureService | str | Iterable[str]) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class OnlineResponse:
 
 
 def get_online_features(
-    store: FeatureStore,
+    store: OnlineFeatureSource,
     features: FeatureService | str | Iterable[str],
     entities: Mapping[str, Sequence[Any]],
     *,
@@ -115,18 +125,10 @@ def get_online_features(
     refs = store.resolve_features(features)
     now = datetime.now(UTC) if now is None else (now if now.tzinfo else now.replace(tzinfo=UTC))
     rows = _row_count(entities)
-    views, odfvs = _plan(store, refs)
+    plan = plan_features(store, refs)
+    views, odfvs = plan.views, plan.on_demand
 
-    needed: dict[str, str] = {}
-    for view, _ in views.values():
-        for key in view.join_keys:
-            needed.setdefault(key, f"join key of view {view.name!r}")
-    for odfv, _ in odfvs.values():
-        for source in odfv.sources:
-            if isinstance(source, RequestSource):
-                for f in source.schema_:
-                    needed.setdefault(f.name, f"request field of on-demand view {odfv.name!r}")
-    missing = {c: why for c, why in needed.items() if c not in entities}
+    missing = {c: why for c, why in plan.entity_columns().items() if c not in entities}
     if missing:
         listed = "; ".join(f"{c!r} ({why})" for c, why in missing.items())
         raise DataError(f"entities lack {listed}; given {sorted(entities)}")
@@ -171,27 +173,6 @@ def _row_count(entities: Mapping[str, Sequence[Any]]) -> int:
     if len(set(lengths.values())) != 1:
         raise DataError(f"entities lists must all have one length, got {lengths}")
     return next(iter(lengths.values()))
-
-
-def _plan(
-    store: FeatureStore, refs: list[str]
-) -> tuple[dict[str, tuple[FeatureView, list[str]]], dict[str, tuple[OnDemandFeatureView, list[str]]]]:
-    """Features to read per view (including what on-demand views need), and on-demand views."""
-    views: dict[str, tuple[FeatureView, list[str]]] = {}
-    odfvs: dict[str, tuple[OnDemandFeatureView, list[str]]] = {}
-    for ref in refs:
-        view_name, feature = parse_ref(ref)
-        view = store.registry.resolve_view(view_name)
-        target: dict[str, Any] = views if isinstance(view, FeatureView) else odfvs
-        wanted = target.setdefault(view.name, (view, []))[1]
-        if feature not in wanted:
-            wanted.append(feature)
-    for odfv, _ in list(odfvs.values()):
-        for source in odfv.sources:
-            if isinstance(source, FeatureView):
-                wanted = views.setdefault(source.name, (source, []))[1]
-                wanted.extend(f.name for f in source.features if f.name not in wanted)
-    return views, odfvs
 
 
 def _checked_inputs(

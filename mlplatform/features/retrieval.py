@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import DataError, NotFoundError
-from mlplatform.features.definitions import FeatureService, FeatureView, OnDemandFeatureView, RequestSource, parse_ref
+from mlplatform.features.definitions import FeatureService, FeatureView, OnDemandFeatureView, RequestSource
+from mlplatform.features.planner import FeaturePlan, plan_features
 
 if TYPE_CHECKING:
     import ray.data
@@ -72,7 +73,7 @@ def get_historical_features(
     from mlplatform.features.pit_join import ViewJoin, point_in_time_join
 
     refs = store.resolve_features(features)
-    plan = _plan(store, refs)
+    plan = plan_features(store, refs)
     ray = store.platform.ray()
     entities = _entity_dataset(store, entity_df, ray)
     _check_entity_columns(entities, plan, entity_timestamp)
@@ -84,7 +85,7 @@ def get_historical_features(
     entities = entities.map_batches(normalise, batch_format="pyarrow", zero_copy_batch=True)
 
     joins = []
-    for view, names in plan["views"]:
+    for view, names in plan.views.values():
         joins.append(
             ViewJoin(
                 name=view.name,
@@ -104,40 +105,19 @@ def get_historical_features(
         full_feature_names=full_feature_names,
         include_event_timestamps=include_event_timestamps,
     )
-    if plan["odfvs"]:
+    if plan.on_demand:
         joined = joined.map_batches(
-            _OnDemand(plan["odfvs"], full_feature_names), batch_format="pandas", zero_copy_batch=False
+            _OnDemand(list(plan.on_demand.values()), full_feature_names), batch_format="pandas", zero_copy_batch=False
         )
     hidden = [
-        _out(v.name, f, full_feature_names) for v, names in plan["views"] for f in names if f"{v.name}:{f}" not in refs
+        _out(v.name, f, full_feature_names)
+        for v, names in plan.views.values()
+        for f in names
+        if f"{v.name}:{f}" not in refs
     ]
     if hidden:
         joined = joined.drop_columns(hidden)
     return joined
-
-
-def _plan(store: FeatureStore, refs: list[str]) -> dict[str, Any]:
-    """Which columns to join from which views, including inputs on-demand views need.
-
-    Returns ``{"views": [(FeatureView, [feature, ...])], "odfvs": [(OnDemandFeatureView, [...])]}``.
-    """
-    views: dict[str, tuple[FeatureView, list[str]]] = {}
-    odfvs: dict[str, tuple[OnDemandFeatureView, list[str]]] = {}
-    for ref in refs:
-        view_name, feature = parse_ref(ref)
-        view = store.registry.resolve_view(view_name)
-        target: dict[str, Any] = views if isinstance(view, FeatureView) else odfvs
-        names = target.setdefault(view.name, (view, []))[1]
-        if feature not in names:
-            names.append(feature)
-    for odfv, _ in list(odfvs.values()):
-        for source in odfv.sources:
-            if isinstance(source, FeatureView):
-                names = views.setdefault(source.name, (source, []))[1]
-                for f in source.features:
-                    if f.name not in names:
-                        names.append(f.name)
-    return {"views": list(views.values()), "odfvs": list(odfvs.values())}
 
 
 def _out(view: str, feature: str, full: bool) -> str:
@@ -210,17 +190,11 @@ def _arrow_from_pandas(frame: Any) -> Any:
     return pa.table(columns)
 
 
-def _check_entity_columns(entities: ray.data.Dataset, plan: dict[str, Any], entity_timestamp: str) -> None:
+def _check_entity_columns(entities: ray.data.Dataset, plan: FeaturePlan, entity_timestamp: str) -> None:
     names = set(entities.schema().names)
     required = {entity_timestamp: "the entity timestamp (entity_timestamp=...)"}
-    for view, _ in plan["views"]:
-        for key in view.join_keys:
-            required.setdefault(key, f"join key of view {view.name!r}")
-    for odfv, _ in plan["odfvs"]:
-        for source in odfv.sources:
-            if isinstance(source, RequestSource):
-                for f in source.schema_:
-                    required.setdefault(f.name, f"request field of on-demand view {odfv.name!r}")
+    for column, why in plan.entity_columns().items():
+        required.setdefault(column, why)
     missing = {col: why for col, why in required.items() if col not in names}
     if missing:
         listed = "; ".join(f"{col!r} ({why})" for col, why in missing.items())

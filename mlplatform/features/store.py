@@ -144,6 +144,14 @@ class FeatureStore:
             include_event_timestamps=include_event_timestamps,
         )
 
+    def resolve_view(self, name: str) -> FeatureView | OnDemandFeatureView:
+        """The registered feature view or on-demand view called ``name``.
+
+        Raises:
+            NotFoundError: no view of either kind has that name.
+        """
+        return self.registry.resolve_view(name)
+
     def resolve_features(self, features: FeatureService | str | Iterable[str]) -> list[str]:
         """Turn a FeatureService, its name, or a list of refs into a checked list of ``view:feature`` refs.
 
@@ -163,7 +171,7 @@ class FeatureStore:
             raise DefinitionError("no features requested: pass a FeatureService or a list of 'view:feature' refs")
         for ref in refs:
             view, feature = parse_ref(ref)
-            self.registry.resolve_view(view).feature(feature)
+            self.resolve_view(view).feature(feature)
         return refs
 
     # ---------------------------------------------------------------------- online
