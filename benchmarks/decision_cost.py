@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mlplatform.serving.catalog import FeatureCatalog
-    from mlplatform.serving.decision_log import DecisionLog
+    from mlplatform.serving.decisions.log import DecisionLog
     from mlplatform.serving.engine import DecisionEngine, Job
     from mlplatform.serving.idempotency import open_idempotency_store, pending_marker
     from mlplatform.serving.policy import DecisionPolicy

@@ -6,12 +6,12 @@
     # POST {deployed.url}/get-online-features  (Feast-compatible), POST /push, GET /health
 
 Parts: ``api`` (``platform.serving``), ``app`` (the Serve deployment and its routes),
-``engine`` (features → score → policy → record), ``policy`` (thresholds, limits, fallback),
-``scoring`` (models and alias rollout), ``catalog`` (definitions cached for the request
-path), ``idempotency`` (retries get their first answer), the decision log (``decision_log``
-appends to the ``decision_spool``, ``decision_compaction`` moves it into ``decisions/log``,
-``decision_lookup`` finds a decision, ``decision_records`` is the record) and ``replay``,
-``ingress`` (HAProxy), ``metrics``, ``schemas`` (the HTTP documents).
+``guard`` (keys, roles, body size), ``keys`` (API keys and their digests), ``schemas`` (the
+HTTP documents), ``engine`` (features → score → policy → record), ``policy`` (thresholds,
+limits, fallback), ``scoring`` (models and alias rollout), ``catalog`` (definitions cached for
+the request path), ``idempotency`` (one decision per application), ``ingress`` (HAProxy),
+``metrics``; and ``decisions/``, the decision log (append, spool, compaction, records,
+lookup, replay, unconfirmed answers).
 
 Running it on a cluster (paste into the README)
 -----------------------------------------------

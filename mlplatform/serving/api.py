@@ -270,14 +270,14 @@ class Serving:
         Raises:
             NotFoundError: no such decision.
         """
-        from mlplatform.serving.decision_lookup import find_decision
+        from mlplatform.serving.decisions.lookup import find_decision
 
         return find_decision(self.platform.storage, decision_id, spool_dir=self.spool_dir())
 
     def compact_log(self) -> Any:
         """Compact this node's spool into ``decisions/log`` now (replicas also do it every
         minute): closed segments and those of dead replicas. Returns the ``CompactionResult``."""
-        from mlplatform.serving.decision_log import DecisionLog
+        from mlplatform.serving.decisions.log import DecisionLog
 
         spool = self.spool_dir()
         if not os.path.isdir(spool):
@@ -287,12 +287,12 @@ class Serving:
 
     def replay(self, decision_id: str, *, policy: DecisionPolicy | Mapping[str, Any] | None = None) -> Any:
         """Recompute a logged decision's score from its logged features with its logged model
-        version (``mlplatform.serving.replay.replay``; this node's spool is searched too).
+        version (``mlplatform.serving.decisions.replay.replay``; this node's spool is searched too).
 
         A fallback decision is replayed with ``policy``, by default the policy this object
         deployed with (None when it deployed nothing: then the result says it is not replayable).
         """
-        from mlplatform.serving.replay import replay
+        from mlplatform.serving.decisions.replay import replay
 
         chosen = _policy(policy) if policy is not None else self._policy
         return replay(self.platform, decision_id, spool_dir=self.spool_dir(), policy=chosen)

@@ -203,13 +203,13 @@ class ServingReplica:
     def __init__(self, settings: AppSettings) -> None:
         from mlplatform.platform import Platform
         from mlplatform.serving.catalog import FeatureCatalog
-        from mlplatform.serving.decision_log import DecisionLog
+        from mlplatform.serving.decisions.log import DecisionLog
+        from mlplatform.serving.decisions.unconfirmed import UnconfirmedAnswers
         from mlplatform.serving.engine import DecisionEngine
         from mlplatform.serving.idempotency import open_idempotency_store
         from mlplatform.serving.metrics import ServingMetrics
         from mlplatform.serving.policy import DecisionPolicy
         from mlplatform.serving.scoring import ModelWatcher
-        from mlplatform.serving.unconfirmed import UnconfirmedAnswers
 
         Guard.configure(settings.keys)
         self.settings = settings

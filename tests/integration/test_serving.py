@@ -45,8 +45,8 @@ from _serving_app import (
 )
 
 from mlplatform import DataError, ServingError
-from mlplatform.serving.decision_records import DATASET, parse_lines, record_schema
-from mlplatform.serving.decision_spool import SEGMENT_NAME
+from mlplatform.serving.decisions.records import DATASET, parse_lines, record_schema
+from mlplatform.serving.decisions.spool import SEGMENT_NAME
 
 # ------------------------------------------------------------------------- feature server
 def test_push_and_get_online_features_speak_feast(served):

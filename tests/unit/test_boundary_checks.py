@@ -20,7 +20,7 @@ from mlplatform.features.push import check_event_times
 from mlplatform.serving.guard import Guard, role_for
 from mlplatform.serving.idempotency import SqliteIdempotencyStore, is_pending, pending_marker
 from mlplatform.serving.keys import load_keys, new_key, parse_digest_entries
-from mlplatform.serving.unconfirmed import UnconfirmedAnswers
+from mlplatform.serving.decisions.unconfirmed import UnconfirmedAnswers
 
 
 # ------------------------------------------------------------------------------ values

@@ -20,8 +20,8 @@ import pytest
 
 from mlplatform import DataError, NotFoundError, StorageError
 from mlplatform.config import StorageConfig
-from mlplatform.serving.decision_log import DecisionLog
-from mlplatform.serving.decision_records import DATASET, validate_record
+from mlplatform.serving.decisions.log import DecisionLog
+from mlplatform.serving.decisions.records import DATASET, validate_record
 from mlplatform.storage import DatasetStore, Storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,7 +214,7 @@ VICTIM = r"""
 import asyncio, json, sys
 from datetime import UTC, datetime
 from mlplatform.config import StorageConfig
-from mlplatform.serving.decision_log import DecisionLog
+from mlplatform.serving.decisions.log import DecisionLog
 from mlplatform.storage import Storage
 
 root, endpoint, spool, prefix = sys.argv[1:5]
@@ -385,7 +385,7 @@ def test_a_claim_being_set_up_is_not_taken_for_a_dead_one(storage, tmp_path):
 CRASHING_COMPACTOR = r"""
 import os, signal, sys
 from mlplatform.config import StorageConfig
-from mlplatform.serving.decision_log import DecisionLog
+from mlplatform.serving.decisions.log import DecisionLog
 from mlplatform.storage import Storage
 
 log = DecisionLog(Storage(StorageConfig(root=sys.argv[1])), spool_dir=sys.argv[2], replica_id="crasher",

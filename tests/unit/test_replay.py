@@ -14,9 +14,9 @@ import pytest
 
 from mlplatform import DataError, IntegrityError, NotFoundError, Platform
 from mlplatform.models.reasons import ReasonCoder
-from mlplatform.serving.decision_log import DecisionLog
+from mlplatform.serving.decisions.log import DecisionLog
 from mlplatform.models.encoding import encode_features
-from mlplatform.serving.replay import replay, score_features
+from mlplatform.serving.decisions.replay import replay, score_features
 
 FEATURES = ["loans_90d", "utilisation", "category", "income"]
 CATEGORIES = ["electronics", "fashion", "travel"]

@@ -40,8 +40,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import PlatformError, StorageError
-from mlplatform.serving.decision_records import DATASET, read_segments
-from mlplatform.serving.decision_spool import CLAIMS, SEGMENT_NAME, fsync_dir, lock_if_dead
+from mlplatform.serving.decisions.records import DATASET, read_segments
+from mlplatform.serving.decisions.spool import CLAIMS, SEGMENT_NAME, fsync_dir, lock_if_dead
 from mlplatform.storage.datasets import DatasetStore
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class Compactor:
 
     Args:
         storage: the storage root that holds ``decisions/log``.
-        spool_dir: the spool (see ``decision_spool``); it must exist, with its ``claims/``.
+        spool_dir: the spool (see ``spool``); it must exist, with its ``claims/``.
         replica_id: names the claims this compactor makes.
         fsync: the function that makes a file descriptor durable (``os.fsync``).
         on_published: called with each committed ``DatasetVersion`` before the claimed

@@ -7,9 +7,9 @@ compacted, exactly once, into the Parquet dataset ``decisions/log`` under the st
     log.get("d-123")             # from the spool or the compacted data
     log.close()
 
-The spool's layout and who may take a segment: ``decision_spool``. The records and their
-lines: ``decision_records``. Compaction, exactly once: ``decision_compaction``. Lookup:
-``decision_lookup``.
+The spool's layout and who may take a segment: ``spool``. The records and their
+lines: ``records``. Compaction, exactly once: ``compaction``. Lookup:
+``lookup``.
 
 Appending (group commit): ``append`` validates and encodes the record and queues it; one
 writer thread takes everything queued — waiting at most ``group_commit_ms`` after the oldest
@@ -34,10 +34,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import ServingError, StorageError
-from mlplatform.serving.decision_compaction import CompactionResult, Compactor
-from mlplatform.serving.decision_lookup import find_decision
-from mlplatform.serving.decision_records import encode_line, validate_record
-from mlplatform.serving.decision_spool import CLAIMS, fsync_dir
+from mlplatform.serving.decisions.compaction import CompactionResult, Compactor
+from mlplatform.serving.decisions.lookup import find_decision
+from mlplatform.serving.decisions.records import encode_line, validate_record
+from mlplatform.serving.decisions.spool import CLAIMS, fsync_dir
 
 if TYPE_CHECKING:
     from mlplatform.storage.blobs import Storage
@@ -276,7 +276,7 @@ class DecisionLog:
         then claims the closed segments (this replica's, other replicas' rolled ones and the
         open segments of dead replicas) and publishes their valid lines. Segments of live
         replicas that are still open are left alone. Safe to run concurrently from any number
-        of replicas and processes on the node; see ``decision_compaction`` for why it never
+        of replicas and processes on the node; see ``compaction`` for why it never
         duplicates a record.
 
         Returns:

@@ -8,8 +8,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import NotFoundError
-from mlplatform.serving.decision_records import DATASET, parse_lines, record_schema
-from mlplatform.serving.decision_spool import CLAIMS, SEGMENT_NAME
+from mlplatform.serving.decisions.records import DATASET, parse_lines, record_schema
+from mlplatform.serving.decisions.spool import CLAIMS, SEGMENT_NAME
 from mlplatform.storage.datasets import DatasetStore
 
 if TYPE_CHECKING:

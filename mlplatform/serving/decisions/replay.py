@@ -4,7 +4,7 @@
     result.identical            # True: the same float, bit for bit
     result.logged_score, result.replayed_score, result.model_version
 
-What a replay uses, all from the decision record (``decision_records``): the model name and
+What a replay uses, all from the decision record (``records``): the model name and
 version (never an alias: an alias may have moved since), the model's sha256 (which must equal
 the registry's, and the artifact's bytes must match it), the feature names in the model's order
 and the feature values as served (null = missing).
@@ -35,7 +35,7 @@ import numpy as np
 
 from mlplatform.errors import DataError, IntegrityError, ModelError
 from mlplatform.models.encoding import encode_features
-from mlplatform.serving.decision_lookup import find_decision
+from mlplatform.serving.decisions.lookup import find_decision
 
 if TYPE_CHECKING:
     import lightgbm

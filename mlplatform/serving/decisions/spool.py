@@ -7,8 +7,8 @@ Layout::
     <replica>@<UTC start>@<nonce>.jsonl   a closed segment (rolled: never written again)
     claims/<claim>/                       segments a compaction has taken, its lock and state
 
-``decision_log.DecisionLog`` writes segments (lines: ``decision_records``),
-``decision_compaction`` moves them into ``decisions/log``, ``decision_lookup`` searches them.
+``decision_log.DecisionLog`` writes segments (lines: ``records``),
+``compaction`` moves them into ``decisions/log``, ``lookup`` searches them.
 
 Who may take a segment: the owner holds an exclusive ``flock`` on its ``.open`` segment for as
 long as it may write it (a segment is created under a temporary name, locked, and only then
