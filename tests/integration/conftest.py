@@ -1,8 +1,20 @@
-"""Integration tests share one local Ray for the whole session (2-core machine)."""
+"""Integration tests share one local Ray for the whole session (2-core machine). Every test in
+this folder carries the ``integration`` marker (added here), so ``pytest -m "not integration"``
+runs the unit tests only."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -189,26 +189,6 @@ def test_concurrent_appends_are_acknowledged_only_after_their_fsync(storage, tmp
     assert sorted(compacted_ids(storage)) == sorted(f"d-{i}" for i in range(n))
 
 
-def test_group_commit_throughput(storage, tmp_path, capsys):
-    """A measurement, not an assertion: appends/s and latency with the real os.fsync."""
-    n, concurrency = 3000, 64
-    syncs = []
-
-    def fsync(fd: int) -> None:
-        syncs.append(fd)
-        os.fsync(fd)
-
-    records = [record(f"d-{i}") for i in range(n)]  # built up front: the figure is the log's own
-    with DecisionLog(storage, spool_dir=tmp_path / "spool", replica_id="r1", fsync=fsync) as log:
-        elapsed, latencies = asyncio.run(append_all(log, records, concurrency))
-    with capsys.disabled():
-        print(
-            f"\n[decision log] {n} async appends, {concurrency} in flight: {n / elapsed:,.0f} appends/s, "
-            f"{len(syncs)} fsyncs, latency p50 {latencies[n // 2] * 1e3:.1f} ms, "
-            f"p99 {latencies[int(n * 0.99)] * 1e3:.1f} ms (cpus {os.cpu_count()}, load {os.getloadavg()[0]:.0f})"
-        )
-
-
 # ---------------------------------------------------------------------- SIGKILL
 VICTIM = r"""
 import asyncio, json, sys
