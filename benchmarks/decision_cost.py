@@ -51,7 +51,7 @@ def main() -> None:
     platform = bench.build_platform(root, None)
     bench.train(platform)
     catalog = FeatureCatalog(platform.features)
-    watcher = ModelWatcher(platform, catalog, "underwriting", aliases=("production",), default_service="underwriting_v1",
+    watcher = ModelWatcher(platform.models, catalog, "underwriting", aliases=("production",), default_service="underwriting_v1",
                            available_inputs=set(DecisionRequest.model_fields), poll_s=60.0)
     watcher.poll()
     idempotency = open_idempotency_store(platform.config, catalog.online_store)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
     from mlplatform.jobs.submit import Jobs
     from mlplatform.models.registry import ModelRegistry
-    from mlplatform.serving.api import Serving
+    from mlplatform.serving.api import Serving, ServingParts
     from mlplatform.training.api import Training
 
 
@@ -66,7 +66,7 @@ class Platform:
         """The model registry: versions, aliases, lineage, checksummed artifacts."""
         from mlplatform.models.registry import ModelRegistry
 
-        return ModelRegistry(self)
+        return ModelRegistry(self.storage)
 
     @cached_property
     def training(self) -> Training:
@@ -80,7 +80,14 @@ class Platform:
         """The online application on Ray Serve: feature server, decisions, decision log, replay."""
         from mlplatform.serving.api import Serving
 
-        return Serving(self)
+        return Serving(
+            self.config,
+            storage=self.storage,
+            features=self.features,
+            models=self.models,
+            connect_ray=self.ray,
+            replica_parts=serving_parts,
+        )
 
     @cached_property
     def batch(self) -> BatchScoring:
@@ -123,3 +130,12 @@ class Platform:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def serving_parts(config: Mapping[str, Any]) -> ServingParts:
+    """What a serving replica works with, wired from the config it was deployed with (called in
+    each replica; ``Platform`` stays the one place that knows how the parts fit together)."""
+    from mlplatform.serving.api import ServingParts
+
+    platform = Platform.from_config(config)
+    return ServingParts(config=platform.config, storage=platform.storage, features=platform.features, models=platform.models)

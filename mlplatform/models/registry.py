@@ -42,7 +42,7 @@ from mlplatform.errors import ConflictError, ModelError, NotFoundError
 from mlplatform.models.artifacts import MODEL_FILES, Flavor, check_flavor, deserialize, serialize
 
 if TYPE_CHECKING:
-    from mlplatform.platform import Platform
+    from mlplatform.storage import Storage
 
 __all__ = ["LoadedModel", "ModelRegistry", "ModelVersion", "complete_lineage", "library_versions"]
 
@@ -110,9 +110,8 @@ class LoadedModel:
 class ModelRegistry:
     """Model versions under ``models/`` of the platform's storage root (``platform.models``)."""
 
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-        self.storage = platform.storage
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self.storage.uri(PREFIX)!r})"

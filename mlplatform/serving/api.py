@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +23,12 @@ from mlplatform.errors import NotFoundError, PlatformError, ServingError
 from mlplatform.serving.policy import DecisionPolicy
 
 if TYPE_CHECKING:
-    from mlplatform.platform import Platform
+    from mlplatform.config import PlatformConfig
+    from mlplatform.features.store import FeatureStore
+    from mlplatform.models.registry import ModelRegistry
+    from mlplatform.storage import Storage
 
-__all__ = ["APP_NAME", "DeployedApp", "Serving"]
+__all__ = ["APP_NAME", "DeployedApp", "Serving", "ServingParts"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,45 @@ class DeployedApp:
     spool_dir: str
 
 
-class Serving:
-    """The online application on Ray Serve (``platform.serving``)."""
+@dataclass(frozen=True)
+class ServingParts:
+    """What a serving replica works with, built in the replica from the deployed config."""
 
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
+    config: PlatformConfig
+    storage: Storage
+    features: FeatureStore
+    models: ModelRegistry
+
+
+class Serving:
+    """The online application on Ray Serve (``platform.serving``).
+
+    Args:
+        config: the platform config (serving settings, online store, storage root).
+        storage: the storage root (decision log, registry).
+        features: the feature store (definitions, online store).
+        models: the model registry.
+        connect_ray: connects this process to Ray (or starts a local Ray) before deploying.
+        replica_parts: builds ``ServingParts`` from a config mapping, in each replica; a
+            module-level function, so that it travels to replicas by reference.
+    """
+
+    def __init__(
+        self,
+        config: PlatformConfig,
+        *,
+        storage: Storage,
+        features: FeatureStore,
+        models: ModelRegistry,
+        connect_ray: Callable[[], Any],
+        replica_parts: Callable[[Mapping[str, Any]], ServingParts],
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.features = features
+        self.models = models
+        self._connect_ray = connect_ray
+        self._replica_parts = replica_parts
         self._deployed: DeployedApp | None = None
         self._policy: DecisionPolicy | None = None
 
@@ -106,7 +143,7 @@ class Serving:
         """
         from mlplatform.serving.ingress import plan_ingress, prepare_process, serve_controller_running
 
-        config = self.platform.config
+        config = self.config
         from mlplatform.serving.keys import load_keys
 
         keys = load_keys(config.serving)
@@ -119,7 +156,7 @@ class Serving:
 
         plan = plan_ingress(config.serving.fast_ingress)
         prepare_process(plan)
-        self.platform.ray()
+        self._connect_ray()
         from ray import serve
         from ray.exceptions import ActorDiedError, GetTimeoutError
 
@@ -145,7 +182,8 @@ class Serving:
             # longer, and the controller restarts it with growing timeouts. The URL check decides.
             log.warning("Serve's ingress is not ready yet (%s); deploying anyway and waiting for the URL", type(exc).__name__)
         settings = AppSettings(
-            config=_portable_config(self.platform),
+            config=_portable_config(self.config, self.storage, self.features),
+            parts=self._replica_parts,
             model_name=model_name,
             feature_service=feature_service,
             policy=policy.model_dump(mode="json"),
@@ -194,10 +232,10 @@ class Serving:
         from mlplatform.serving.scoring import load_scorer
 
         try:
-            version = self.platform.models.get(model_name, alias="production").version
+            version = self.models.get(model_name, alias="production").version
             load_scorer(
-                self.platform,
-                FeatureCatalog(self.platform.features),
+                self.models,
+                FeatureCatalog(self.features),
                 model_name,
                 version,
                 feature_service,
@@ -256,9 +294,9 @@ class Serving:
     # ---------------------------------------------------------------------- decisions
     def default_spool_dir(self) -> str:
         """Where replicas spool the decision log unless ``deploy(spool_dir=...)`` says otherwise."""
-        storage = self.platform.storage
+        storage = self.storage
         if storage.is_s3:
-            return os.path.abspath(os.path.join(".mlplatform-spool", self.platform.config.project))
+            return os.path.abspath(os.path.join(".mlplatform-spool", self.config.project))
         return os.path.join(os.path.abspath(storage.root), "decisions", "spool")
 
     def spool_dir(self) -> str:
@@ -272,7 +310,7 @@ class Serving:
         """
         from mlplatform.serving.decisions.lookup import find_decision
 
-        return find_decision(self.platform.storage, decision_id, spool_dir=self.spool_dir())
+        return find_decision(self.storage, decision_id, spool_dir=self.spool_dir())
 
     def compact_log(self) -> Any:
         """Compact this node's spool into ``decisions/log`` now (replicas also do it every
@@ -282,7 +320,7 @@ class Serving:
         spool = self.spool_dir()
         if not os.path.isdir(spool):
             raise NotFoundError(f"no decision log spool at {spool!r}: nothing was served from this node")
-        with DecisionLog(self.platform.storage, spool_dir=spool, replica_id=f"compactor-{os.getpid()}") as decision_log:
+        with DecisionLog(self.storage, spool_dir=spool, replica_id=f"compactor-{os.getpid()}") as decision_log:
             return decision_log.compact()
 
     def replay(self, decision_id: str, *, policy: DecisionPolicy | Mapping[str, Any] | None = None) -> Any:
@@ -295,7 +333,7 @@ class Serving:
         from mlplatform.serving.decisions.replay import replay
 
         chosen = _policy(policy) if policy is not None else self._policy
-        return replay(self.platform, decision_id, spool_dir=self.spool_dir(), policy=chosen)
+        return replay(self.models, self.storage, decision_id, spool_dir=self.spool_dir(), policy=chosen)
 
 
 def _policy(value: DecisionPolicy | Mapping[str, Any]) -> DecisionPolicy:
@@ -311,14 +349,14 @@ def _policy(value: DecisionPolicy | Mapping[str, Any]) -> DecisionPolicy:
         raise ServingError(format_validation_error(exc, "serving policy")) from None
 
 
-def _portable_config(platform: Platform) -> dict[str, Any]:
+def _portable_config(config: PlatformConfig, storage: Storage, features: FeatureStore) -> dict[str, Any]:
     """The config as JSON with local paths made absolute: replicas run in other directories."""
-    data = platform.config.model_dump(mode="json")
-    if not platform.storage.is_s3:
-        data["storage"]["root"] = os.path.abspath(platform.storage.root)
+    data = config.model_dump(mode="json")
+    if not storage.is_s3:
+        data["storage"]["root"] = os.path.abspath(storage.root)
     online = data["online_store"]
     if online.get("type") == "sqlite":
-        online["path"] = getattr(platform.features.online_store, "path", online.get("path"))
+        online["path"] = getattr(features.online_store, "path", online.get("path"))
     return data
 
 

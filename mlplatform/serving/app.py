@@ -103,9 +103,12 @@ _IO_THREADS = 4  # store calls in flight per replica; a hung store can block at 
 
 @dataclass(frozen=True)
 class AppSettings:
-    """What a replica needs, as plain data (it travels to every replica)."""
+    """What a replica needs, as plain data (it travels to every replica); ``parts`` builds the
+    replica's storage, feature store and model registry from ``config`` (a module-level
+    function: it travels by reference)."""
 
     config: dict[str, Any]
+    parts: Callable[[dict[str, Any]], Any]
     model_name: str
     feature_service: str
     policy: dict[str, Any]
@@ -201,7 +204,6 @@ class ServingReplica:
     only the globals its methods name."""
 
     def __init__(self, settings: AppSettings) -> None:
-        from mlplatform.platform import Platform
         from mlplatform.serving.catalog import FeatureCatalog
         from mlplatform.serving.decisions.log import DecisionLog
         from mlplatform.serving.decisions.unconfirmed import UnconfirmedAnswers
@@ -213,12 +215,12 @@ class ServingReplica:
 
         Guard.configure(settings.keys)
         self.settings = settings
-        self.platform = Platform.from_config(settings.config)
-        self.catalog = FeatureCatalog(self.platform.features)
+        self.parts = settings.parts(settings.config)
+        self.catalog = FeatureCatalog(self.parts.features)
         policy = DecisionPolicy.model_validate(settings.policy)
         aliases = ("production", policy.shadow_alias) if policy.shadow_alias else ("production",)
         self.watcher = ModelWatcher(
-            self.platform,
+            self.parts.models,
             self.catalog,
             settings.model_name,
             aliases=aliases,
@@ -228,12 +230,12 @@ class ServingReplica:
         )
         self.watcher.poll()  # serve the current version from the first request
         self.watcher.start()
-        self.idempotency = open_idempotency_store(self.platform.config, self.catalog.online_store)
+        self.idempotency = open_idempotency_store(self.parts.config, self.catalog.online_store)
         self.engine = DecisionEngine(watcher=self.watcher, catalog=self.catalog, policy=policy)
         context = serve.get_replica_context()
         self.replica_id = re.sub(r"[^A-Za-z0-9_.+=-]", "-", f"{context.deployment}-{context.replica_id.unique_id}")[:100]
         self.log = DecisionLog(
-            self.platform.storage,
+            self.parts.storage,
             spool_dir=settings.spool_dir,
             replica_id=self.replica_id,
             group_commit_ms=settings.group_commit_ms,
@@ -296,7 +298,7 @@ class ServingReplica:
 
         def run() -> int:
             frame = _push_frame(self.catalog, body.view(), body.df)
-            return self.platform.features.push(body.view(), frame, to=body.to)
+            return self.parts.features.push(body.view(), frame, to=body.to)
 
         try:
             rows = await asyncio.get_running_loop().run_in_executor(None, run)

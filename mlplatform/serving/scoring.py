@@ -1,7 +1,7 @@
 """Models on the request path: a loaded version ready to score, and the alias watcher that
 rolls a running replica onto whatever version an alias points at.
 
-    watcher = ModelWatcher(platform, catalog, "underwriting", aliases=("production", "candidate"))
+    watcher = ModelWatcher(platform.models, catalog, "underwriting", aliases=("production", "candidate"))
     watcher.start()                        # polls the alias documents every second
     scorer = watcher.current("production") # a Scorer, swapped atomically when the alias moves
     scorer.predict(scorer.matrix(rows))
@@ -29,7 +29,7 @@ from mlplatform.errors import ModelError, PlatformError
 from mlplatform.models.reasons import ReasonCoder, reason_texts_from_definitions
 
 if TYPE_CHECKING:
-    from mlplatform.platform import Platform
+    from mlplatform.models.registry import ModelRegistry
     from mlplatform.serving.catalog import FeatureCatalog
 
 __all__ = ["ModelWatcher", "Scorer", "load_scorer"]
@@ -72,7 +72,7 @@ class Scorer:
 
 
 def load_scorer(
-    platform: Platform,
+    models: ModelRegistry,
     catalog: FeatureCatalog,
     name: str,
     version: int,
@@ -88,9 +88,9 @@ def load_scorer(
     Raises:
         ModelError: not a single-output LightGBM model, it needs features the service does
             not provide, or its service needs inputs a request does not carry.
-        NotFoundError / IntegrityError: as ``platform.models.load``.
+        NotFoundError / IntegrityError: as ``ModelRegistry.load``.
     """
-    loaded = platform.models.load(name, version=version)
+    loaded = models.load(name, version=version)
     mv = loaded.version
     if mv.flavor != "lightgbm":
         raise ModelError(f"model {name} v{version} is a {mv.flavor!r} model; the decision endpoint serves LightGBM models")
@@ -144,7 +144,7 @@ class ModelWatcher:
 
     def __init__(
         self,
-        platform: Platform,
+        models: ModelRegistry,
         catalog: FeatureCatalog,
         name: str,
         *,
@@ -154,7 +154,7 @@ class ModelWatcher:
         poll_s: float = 1.0,
         on_change: Callable[[str, Scorer | None], None] | None = None,
     ) -> None:
-        self.platform = platform
+        self.models = models
         self.catalog = catalog
         self.name = name
         self.aliases = tuple(dict.fromkeys(aliases))
@@ -178,7 +178,7 @@ class ModelWatcher:
     def poll(self) -> bool:
         """Read the alias documents once and load what moved; True if anything was swapped."""
         try:
-            targets = self.platform.models.aliases(self.name)
+            targets = self.models.aliases(self.name)
         except PlatformError as exc:
             self.last_error = f"reading the aliases of {self.name!r}: {exc}"
             return False
@@ -198,7 +198,7 @@ class ModelWatcher:
             else:
                 try:
                     scorer = load_scorer(
-                        self.platform, self.catalog, self.name, version, self.default_service, self.available_inputs
+                        self.models, self.catalog, self.name, version, self.default_service, self.available_inputs
                     )
                 except Exception as exc:  # a bad version must not stop the replica: keep serving the old one
                     self._failed[version] = f"{type(exc).__name__}: {exc}"

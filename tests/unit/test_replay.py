@@ -122,13 +122,13 @@ def test_replay_recomputes_the_identical_score_with_the_logged_version(platform,
         platform.models.set_alias("pd", "production", mv2.version)
 
         for i, row in enumerate(rows):
-            result = replay(platform, f"d-{i}")
+            result = replay(platform.models, platform.storage, f"d-{i}")
             assert (result.model_name, result.model_version, result.replayable) == ("pd", 1, True)
             assert result.identical and result.replayed_score == result.logged_score
             assert score_features(v2, row) != result.logged_score  # v2 would have scored differently
-        assert replay(platform, "d-spooled", spool_dir=str(spool)).identical
+        assert replay(platform.models, platform.storage, "d-spooled", spool_dir=str(spool)).identical
         with pytest.raises(NotFoundError):
-            replay(platform, "d-spooled")  # not compacted yet, and no spool given
+            replay(platform.models, platform.storage, "d-spooled")  # not compacted yet, and no spool given
 
 
 def test_encoding_matches_the_reason_coder(boosters):
@@ -158,9 +158,9 @@ def test_a_score_that_is_not_bit_identical_is_reported(platform, boosters, tmp_p
         log_decision(log, "d-off", mv, row, off)
         log_decision(log, "d-explained", mv, row, explained)
         log.compact()
-    result = replay(platform, "d-off")
+    result = replay(platform.models, platform.storage, "d-off")
     assert not result.identical and result.replayed_score == exact and result.logged_score == off
-    assert replay(platform, "d-explained").identical == (explained == exact)
+    assert replay(platform.models, platform.storage, "d-explained").identical == (explained == exact)
 
 
 def test_tampered_artifact_is_refused(platform, boosters, tmp_path):
@@ -173,7 +173,7 @@ def test_tampered_artifact_is_refused(platform, boosters, tmp_path):
     text = platform.storage.read_bytes(key)
     platform.storage.write_bytes(key, text.replace(b"shrinkage=", b"shrinkage=0", 1))
     with pytest.raises(IntegrityError, match="modified after it was written"):
-        replay(platform, "d-1")
+        replay(platform.models, platform.storage, "d-1")
 
 
 def test_logged_hash_must_match_the_registry(platform, boosters, tmp_path):
@@ -184,9 +184,9 @@ def test_logged_hash_must_match_the_registry(platform, boosters, tmp_path):
         log_decision(log, "d-2", mv, row, 0.1, feature_names=json.dumps(FEATURES[::-1]))
         log.compact()
     with pytest.raises(IntegrityError, match="sha256 000000000000"):
-        replay(platform, "d-1")
+        replay(platform.models, platform.storage, "d-1")
     with pytest.raises(DataError, match="in this order"):
-        replay(platform, "d-2")
+        replay(platform.models, platform.storage, "d-2")
 
 
 class Policy:
@@ -206,10 +206,10 @@ def test_fallback_is_replayed_only_with_a_policy(platform, boosters, tmp_path):
                      decision="approve", model_name=None, model_version=None, model_sha256=None,
                      features="{}", feature_names="[]")
         log.compact()
-    result = replay(platform, "d-fb")
+    result = replay(platform.models, platform.storage, "d-fb")
     assert (result.replayable, result.identical, result.fallback) == (False, False, True)
     assert "pass the policy" in result.note
-    same = replay(platform, "d-fb", policy=Policy(approve_up_to=150))
+    same = replay(platform.models, platform.storage, "d-fb", policy=Policy(approve_up_to=150))
     assert (same.replayable, same.identical, same.replayed_decision) == (True, True, "approve")
-    changed = replay(platform, "d-fb", policy=Policy(approve_up_to=100))
+    changed = replay(platform.models, platform.storage, "d-fb", policy=Policy(approve_up_to=100))
     assert (changed.identical, changed.replayed_decision) == (False, "review")

@@ -1,6 +1,6 @@
 """Replay: recompute a logged decision's score from the log alone, with the logged model version.
 
-    result = replay(platform, "3f2a…")
+    result = replay(platform.models, platform.storage, "3f2a…")
     result.identical            # True: the same float, bit for bit
     result.logged_score, result.replayed_score, result.model_version
 
@@ -40,7 +40,8 @@ from mlplatform.serving.decisions.lookup import find_decision
 if TYPE_CHECKING:
     import lightgbm
 
-    from mlplatform.platform import Platform
+    from mlplatform.models.registry import ModelRegistry
+    from mlplatform.storage import Storage
 
 __all__ = ["ReplayResult", "replay", "score_features"]
 
@@ -73,7 +74,8 @@ class ReplayResult:
 
 
 def replay(
-    platform: Platform,
+    models: ModelRegistry,
+    storage: Storage,
     decision_id: str,
     *,
     spool_dir: str | None = None,
@@ -81,7 +83,7 @@ def replay(
 ) -> ReplayResult:
     """Recompute the score of a logged decision with exactly the logged model version.
 
-        result = replay(platform, "3f2a…", spool_dir="/var/lib/mlp/decision-spool")
+        result = replay(platform.models, platform.storage, "3f2a…", spool_dir="/var/lib/mlp/decision-spool")
         assert result.identical
 
     Args:
@@ -100,7 +102,7 @@ def replay(
         DataError: the logged feature names are not the model's features in its order, or
             the logged features are not a JSON object holding each of them.
     """
-    record = find_decision(platform.storage, decision_id, spool_dir=spool_dir)
+    record = find_decision(storage, decision_id, spool_dir=spool_dir)
     name, version = record["model_name"], record["model_version"]
     logged = record["probability_of_default"]
     base = dict(
@@ -115,7 +117,7 @@ def replay(
             note="the record names no model version, so the model that scored it is unknown",
         )
 
-    mv = platform.models.get(name, version=version)
+    mv = models.get(name, version=version)
     registered = mv.artifacts[mv.model_file]
     if registered != record["model_sha256"]:
         raise IntegrityError(
@@ -125,7 +127,7 @@ def replay(
         )
     if mv.flavor != "lightgbm":
         raise ModelError(f"replay supports LightGBM models; version {version} of {name!r} is {mv.flavor!r}")
-    booster = platform.models.load(name, version=version).model  # verifies every artifact's sha256
+    booster = models.load(name, version=version).model  # verifies every artifact's sha256
 
     feature_names = json.loads(record["feature_names"])
     if list(feature_names) != list(booster.feature_name()):
