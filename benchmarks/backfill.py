@@ -138,9 +138,7 @@ def main() -> None:
         platform.features.apply(underwriting.DEFINITIONS)
         for repeat in range(1, args.repeats + 1):
             cpu_before = _cpu_seconds()
-            result = backfill(
-                platform, "applicant_history", START, END, echo=lambda line: None, buckets=args.buckets
-            )
+            result = backfill(platform.features, "applicant_history", START, END, buckets=args.buckets)
             v = result.version
             cpu = _cpu_seconds() - cpu_before
             print(

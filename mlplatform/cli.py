@@ -96,7 +96,7 @@ def cmd_materialize(args: argparse.Namespace) -> None:
 def _snapshot(platform, workload):  # noqa: ANN001, ANN202
     from mlplatform.features.training_sets import get_training_set
 
-    return get_training_set(platform, workload.config.training_set.name)
+    return get_training_set(platform.features, workload.config.training_set.name)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -56,10 +56,17 @@ class Platform:
     # --------------------------------------------------------------------------- parts
     @cached_property
     def features(self) -> FeatureStore:
-        """Feature definitions, backfills, training sets, materialization."""
+        """Feature definitions, backfills, training sets, materialization, online lookup."""
         from mlplatform.features.store import FeatureStore
+        from mlplatform.online import open_online_store
 
-        return FeatureStore(self)
+        return FeatureStore(
+            self.config.features,
+            self.storage,
+            self.datasets,
+            online_store=open_online_store(self.config, self.storage),
+            ray=self.ray,
+        )
 
     @cached_property
     def models(self) -> ModelRegistry:

@@ -21,9 +21,9 @@ What the range's rows are, and the Ray Data tasks that compute them, are in
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -40,10 +40,12 @@ from mlplatform.timestamps import UTC_MICROS, parse_instant, to_utc
 if TYPE_CHECKING:
     import ray.data
 
-    from mlplatform.platform import Platform
+    from mlplatform.features.store import FeatureStore
     from mlplatform.storage import DatasetVersion
 
 __all__ = ["BackfillResult", "backfill"]
+
+log = logging.getLogger(__name__)
 
 # Events per bucket. The kernel's temporaries are a few dozen arrays the length of the
 # bucket's events and candidates; 500k events of a 14-feature view stay well under 1 GiB.
@@ -84,12 +86,11 @@ class BackfillResult:
 
 
 def backfill(
-    platform: Platform,
+    store: FeatureStore,
     view: str | FeatureView,
     start: Any,
     end: Any,
     *,
-    echo: Callable[[str], Any] = print,
     buckets: int | None = None,
 ) -> BackfillResult:
     """Compute ``view``'s offline rows for ``(start, end]`` and publish them, replacing that range.
@@ -125,15 +126,15 @@ def backfill(
       datetimes, dates or ISO strings, naive meaning UTC.
 
     Args:
-        platform: the Platform (its Ray connection and storage are used).
+        store: the feature store (its registry, datasets and Ray connection are used).
         view: a registered view's name, or the view itself (it must be the registered one).
         start, end: the range ``(start, end]``.
-        echo: where the start line and the summary go (``print``; a no-op to silence).
         buckets: hash buckets of entities (default: about one per 500k source events, at
             least two per CPU).
 
     Returns:
-        A :class:`BackfillResult`; its ``summary()`` is what ``echo`` printed last.
+        A :class:`BackfillResult`; its ``summary()`` is the last line logged (INFO, on this
+        module's logger, after a line saying what the backfill is about to read).
 
     Raises:
         NotFoundError: the view or its source dataset does not exist.
@@ -141,33 +142,40 @@ def backfill(
         DataError: bad ``start``/``end``, or a source column is missing or unusable.
     """
     began = time.perf_counter()
-    view = _resolve(platform, view)
+    view = _resolve(store, view)
     start_at, end_at = parse_instant(start, "backfill start"), parse_instant(end, "backfill end")
     if start_at >= end_at:
         raise DataError(f"backfill start {start_at.isoformat()} must be before end {end_at.isoformat()}")
     source = view.source
-    if not platform.datasets.exists(source.dataset):
+    if not store.datasets.exists(source.dataset):
         raise NotFoundError(
             f"source dataset {source.dataset!r} of view {view.name!r} does not exist under "
-            f"{platform.storage.root!r}; publish the events there first"
+            f"{store.storage.root!r}; publish the events there first"
         )
-    manifest = platform.datasets.get(source.dataset)
+    manifest = store.datasets.get(source.dataset)
     schema = _schema_of(manifest.schema)
     plan = Plan.make(view, schema, start_at, end_at)
 
-    ray = platform.ray()
+    ray = store.ray()
     n_buckets = buckets or max(2 * _cpus(ray), math.ceil(manifest.rows / _EVENTS_PER_BUCKET))
     target = _offline_name(view)
-    echo(
-        f"backfilling {view.name} ({start_at:%Y-%m-%d %H:%M}, {end_at:%Y-%m-%d %H:%M}] UTC from "
-        f"{source.dataset} v{manifest.version} ({manifest.rows:,} rows, events after {plan.read_after:%Y-%m-%d %H:%M}) "
-        f"in {n_buckets} buckets -> {target}"
+    log.info(
+        "backfilling %s (%s, %s] UTC from %s v%d (%s rows, events after %s) in %d buckets -> %s",
+        view.name,
+        f"{start_at:%Y-%m-%d %H:%M}",
+        f"{end_at:%Y-%m-%d %H:%M}",
+        source.dataset,
+        manifest.version,
+        f"{manifest.rows:,}",
+        f"{plan.read_after:%Y-%m-%d %H:%M}",
+        n_buckets,
+        target,
     )
     counter = ray.remote(num_cpus=0)(_Counter).remote()
 
     # One read block per bucket: the sort-based groupby below makes as many partitions as
     # it gets blocks, so this is what bounds a worker's share to about one bucket.
-    ds = platform.datasets.read(
+    ds = store.datasets.read(
         source.dataset, manifest.version, columns=plan.read_columns, override_num_blocks=n_buckets
     )
     # ds.context is this pipeline's own copy of the DataContext (shared only with datasets
@@ -183,11 +191,11 @@ def backfill(
     # than one per bucket (an int64 key sorts faster than the date string, and range
     # partitioning never splits one timestamp, so a daily date is one file).
     rows = rows.sort(EVENT_TIMESTAMP)
-    kept = _rows_kept_outside_range(platform, target, view, plan)
+    kept = _rows_kept_outside_range(store, target, view, plan)
     if kept is not None and kept.num_rows:
         rows = rows.union(ray.data.from_arrow(kept))
 
-    version = platform.datasets.publish(
+    version = store.datasets.publish(
         target,
         rows,
         partition_by=PARTITION,
@@ -213,13 +221,13 @@ def backfill(
         kernel_seconds=kernel_seconds,
         version=version,
     )
-    echo(result.summary())
+    log.info("%s", result.summary())
     return result
 
 
-def _resolve(platform: Platform, view: str | FeatureView) -> FeatureView:
+def _resolve(store: FeatureStore, view: str | FeatureView) -> FeatureView:
     if isinstance(view, FeatureView):
-        registered = _registered(platform, view.name)
+        registered = _registered(store, view.name)
         if registered.data_version != view.data_version:
             raise DefinitionError(
                 f"feature view {view.name!r} differs from the registered one (data version "
@@ -228,11 +236,11 @@ def _resolve(platform: Platform, view: str | FeatureView) -> FeatureView:
         return registered
     if not isinstance(view, str):
         raise DefinitionError(f"backfill needs a feature view or its name, got {view!r}")
-    return _registered(platform, view)
+    return _registered(store, view)
 
 
-def _registered(platform: Platform, name: str) -> FeatureView:
-    found = platform.features.registry.resolve_view(name)
+def _registered(store: FeatureStore, name: str) -> FeatureView:
+    found = store.resolve_view(name)
     if not isinstance(found, FeatureView):
         raise DefinitionError(
             f"{name!r} is an on-demand feature view: it is computed at request time and has no offline data to backfill"
@@ -297,24 +305,24 @@ class _Counter:
 
 
 # ------------------------------------------------------------------------- partial dates
-def _rows_kept_outside_range(platform: Platform, name: str, view: FeatureView, plan: Plan) -> pa.Table | None:
+def _rows_kept_outside_range(store: FeatureStore, name: str, view: FeatureView, plan: Plan) -> pa.Table | None:
     """Rows of the dates the range only partly covers that lie outside the range, from the
     current version: the commit replaces whole dates, and these must survive it.
 
     Files whose columns no longer fit the view (its definition changed since they were
     written) are not carried over.
     """
-    if not plan.partial_dates or not platform.datasets.exists(name):
+    if not plan.partial_dates or not store.datasets.exists(name):
         return None
     import pyarrow.parquet as pq
 
-    current = platform.datasets.get(name)
+    current = store.datasets.get(name)
     start, end = pa.scalar(plan.start, UTC_MICROS), pa.scalar(plan.end, UTC_MICROS)
     columns = [c for c in plan.output.names if c != PARTITION]
     tables = []
     for partition in plan.partial_dates:
-        for path in platform.datasets.file_paths(current, [partition]):
-            table = pq.read_table(path, filesystem=platform.storage.arrow_fs)
+        for path in store.datasets.file_paths(current, [partition]):
+            table = pq.read_table(path, filesystem=store.storage.arrow_fs)
             if not set(columns) <= set(table.column_names):
                 continue
             ts = to_utc(table.column(EVENT_TIMESTAMP))

@@ -67,12 +67,12 @@ def write_latest_rows(
     from mlplatform.features.store import offline_dataset
 
     columns = [*view.join_keys, EVENT_TIMESTAMP, CREATED_TIMESTAMP, *(f.name for f in view.features)]
-    ray = store.platform.ray()
+    ray = store.ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     buckets = 1 if offline_rows <= bucket_rows else max(cpus, math.ceil(offline_rows / bucket_rows))
     # One read block per bucket: the sort-based groupby below makes as many partitions
     # as it gets blocks, which bounds a worker's share to about one bucket.
-    ds = store.platform.datasets.read(
+    ds = store.datasets.read(
         offline_dataset(view.name),
         manifest.version,
         columns=columns,

@@ -15,14 +15,14 @@ def describe_registry(store: FeatureStore) -> str:
     registry = store.registry
     state = registry.state()
     objects = state["objects"]
-    lines = [f"feature registry revision {state['revision']} at {store.platform.storage.uri('registry/features')}"]
+    lines = [f"feature registry revision {state['revision']} at {store.storage.uri('registry/features')}"]
     lines.append("entities:")
     for entity in store.list_entities():
         lines.append(f"  {entity.name:<22} keys={','.join(entity.join_keys)}  v{entity.version}")
     lines.append("feature views:")
     for view in store.list_feature_views():
         ttl = format_duration(view.ttl) if view.ttl else "none"
-        has_data = "backfilled" if store._has_data(view) else "no data yet"
+        has_data = "backfilled" if store.has_offline_data(view) else "no data yet"
         lines.append(
             f"  {view.name:<22} entity={','.join(e.name for e in view.entities)}  ttl={ttl}  "
             f"features={len(view.features)}  v{view.version}  ({has_data})"

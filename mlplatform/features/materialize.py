@@ -24,8 +24,9 @@ root (start, end, generation, rows, the offline dataset version and the view's d
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["MaterializeResult", "materialize", "materialize_incremental", "read_state"]
 
 STATE_PREFIX = "online/state"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,6 @@ def materialize(
     end: Any,
     views: Iterable[str | FeatureView] | None = None,
     *,
-    echo: Callable[[str], Any] = print,
     batch_rows: int = WRITE_BATCH_ROWS,
     bucket_rows: int = TARGET_BUCKET_ROWS,
 ) -> list[MaterializeResult]:
@@ -93,7 +95,6 @@ def materialize(
         start: exclusive lower bound (datetime, date or ISO string; naive = UTC), or None.
         end: inclusive upper bound.
         views: names or views; default every registered feature view with offline data.
-        echo: where progress lines go.
         batch_rows: rows per store write call from a worker.
         bucket_rows: offline rows per hash bucket (see ``TARGET_BUCKET_ROWS``).
 
@@ -105,14 +106,17 @@ def materialize(
         NotFoundError: a named view is not registered.
         OnlineStoreUnavailable / StorageError: the online store failed; the view's previous
             state is untouched.
+
+    Each view's summary (``MaterializeResult.summary()``), and each view skipped for lack of
+    offline data, is logged at INFO on this module's logger.
     """
     start_at = None if start is None else parse_instant(start, "materialize start")
     end_at = parse_instant(end, "materialize end")
     if start_at is not None and start_at >= end_at:
         raise DataError(f"materialize needs start < end, got start={start_at.isoformat()} end={end_at.isoformat()}")
     results = []
-    for view, manifest in _plan(store, views, echo):
-        results.append(_run(store, view, manifest, start_at, end_at, "full", echo, batch_rows, bucket_rows))
+    for view, manifest in _plan(store, views):
+        results.append(_run(store, view, manifest, start_at, end_at, "full", batch_rows, bucket_rows))
     return results
 
 
@@ -121,7 +125,6 @@ def materialize_incremental(
     end: Any,
     views: Iterable[str | FeatureView] | None = None,
     *,
-    echo: Callable[[str], Any] = print,
     batch_rows: int = WRITE_BATCH_ROWS,
     bucket_rows: int = TARGET_BUCKET_ROWS,
 ) -> list[MaterializeResult]:
@@ -144,7 +147,7 @@ def materialize_incremental(
     end_at = parse_instant(end, "materialize end")
     online = store.online_store
     results = []
-    for view, manifest in _plan(store, views, echo):
+    for view, manifest in _plan(store, views):
         state = read_state(store, view.name)
         reason = None
         if state is None:
@@ -154,21 +157,21 @@ def materialize_incremental(
         elif state.get("generation") != online.current_generation(view):
             reason = "the online store does not hold the recorded generation"
         if reason is not None:
-            echo(f"{view.name}: {reason}; materializing from the beginning of its data")
-            results.append(_run(store, view, manifest, None, end_at, "full", echo, batch_rows, bucket_rows))
+            log.info("%s: %s; materializing from the beginning of its data", view.name, reason)
+            results.append(_run(store, view, manifest, None, end_at, "full", batch_rows, bucket_rows))
             continue
         last_end = datetime.fromisoformat(state["end"])
         if end_at <= last_end:
-            echo(f"{view.name}: already materialized up to {last_end.isoformat()}; nothing to do")
+            log.info("%s: already materialized up to %s; nothing to do", view.name, last_end.isoformat())
             continue
-        results.append(_run(store, view, manifest, last_end, end_at, "incremental", echo, batch_rows, bucket_rows))
+        results.append(_run(store, view, manifest, last_end, end_at, "incremental", batch_rows, bucket_rows))
     return results
 
 
 def read_state(store: FeatureStore, view: str) -> dict[str, Any] | None:
     """The state file of ``view`` (what was last materialized), or None."""
     try:
-        return store.platform.storage.read_json(f"{STATE_PREFIX}/{view}.json")
+        return store.storage.read_json(f"{STATE_PREFIX}/{view}.json")
     except NotFoundError:
         return None
 
@@ -176,9 +179,7 @@ def read_state(store: FeatureStore, view: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- planning
 
 
-def _plan(
-    store: FeatureStore, views: Iterable[str | FeatureView] | None, echo: Callable[[str], Any]
-) -> list[tuple[FeatureView, DatasetVersion]]:
+def _plan(store: FeatureStore, views: Iterable[str | FeatureView] | None) -> list[tuple[FeatureView, DatasetVersion]]:
     from mlplatform.features.store import offline_dataset
 
     if views is None:
@@ -191,11 +192,11 @@ def _plan(
     planned = []
     for view in chosen:
         try:
-            manifest = store.platform.datasets.get(offline_dataset(view.name))
+            manifest = store.datasets.get(offline_dataset(view.name))
         except NotFoundError:
             if named:
                 raise DataError(f"feature view {view.name!r} has no offline data; run backfill for it first") from None
-            echo(f"{view.name}: no offline data yet (run backfill); skipped")
+            log.info("%s: no offline data yet (run backfill); skipped", view.name)
             continue
         stored = manifest.metadata.get("data_version")
         if stored is not None and stored != view.data_version:
@@ -235,7 +236,6 @@ def _run(
     start: datetime | None,
     end: datetime,
     mode: Literal["full", "incremental"],
-    echo: Callable[[str], Any],
     batch_rows: int,
     bucket_rows: int,
 ) -> MaterializeResult:
@@ -287,7 +287,7 @@ def _run(
     covered_from = start.isoformat() if start else None
     if mode == "incremental":  # extends the window the state already covered
         covered_from = (read_state(store, view.name) or {}).get("start")
-    store.platform.storage.write_json(
+    store.storage.write_json(
         f"{STATE_PREFIX}/{view.name}.json",
         {
             "view": view.name,
@@ -302,5 +302,5 @@ def _run(
             "materialized_at": datetime.now(UTC).isoformat(),
         },
     )
-    echo(result.summary())
+    log.info("%s", result.summary())
     return result

@@ -74,7 +74,7 @@ def push(
     table = _validate(view, rows, _offline_schema(store, view))
     if table.num_rows == 0:
         return 0
-    bounds = store.platform.config.features
+    bounds = store.config
     check_event_times(
         view.name, table.column(EVENT_TIMESTAMP), now=datetime.now(UTC), max_future=bounds.max_future_skew, floor=bounds.min_event_time
     )
@@ -91,7 +91,7 @@ def _offline_schema(store: FeatureStore, view: FeatureView) -> pa.Schema | None:
 
     from mlplatform.features.store import offline_dataset
 
-    datasets = store.platform.datasets
+    datasets = store.datasets
     try:
         manifest = datasets.get(offline_dataset(view.name))
     except NotFoundError:
@@ -99,7 +99,7 @@ def _offline_schema(store: FeatureStore, view: FeatureView) -> pa.Schema | None:
     paths = datasets.file_paths(manifest)
     if not paths:
         return None
-    return pq.read_schema(paths[0], filesystem=store.platform.storage.arrow_fs)
+    return pq.read_schema(paths[0], filesystem=store.storage.arrow_fs)
 
 
 def _append_offline(store: FeatureStore, view: FeatureView, table: pa.Table) -> None:
@@ -108,7 +108,7 @@ def _append_offline(store: FeatureStore, view: FeatureView, table: pa.Table) -> 
 
     from mlplatform.features.store import offline_dataset
 
-    datasets = store.platform.datasets
+    datasets = store.datasets
     name = offline_dataset(view.name)
     try:  # keep what the backfill recorded (data_version guards training sets against stale data)
         metadata = dict(datasets.get(name).metadata)

@@ -74,7 +74,7 @@ def get_historical_features(
 
     refs = store.resolve_features(features)
     plan = plan_features(store, refs)
-    ray = store.platform.ray()
+    ray = store.ray()
     entities = _entity_dataset(store, entity_df, ray)
     _check_entity_columns(entities, plan, entity_timestamp)
 
@@ -159,7 +159,7 @@ def _entity_dataset(store: FeatureStore, entity_df: Any, ray: Any) -> ray.data.D
         return ray.data.from_arrow(entity_df)
     if isinstance(entity_df, (str, os.PathLike)):
         path = str(entity_df)
-        storage = store.platform.storage
+        storage = store.storage
         if path.startswith("s3://"):
             if not storage.is_s3:
                 raise DataError(f"entity path {path!r} is on S3 but the storage root is local; configure storage.s3")
@@ -204,7 +204,7 @@ def _check_entity_columns(entities: ray.data.Dataset, plan: FeaturePlan, entity_
 def _offline(store: FeatureStore, view: FeatureView, names: list[str]) -> ray.data.Dataset:
     from mlplatform.features.store import offline_dataset
 
-    datasets = store.platform.datasets
+    datasets = store.datasets
     name = offline_dataset(view.name)
     try:
         manifest = datasets.get(name)

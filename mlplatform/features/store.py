@@ -1,18 +1,20 @@
-"""``platform.features``: the feature store's front door.
+"""``platform.features``: the feature store's front door, offline and online.
 
     platform.features.apply(definitions)          # register / version definitions
     platform.features.list_feature_views()
     platform.features.backfill("applicant_history", start, end)
     platform.features.get_historical_features(entities, "underwriting_v1")
+    platform.features.materialize(start, end)     # offline -> online
+    platform.features.get_online_features("underwriting_v1", {"applicant_id": [1, 2], ...})
 
-Each capability lives in its own module; this class only hands off.
+Each capability lives in its own module of ``mlplatform.features`` and takes the store; this
+class only hands off. ``Platform`` builds it from the collaborators it names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import DefinitionError
@@ -31,12 +33,13 @@ from mlplatform.features.registry import ApplyResult, FeatureRegistry
 if TYPE_CHECKING:
     import ray.data
 
+    from mlplatform.config import FeaturesConfig
     from mlplatform.features.backfill import BackfillResult
-    from mlplatform.online import OnlineStore
-    from mlplatform.features.online_lookup import OnlineResponse
     from mlplatform.features.materialize import MaterializeResult
+    from mlplatform.features.online_lookup import OnlineResponse
     from mlplatform.features.push import PushMode
-    from mlplatform.platform import Platform
+    from mlplatform.online import OnlineStore
+    from mlplatform.storage import DatasetStore, Storage
 
 OFFLINE_PREFIX = "offline"
 
@@ -47,11 +50,35 @@ def offline_dataset(view: str) -> str:
 
 
 class FeatureStore:
-    """Definitions, offline data and (later) online data for one Platform."""
+    """Definitions (a versioned registry), offline data and online data, under one storage root.
 
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-        self.registry = FeatureRegistry(platform.storage)
+        store = FeatureStore(config.features, storage, DatasetStore(storage),
+                             online_store=open_online_store(config, storage), ray=platform.ray)
+
+    Args:
+        config: the ``features`` section of the platform config (bounds on pushed event times).
+        storage: the storage root; the registry and materialization state live under it.
+        datasets: the versioned datasets under that root (offline data, training sets).
+        online_store: where materialize and push write and lookups read.
+        ray: connects to Ray (or returns the connected module); called only by the operations
+            that run on Ray (backfill, training sets, materialize).
+    """
+
+    def __init__(
+        self,
+        config: FeaturesConfig,
+        storage: Storage,
+        datasets: DatasetStore,
+        *,
+        online_store: OnlineStore,
+        ray: Callable[[], Any],
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.datasets = datasets
+        self.online_store = online_store
+        self.ray = ray
+        self.registry = FeatureRegistry(storage)
 
     # ---------------------------------------------------------------- definitions
     def apply(self, objects: Iterable[Definition], *, force: bool = False, dry_run: bool = False) -> ApplyResult:
@@ -63,10 +90,11 @@ class FeatureStore:
             DefinitionError: invalid definitions or references.
             ConflictError: a view with offline data would change how it is computed (use ``force``).
         """
-        return self.registry.apply(objects, force=force, dry_run=dry_run, has_data=self._has_data)
+        return self.registry.apply(objects, force=force, dry_run=dry_run, has_data=self.has_offline_data)
 
-    def _has_data(self, view: FeatureView) -> bool:
-        return self.platform.datasets.exists(offline_dataset(view.name))
+    def has_offline_data(self, view: FeatureView) -> bool:
+        """Whether ``view`` has offline data (a backfill or push wrote some)."""
+        return self.datasets.exists(offline_dataset(view.name))
 
     def list_entities(self) -> list[Entity]:
         return self.registry.list("entity")  # type: ignore[return-value]
@@ -105,9 +133,10 @@ class FeatureStore:
         return self.registry.get("feature_service", name)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ backfills
-    def backfill(self, view: str | FeatureView, start: Any, end: Any, *, echo: Any = print) -> BackfillResult:
+    def backfill(self, view: str | FeatureView, start: Any, end: Any) -> BackfillResult:
         """Compute ``view``'s offline rows for ``(start, end]`` with Ray Data and publish them,
-        replacing that range; see ``mlplatform.features.backfill.backfill`` for the exact semantics.
+        replacing that range; see ``mlplatform.features.backfill.backfill`` for the exact semantics
+        (it logs a start line and the summary at INFO on ``mlplatform.features.backfill``).
 
             platform.features.backfill("applicant_history", "2024-01-01", "2024-07-01")
 
@@ -117,7 +146,7 @@ class FeatureStore:
         """
         from mlplatform.features.backfill import backfill
 
-        return backfill(self.platform, view, start, end, echo=echo)
+        return backfill(self, view, start, end)
 
     # --------------------------------------------------------------- training sets
     def get_historical_features(
@@ -175,17 +204,7 @@ class FeatureStore:
         return refs
 
     # ---------------------------------------------------------------------- online
-    @cached_property
-    def online_store(self) -> OnlineStore:
-        """The online store ``platform.config.online_store`` describes; see
-        ``mlplatform.online.open_online_store`` for where SQLite puts its file."""
-        from mlplatform.online import open_online_store
-
-        return open_online_store(self.platform.config, self.platform.storage)
-
-    def materialize(
-        self, start: Any, end: Any, views: Iterable[str | FeatureView] | None = None, *, echo: Callable[[str], Any] = print
-    ) -> list[MaterializeResult]:
+    def materialize(self, start: Any, end: Any, views: Iterable[str | FeatureView] | None = None) -> list[MaterializeResult]:
         """Rebuild each view's online state from offline rows with ``start < event_timestamp <= end``,
         atomically per view; see ``mlplatform.features.materialize.materialize`` for the exact semantics.
 
@@ -193,16 +212,14 @@ class FeatureStore:
         """
         from mlplatform.features.materialize import materialize
 
-        return materialize(self, start, end, views, echo=echo)
+        return materialize(self, start, end, views)
 
-    def materialize_incremental(
-        self, end: Any, views: Iterable[str | FeatureView] | None = None, *, echo: Callable[[str], Any] = print
-    ) -> list[MaterializeResult]:
+    def materialize_incremental(self, end: Any, views: Iterable[str | FeatureView] | None = None) -> list[MaterializeResult]:
         """Bring each view's online state up to ``end`` from where the last run ended; see
         ``mlplatform.features.materialize.materialize_incremental``."""
         from mlplatform.features.materialize import materialize_incremental
 
-        return materialize_incremental(self, end, views, echo=echo)
+        return materialize_incremental(self, end, views)
 
     def push(self, view: str | FeatureView, rows: Any, *, to: PushMode = "online_and_offline") -> int:
         """Write fresh rows of ``view`` online (visible at once) and offline (appended, created now);

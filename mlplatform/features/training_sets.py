@@ -1,9 +1,12 @@
 """Training-set snapshots: a point-in-time training set frozen as a versioned dataset, with
 the lineage training records (path, rows, content hash, feature definition versions).
 
-    snapshot = save_training_set(platform, "underwriting_v1", ds, features=refs, label="default",
+    snapshot = save_training_set(platform.features, "underwriting_v1", ds, features=refs, label="default",
                                  timestamp_column="application_ts", splits=boundaries)
-    train = load_training_set(platform, "underwriting_v1", split="train")
+    train = load_training_set(platform.features, "underwriting_v1", split="train")
+
+Each function takes the feature store: its datasets hold the rows, its storage the snapshot
+records, its registry the definition versions, and it connects to Ray.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from mlplatform.features.definitions import parse_ref
 if TYPE_CHECKING:
     import ray.data
 
-    from mlplatform.platform import Platform
+    from mlplatform.features.store import FeatureStore
 
 PREFIX = "training_sets"
 SPLIT_COLUMN = "split"
@@ -58,7 +61,7 @@ def assign_split(ts_micros: Any, boundaries: dict[str, tuple[datetime, datetime]
 
 
 def save_training_set(
-    platform: Platform,
+    store: FeatureStore,
     name: str,
     ds: ray.data.Dataset,
     *,
@@ -93,9 +96,9 @@ def save_training_set(
         for split, n in p["counts"].items():
             counts[split] = counts.get(split, 0) + int(n)
     views = sorted({parse_ref(r)[0] for r in features})
-    feature_versions = {v: platform.features.registry.resolve_view(v).version for v in views}
+    feature_versions = {v: store.resolve_view(v).version for v in views}
     ts_stats = tagged.min(timestamp_column), tagged.max(timestamp_column)
-    version = platform.datasets.publish(
+    version = store.datasets.publish(
         f"{PREFIX}/{name}",
         tagged,
         metadata={},
@@ -103,7 +106,7 @@ def save_training_set(
     snapshot = TrainingSetSnapshot(
         name=name,
         version=version.version,
-        uri=platform.storage.uri(f"{PREFIX}/{name}"),
+        uri=store.storage.uri(f"{PREFIX}/{name}"),
         rows=version.rows,
         content_hash=f"{digest:016x}",
         label=label,
@@ -116,23 +119,23 @@ def save_training_set(
         time_range={"min": str(ts_stats[0]), "max": str(ts_stats[1])},
         metadata=metadata or {},
     )
-    platform.storage.write_json(f"{PREFIX}/{name}/_snapshots/{version.version:012d}.json", snapshot.to_json())
+    store.storage.write_json(f"{PREFIX}/{name}/_snapshots/{version.version:012d}.json", snapshot.to_json())
     return snapshot
 
 
-def get_training_set(platform: Platform, name: str, version: int | None = None) -> TrainingSetSnapshot:
+def get_training_set(store: FeatureStore, name: str, version: int | None = None) -> TrainingSetSnapshot:
     """The snapshot record of ``training_sets/NAME`` (latest version by default)."""
-    manifest = platform.datasets.get(f"{PREFIX}/{name}", version)
-    data = platform.storage.read_json(f"{PREFIX}/{name}/_snapshots/{manifest.version:012d}.json")
+    manifest = store.datasets.get(f"{PREFIX}/{name}", version)
+    data = store.storage.read_json(f"{PREFIX}/{name}/_snapshots/{manifest.version:012d}.json")
     return TrainingSetSnapshot(**data)
 
 
 def load_training_set(
-    platform: Platform, name: str, *, version: int | None = None, split: str | None = None
+    store: FeatureStore, name: str, *, version: int | None = None, split: str | None = None
 ) -> ray.data.Dataset:
     """The rows of a snapshot (optionally one split) as a ``ray.data.Dataset``."""
-    platform.ray()
-    ds = platform.datasets.read(f"{PREFIX}/{name}", version)
+    store.ray()
+    ds = store.datasets.read(f"{PREFIX}/{name}", version)
     if split is not None:
         ds = ds.filter(expr=f"{SPLIT_COLUMN} == '{split}'")
     return ds

@@ -202,7 +202,7 @@ def prepare(platform: Platform, spec: TrainSpec) -> PreparedData:
     from mlplatform.features.training_sets import get_training_set
 
     platform.ray()
-    snapshot = get_training_set(platform, spec.training_set, spec.training_set_version)
+    snapshot = get_training_set(platform.features, spec.training_set, spec.training_set_version)
     features = spec.features or _snapshot_features(snapshot)
     if not features:
         raise DataError(

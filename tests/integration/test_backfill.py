@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -150,12 +151,13 @@ def platform(tmp_path) -> Platform:
     return Platform.from_config({"storage": {"root": str(tmp_path / "root")}})
 
 
-def test_backfill_matches_the_oracle(platform):
+def test_backfill_matches_the_oracle(platform, caplog):
     rows = _source(seed=1)
     _publish(platform, rows)
     platform.features.apply([daily])
-    printed: list[str] = []
-    result = platform.features.backfill("user_tx", "2024-01-01", datetime(2024, 2, 15), echo=printed.append)
+    caplog.set_level(logging.INFO, logger="mlplatform.features.backfill")  # the start line and the summary
+    result = platform.features.backfill("user_tx", "2024-01-01", datetime(2024, 2, 15))
+    printed = [record.getMessage() for record in caplog.records if record.name == "mlplatform.features.backfill"]
 
     want = oracle(rows, daily, T0, datetime(2024, 2, 15, tzinfo=UTC))
     assert _same(offline_rows(platform, daily), want)
@@ -184,13 +186,12 @@ def test_consecutive_ranges_equal_one_range_and_reruns_replace(platform):
     _publish(platform, rows)
     platform.features.apply([six_hourly])
     a, b, c = T0, datetime(2024, 1, 20, 13, tzinfo=UTC), datetime(2024, 2, 10, tzinfo=UTC)
-    quiet = {"echo": lambda line: None}
-    platform.features.backfill(six_hourly, a, b, **quiet)
-    platform.features.backfill(six_hourly, b, c, **quiet)
+    platform.features.backfill(six_hourly, a, b)
+    platform.features.backfill(six_hourly, b, c)
     want = oracle(rows, six_hourly, a, c)
     assert _same(offline_rows(platform, six_hourly), want)
 
-    again = platform.features.backfill(six_hourly, a, b, **quiet)
+    again = platform.features.backfill(six_hourly, a, b)
     assert again.version.version == 3
     assert _same(offline_rows(platform, six_hourly), want)  # replaced, not duplicated
 
@@ -199,11 +200,10 @@ def test_rerun_after_the_source_lost_its_events_empties_the_range(platform):
     rows = _source(seed=5, n=100, users=5)
     _publish(platform, rows)
     platform.features.apply([daily])
-    quiet = {"echo": lambda line: None}
-    first = platform.features.backfill("user_tx", "2024-01-01", "2024-01-31", **quiet)
+    first = platform.features.backfill("user_tx", "2024-01-01", "2024-01-31")
     assert first.rows_out > 0 and first.kernel_seconds > 0
     _publish(platform, [r for r in rows if r["ts"] > datetime(2024, 3, 1, tzinfo=UTC)])  # none are
-    again = platform.features.backfill("user_tx", "2024-01-01", "2024-01-31", **quiet)
+    again = platform.features.backfill("user_tx", "2024-01-01", "2024-01-31")
     assert (again.rows_in, again.rows_out, again.partitions) == (0, 0, 30)
     assert offline_rows(platform, daily) == []  # every date of the range was replaced, even with nothing
 
@@ -213,9 +213,8 @@ def test_plain_view_copies_rows_in_range(platform):
     _publish(platform, rows)
     platform.features.apply([plain])
     cut = datetime(2024, 1, 15, 9, 30, tzinfo=UTC)
-    quiet = {"echo": lambda line: None}
-    platform.features.backfill("user_last_tx", "2024-01-01", cut, **quiet)
-    result = platform.features.backfill("user_last_tx", cut, "2024-02-01", **quiet)
+    platform.features.backfill("user_last_tx", "2024-01-01", cut)
+    result = platform.features.backfill("user_last_tx", cut, "2024-02-01")
     table = platform.datasets.read_table(offline_dataset("user_last_tx"))
     got = sorted(
         zip(*[table.column(n).to_pylist() for n in ["user_id", "event_timestamp", "created_timestamp", "amount", "channel"]])
@@ -256,6 +255,6 @@ def test_backfill_on_s3(s3_server, s3_bucket):
     _publish(platform, rows)
     platform.features.apply([daily])
     end = datetime(2024, 1, 20, tzinfo=UTC)
-    result = platform.features.backfill("user_tx", T0, end, echo=lambda line: None)
+    result = platform.features.backfill("user_tx", T0, end)
     assert result.version.name == offline_dataset("user_tx")
     assert _same(offline_rows(platform, daily), oracle(rows, daily, T0, end))

@@ -5,6 +5,7 @@ SIGKILL mid-write."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -143,15 +144,15 @@ def _check_against_oracle(platform, frame, start, end, now):
         ("redis", TARGET_BUCKET_ROWS),  # one bucket: the single-task path
     ],
 )
-def test_materialize_and_incremental_match_the_oracle(backend, bucket_rows, tmp_path, ray_session, request):
+def test_materialize_and_incremental_match_the_oracle(backend, bucket_rows, tmp_path, ray_session, request, caplog):
     online = None
     if backend == "redis":
         online = {"type": "redis", "url": request.getfixturevalue("redis_server").url, "timeout": "2s"}
     platform = _platform(tmp_path, online)
     frame = _history_rows(seed=1, keys=40, rows=600)
     _publish_offline(platform, history, frame)
-    echoed: list[str] = []
-    tuning = {"echo": echoed.append, "bucket_rows": bucket_rows}
+    caplog.set_level(logging.INFO, logger="mlplatform.features.materialize")  # what it says goes to logging
+    tuning = {"bucket_rows": bucket_rows}
 
     start, end1, end2 = T0 + timedelta(days=4), T0 + timedelta(days=12), T0 + timedelta(days=20)
     (first,) = materialize(platform.features, start, end1, ["history"], **tuning)
@@ -170,7 +171,8 @@ def test_materialize_and_incremental_match_the_oracle(backend, bucket_rows, tmp_
     state = read_state(platform.features, "history")
     assert (state["start"], state["end"]) == (start.isoformat(), end2.isoformat())
 
-    assert platform.features.materialize_incremental(end2, echo=echoed.append) == []
+    assert platform.features.materialize_incremental(end2) == []
+    echoed = [record.getMessage() for record in caplog.records if record.name == "mlplatform.features.materialize"]
     assert any("nothing to do" in line for line in echoed)
     assert any("materialized history (full)" in line for line in echoed)
 
@@ -189,7 +191,7 @@ def test_multi_column_string_keys_and_first_incremental_run(tmp_path, ray_sessio
     )
     _publish_offline(platform, pair, rows)
     # no state yet: the first incremental run materializes everything up to end, in full
-    (result,) = platform.features.materialize_incremental(T0 + timedelta(days=10), ["pair"], echo=lambda _: None)
+    (result,) = platform.features.materialize_incremental(T0 + timedelta(days=10), ["pair"])
     assert result.mode == "full" and result.rows == 4
     got = platform.features.get_online_features(
         ["pair:spend", "pair:tier"],
@@ -208,7 +210,7 @@ def test_named_view_without_offline_data_and_bad_window(tmp_path, ray_session):
         platform.features.materialize(None, T0, ["history"])
     with pytest.raises(DataError, match="start < end"):
         platform.features.materialize(T0, T0, ["history"])
-    assert platform.features.materialize(None, T0, echo=lambda _: None) == []  # nothing to do for any view
+    assert platform.features.materialize(None, T0) == []  # nothing to do for any view
 
 
 _CHILD = textwrap.dedent(
@@ -219,7 +221,7 @@ _CHILD = textwrap.dedent(
 
     platform = Platform.from_config(json.loads(sys.argv[1]))
     # small write batches: many short transactions, so the parent can catch it mid-write
-    materialize(platform.features, None, sys.argv[2], ["history"], batch_rows=20, echo=print)
+    materialize(platform.features, None, sys.argv[2], ["history"], batch_rows=20)
     print("FINISHED", flush=True)
     """
 )
@@ -239,7 +241,7 @@ def test_a_killed_materialization_leaves_the_previous_state_and_a_rerun_complete
         }
     )
     _publish_offline(platform, history, old)
-    platform.features.materialize(None, end, ["history"], echo=lambda _: None)
+    platform.features.materialize(None, end, ["history"])
     new = old.assign(event_timestamp=T0 + timedelta(days=29), created_timestamp=T0 + timedelta(days=29), score=2.0, n=2)
     _publish_offline(platform, history, new)  # replaces the offline data
 
@@ -286,7 +288,7 @@ def test_a_killed_materialization_leaves_the_previous_state_and_a_rerun_complete
     assert child.returncode == -signal.SIGKILL
     assert scores() == {1.0}  # the killed run left the previous state intact
 
-    (rerun,) = platform.features.materialize(None, end, ["history"], echo=lambda _: None)
+    (rerun,) = platform.features.materialize(None, end, ["history"])
     assert rerun.rows == len(keys) and scores() == {2.0}
     check = sqlite3.connect(platform.features.online_store.path)
     state = dict(check.execute("SELECT id, state FROM mlp_generations").fetchall())

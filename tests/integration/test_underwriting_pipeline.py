@@ -43,8 +43,8 @@ def _fit_auc(train: pd.DataFrame, test: pd.DataFrame, features: list[str]) -> fl
 def test_training_set_snapshot_is_complete_and_split_out_of_time(pipeline):
     platform, config, result = pipeline
     snapshot = result["training_set"]
-    assert snapshot == get_training_set(platform, "underwriting_v1")
-    frame = load_training_set(platform, "underwriting_v1").to_pandas()
+    assert snapshot == get_training_set(platform.features, "underwriting_v1")
+    frame = load_training_set(platform.features, "underwriting_v1").to_pandas()
     labelled = entity_rows(platform, config.data.end)
     # every labelled application appears exactly once: nothing dropped, nothing duplicated
     assert len(frame) == labelled.num_rows == snapshot.rows
@@ -60,7 +60,7 @@ def test_training_set_snapshot_is_complete_and_split_out_of_time(pipeline):
 def test_point_in_time_model_is_in_band_and_leaky_join_scores_clearly_higher(pipeline):
     platform, config, result = pipeline
     snapshot = result["training_set"]
-    frame = load_training_set(platform, "underwriting_v1").to_pandas()
+    frame = load_training_set(platform.features, "underwriting_v1").to_pandas()
     features = [ref.split(":")[1] for ref in snapshot.features]
     train = frame[frame["split"] != "test"]
     test = frame[frame["split"] == "test"]

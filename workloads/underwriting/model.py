@@ -88,7 +88,7 @@ def _scores(platform: Platform, snapshot: TrainingSetSnapshot, booster: Any) -> 
         out["score"] = booster.predict(matrix, num_threads=1)
         return out
 
-    ds = load_training_set(platform, snapshot.name, version=snapshot.version)
+    ds = load_training_set(platform.features, snapshot.name, version=snapshot.version)
     return ds.map_batches(score, batch_format="pandas").to_pandas()
 
 
@@ -114,7 +114,7 @@ def evaluate_and_card(
     texts = reason_texts_from_definitions(snapshot.features, platform.features.registry)
     coder = ReasonCoder(booster, texts)
     test = scored[scored["split"] == "test"].sort_values("score", ascending=False).head(3)
-    rows = load_training_set(platform, snapshot.name, version=snapshot.version).filter(
+    rows = load_training_set(platform.features, snapshot.name, version=snapshot.version).filter(
         lambda r, ids=set(test["application_id"]): r["application_id"] in ids
     ).to_pandas()
     examples = []

@@ -74,7 +74,7 @@ def backfill_views(platform: Platform, config: Config, echo: Echo = print) -> No
             ) == end.isoformat():
                 echo(f"[backfill] {view.name}: up to date")
                 continue
-        platform.features.backfill(view, start, end, echo=echo)
+        platform.features.backfill(view, start, end)
 
 
 def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any
     version = model.train_register_promote(platform, config.model, snapshot, echo)
     card = model.model_card_uri(platform, version)
     echo(f"[model card] {card}")
-    platform.features.materialize_incremental(config.data.end, echo=echo)
+    platform.features.materialize_incremental(config.data.end)
     deployed, decisions = None, []
     if config.serve.deploy:
         deployed, decisions = serve.deploy_and_decide(platform, config.model.name, config.serve, echo)

@@ -83,7 +83,7 @@ def build(platform: Platform, config: TrainingSetConfig, data_end: datetime) -> 
     refs = platform.features.resolve_features(config.feature_service)
     ds = platform.features.get_historical_features(rows, refs, entity_timestamp=TIMESTAMP)
     return save_training_set(
-        platform,
+        platform.features,
         config.name,
         ds,
         features=refs,
@@ -123,7 +123,7 @@ def current_snapshot(platform: Platform, name: str, key: str) -> TrainingSetSnap
     from mlplatform.features.training_sets import get_training_set
 
     try:
-        snapshot = get_training_set(platform, name)
+        snapshot = get_training_set(platform.features, name)
     except NotFoundError:
         return None
     return snapshot if snapshot.metadata.get("build_key") == key else None
