@@ -34,12 +34,29 @@ def render_markdown(
     """The card's Markdown. Tables that describe one split (calibration, lift, segment sizes)
     use ``test`` when present, else the last split given."""
     focus = "test" if "test" in splits else list(splits)[-1]
-    ev = splits[focus]
     title = f"{model_name} — version {version}" if version is not None else f"{model_name} (version assigned at registration)"
     lines = [f"# Model card: {title}", "", f"*Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.*", ""]
+    lines += _summary(splits, focus)
+    lines += _discrimination(splits[focus], focus)
+    lines += _calibration(splits[focus], focus)
+    lines += ["## Score distributions", "", "![Score distribution by outcome](score_distribution.png)", ""]
+    lines += _stability(splits)
+    lines += _segments(splits, focus)
+    lines += _top_features(importance)
+    lines += _examples(examples)
+    lines += ["## Lineage", ""]
+    lines += _lineage_lines(lineage)
+    lines += ["## Parameters", ""]
+    lines += _table(["Parameter", "Value"], [[f"`{k}`", f"`{_cell(v)}`"] for k, v in sorted(params.items())], align="ll")
+    lines += ["## Intended use", "", intended_use, "", "## Limitations", ""]
+    lines += [f"- {item}" for item in limitations] + [""]
+    return "\n".join(lines)
 
+
+def _summary(splits: dict[str, Evaluation], focus: str) -> list[str]:
+    ev = splits[focus]
     top = ev.lift.iloc[-1]
-    lines += ["## Summary", ""]
+    lines = ["## Summary", ""]
     if ev.auc == ev.auc:  # not NaN
         lines += [
             f"On the **{focus}** split the model ranks a random defaulter above a random repayer "
@@ -56,8 +73,11 @@ def render_markdown(
         ],
         align="lrrrrrrr",
     )
+    return lines
 
-    lines += ["## Discrimination", "", "![ROC curves by split](roc.png)", "", "![Lift by decile](lift.png)", ""]
+
+def _discrimination(ev: Evaluation, focus: str) -> list[str]:
+    lines = ["## Discrimination", "", "![ROC curves by split](roc.png)", "", "![Lift by decile](lift.png)", ""]
     lines += [f"Lift by score decile on **{focus}** (decile 10 = highest scores):", ""]
     lines += _table(
         ["Decile", "Applications", "Default rate", "Lift", "Share of all defaults"],
@@ -67,8 +87,11 @@ def render_markdown(
         ],
         align="rrrrr",
     )
+    return lines
 
-    lines += ["## Calibration", "", "![Predicted vs observed default rate](calibration.png)", ""]
+
+def _calibration(ev: Evaluation, focus: str) -> list[str]:
+    lines = ["## Calibration", "", "![Predicted vs observed default rate](calibration.png)", ""]
     lines += [f"Mean predicted vs observed default rate per score decile on **{focus}**:", ""]
     lines += _table(
         ["Decile", "Score range", "Applications", "Mean predicted", "Observed", "Observed − predicted"],
@@ -79,10 +102,11 @@ def render_markdown(
         ],
         align="rlrrrr",
     )
+    return lines
 
-    lines += ["## Score distributions", "", "![Score distribution by outcome](score_distribution.png)", ""]
 
-    lines += ["## Stability", ""]
+def _stability(splits: dict[str, Evaluation]) -> list[str]:
+    lines = ["## Stability", ""]
     psis = [(n, e.psi) for n, e in splits.items() if e.psi is not None]
     if psis:
         lines += [
@@ -93,37 +117,45 @@ def render_markdown(
         lines += [f"- **{n}**: {p:.3f} — {_psi_words(p)}" for n, p in psis] + [""]
     else:
         lines += ["No reference scores were given, so no PSI was computed.", ""]
+    return lines
 
+
+def _segments(splits: dict[str, Evaluation], focus: str) -> list[str]:
+    ev = splits[focus]
     seg_names = list(dict.fromkeys(name for e in splits.values() for name in e.segments))
-    if seg_names:
-        lines += ["## Performance by segment", "", "AUC within each segment (n/a: the segment holds one outcome only).", ""]
-        for seg in seg_names:
-            lines += [f"### {seg}", ""]
-            base = ev.segments.get(seg)
-            values = list(base["value"]) if base is not None else []
+    if not seg_names:
+        return []
+    lines = ["## Performance by segment", "", "AUC within each segment (n/a: the segment holds one outcome only).", ""]
+    for seg in seg_names:
+        lines += [f"### {seg}", ""]
+        base = ev.segments.get(seg)
+        values = list(base["value"]) if base is not None else []
+        for e in splits.values():
+            if seg in e.segments:
+                values += [v for v in e.segments[seg]["value"] if v not in values]
+        rows = []
+        for v in values:
+            row = [_cell(v)]
+            if base is not None and v in set(base["value"]):
+                b = base.set_index("value").loc[v]
+                row += [f"{int(b['count']):,}", f"{b.default_rate:.2%}"]
+            else:
+                row += ["0", "—"]
             for e in splits.values():
-                if seg in e.segments:
-                    values += [v for v in e.segments[seg]["value"] if v not in values]
-            rows = []
-            for v in values:
-                row = [_cell(v)]
-                if base is not None and v in set(base["value"]):
-                    b = base.set_index("value").loc[v]
-                    row += [f"{int(b['count']):,}", f"{b.default_rate:.2%}"]
-                else:
-                    row += ["0", "—"]
-                for e in splits.values():
-                    t = e.segments.get(seg)
-                    hit = t[t["value"] == v] if t is not None else None
-                    row.append(format_metric(hit["auc"].iloc[0]) if hit is not None and len(hit) else "—")
-                rows.append(row)
-            lines += _table(
-                ["Value", f"Applications ({focus})", f"Default rate ({focus})", *[f"AUC {n}" for n in splits]],
-                rows,
-                align="lrr" + "r" * len(splits),
-            )
+                t = e.segments.get(seg)
+                hit = t[t["value"] == v] if t is not None else None
+                row.append(format_metric(hit["auc"].iloc[0]) if hit is not None and len(hit) else "—")
+            rows.append(row)
+        lines += _table(
+            ["Value", f"Applications ({focus})", f"Default rate ({focus})", *[f"AUC {n}" for n in splits]],
+            rows,
+            align="lrr" + "r" * len(splits),
+        )
+    return lines
 
-    lines += ["## Top features", ""]
+
+def _top_features(importance: list[tuple[str, float, float]]) -> list[str]:
+    lines = ["## Top features", ""]
     if importance:
         lines += _table(
             ["#", "Feature", "Importance", "Share"],
@@ -132,30 +164,23 @@ def render_markdown(
         )
     else:
         lines += ["No feature importance was given.", ""]
+    return lines
 
-    lines += ["## Example declined applicants", ""]
-    if examples:
-        lines += ["The reasons each would receive, strongest first (texts from the feature definitions):", ""]
-        for ex in examples:
-            ident = ex.get("id", ex.get("applicant_id", "?"))
-            score = ex.get("score")
-            head = f"**Applicant {ident}**" + (f" — predicted default probability {score:.1%}" if score is not None else "")
-            lines += [head, ""]
-            reasons = list(ex.get("reasons", []))
-            lines += [f"{i + 1}. {_reason_line(r)}" for i, r in enumerate(reasons)] or ["- (no reasons: no feature pushed toward decline)"]
-            lines += [""]
-    else:
-        lines += ["No examples were given.", ""]
 
-    lines += ["## Lineage", ""]
-    lines += _lineage_lines(lineage)
-
-    lines += ["## Parameters", ""]
-    lines += _table(["Parameter", "Value"], [[f"`{k}`", f"`{_cell(v)}`"] for k, v in sorted(params.items())], align="ll")
-
-    lines += ["## Intended use", "", intended_use, "", "## Limitations", ""]
-    lines += [f"- {item}" for item in limitations] + [""]
-    return "\n".join(lines)
+def _examples(examples: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = ["## Example declined applicants", ""]
+    if not examples:
+        return lines + ["No examples were given.", ""]
+    lines += ["The reasons each would receive, strongest first (texts from the feature definitions):", ""]
+    for ex in examples:
+        ident = ex.get("id", ex.get("applicant_id", "?"))
+        score = ex.get("score")
+        head = f"**Applicant {ident}**" + (f" — predicted default probability {score:.1%}" if score is not None else "")
+        lines += [head, ""]
+        reasons = list(ex.get("reasons", []))
+        lines += [f"{i + 1}. {_reason_line(r)}" for i, r in enumerate(reasons)] or ["- (no reasons: no feature pushed toward decline)"]
+        lines += [""]
+    return lines
 
 
 def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
