@@ -42,14 +42,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from mlplatform.errors import DataError, ServingError
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from mlplatform.features.definitions import FeatureView
 
 __all__ = [
     "EncodedRow",
@@ -57,6 +55,8 @@ __all__ = [
     "FeatureValue",
     "OnlineStore",
     "OnlineStoreUnavailable",
+    "OnlineView",
+    "StoredField",
     "encode_key",
     "encode_rows",
 ]
@@ -100,6 +100,33 @@ class EncodedRow(NamedTuple):
     values: str
 
 
+class StoredField(Protocol):
+    """A feature as a store sees it: its name and dtype (``float64`` values are stored as floats)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+
+class OnlineView(Protocol):
+    """What a store needs of a feature view: ``mlplatform.features.FeatureView`` is one. Stores
+    depend on this shape, not on the feature store's definitions."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def join_keys(self) -> tuple[str, ...]: ...
+
+    @property
+    def features(self) -> Sequence[StoredField]: ...
+
+    @property
+    def ttl(self) -> timedelta | None: ...
+
+
 class OnlineStore(ABC):
     """The latest row per entity key of each view, written in generations; see the module doc.
 
@@ -109,11 +136,11 @@ class OnlineStore(ABC):
 
     # --------------------------------------------------------------------------- writes
     @abstractmethod
-    def begin(self, view: FeatureView) -> str:
+    def begin(self, view: OnlineView) -> str:
         """Start a new generation of ``view``, invisible to readers; supersedes one in progress."""
 
     @abstractmethod
-    def write_encoded(self, view: FeatureView, generation: str, rows: Sequence[EncodedRow]) -> int:
+    def write_encoded(self, view: OnlineView, generation: str, rows: Sequence[EncodedRow]) -> int:
         """Write rows into ``generation`` (newer row per key wins); returns the rows given.
 
         Raises:
@@ -121,7 +148,7 @@ class OnlineStore(ABC):
         """
 
     @abstractmethod
-    def publish(self, view: FeatureView, generation: str) -> None:
+    def publish(self, view: OnlineView, generation: str) -> None:
         """Make ``generation`` the one readers see, atomically; then delete older generations.
 
         Raises:
@@ -129,34 +156,34 @@ class OnlineStore(ABC):
         """
 
     @abstractmethod
-    def abort(self, view: FeatureView, generation: str) -> None:
+    def abort(self, view: OnlineView, generation: str) -> None:
         """Drop ``generation``; readers never saw it. Aborting twice is harmless."""
 
     @abstractmethod
-    def upsert_encoded(self, view: FeatureView, rows: Sequence[EncodedRow]) -> int:
+    def upsert_encoded(self, view: OnlineView, rows: Sequence[EncodedRow]) -> int:
         """Write rows into the current state (creating an empty one if the view has none),
         visible at once, atomic per key, newer row per key wins; returns the rows given."""
 
-    def write(self, view: FeatureView, generation: str, rows: pa.Table | Iterable[Mapping[str, Any]]) -> int:
+    def write(self, view: OnlineView, generation: str, rows: pa.Table | Iterable[Mapping[str, Any]]) -> int:
         """Write rows (join keys, ``event_timestamp``, optional ``created_timestamp``, features)
         into ``generation``. See ``encode_rows`` for what rows may hold."""
         return self.write_encoded(view, generation, encode_rows(view, rows))
 
-    def upsert(self, view: FeatureView, rows: pa.Table | Iterable[Mapping[str, Any]]) -> int:
+    def upsert(self, view: OnlineView, rows: pa.Table | Iterable[Mapping[str, Any]]) -> int:
         """Write rows into the current state, visible at once; see ``upsert_encoded``."""
         return self.upsert_encoded(view, encode_rows(view, rows))
 
     # ---------------------------------------------------------------------------- reads
     @abstractmethod
-    def current_generation(self, view: FeatureView | str) -> str | None:
+    def current_generation(self, view: OnlineView | str) -> str | None:
         """The generation readers see, or None if the view was never materialized or pushed."""
 
     @abstractmethod
-    def _fetch(self, view: FeatureView, keys: Sequence[str]) -> list[tuple[int, int, str] | None]:
+    def _fetch(self, view: OnlineView, keys: Sequence[str]) -> list[tuple[int, int, str] | None]:
         """Stored ``(event_us, created_us, values_json)`` per encoded key, from the current generation."""
 
     def read(
-        self, view: FeatureView, keys: Sequence[Sequence[Any]], features: Sequence[str], now: datetime
+        self, view: OnlineView, keys: Sequence[Sequence[Any]], features: Sequence[str], now: datetime
     ) -> list[dict[str, FeatureValue]]:
         """The requested features of each key (a tuple of join key values in ``view.join_keys``
         order), in order, as seen at ``now`` (see the module doc for the time rule).
@@ -168,7 +195,7 @@ class OnlineStore(ABC):
         cutoff = _cutoff(view, now)
         return [_evaluate(stored, features, cutoff) for stored in found]
 
-    def read_one(self, view: FeatureView, key: Sequence[Any], features: Sequence[str], now: datetime) -> dict[str, FeatureValue]:
+    def read_one(self, view: OnlineView, key: Sequence[Any], features: Sequence[str], now: datetime) -> dict[str, FeatureValue]:
         """``read`` for a single key: the serving fast path (one query / one round trip)."""
         (stored,) = self._fetch(view, [encode_key(key)])
         return _evaluate(stored, features, _cutoff(view, now))
@@ -256,7 +283,7 @@ def _decode_values(text: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def encode_rows(view: FeatureView, rows: pa.Table | Iterable[Mapping[str, Any]]) -> list[EncodedRow]:
+def encode_rows(view: OnlineView, rows: pa.Table | Iterable[Mapping[str, Any]]) -> list[EncodedRow]:
     """Encode rows for a store: a pyarrow Table, pandas DataFrame or iterable of mappings with
     the view's join keys, ``event_timestamp`` (aware or naive-UTC datetime), an optional
     ``created_timestamp`` (missing or null = the event time) and the view's features (a missing
@@ -381,7 +408,7 @@ def _feature_column(table: pa.Table, name: str, as_float: bool) -> list[Any]:
 # ------------------------------------------------------------------------------- reading
 
 
-def _cutoff(view: FeatureView, now: datetime) -> tuple[int, int | None]:
+def _cutoff(view: OnlineView, now: datetime) -> tuple[int, int | None]:
     now_us = to_micros(now)
     return now_us, (None if view.ttl is None else now_us - view.ttl // timedelta(microseconds=1))
 

@@ -38,13 +38,10 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlplatform.errors import ConflictError, DependencyError, StorageError
-from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable
-
-if TYPE_CHECKING:
-    from mlplatform.features.definitions import FeatureView
+from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable, OnlineView
 
 __all__ = ["RedisOnlineStore"]
 
@@ -284,13 +281,13 @@ class RedisOnlineStore(OnlineStore):
             raise StorageError(f"Redis at {self.url}: {what} failed: {exc}") from None
 
     # --------------------------------------------------------------------------- writes
-    def begin(self, view: FeatureView) -> str:
+    def begin(self, view: OnlineView) -> str:
         meta = self._meta(view.name)
         gen = self._call("begin", lambda: self._eval(_BEGIN, [f"{meta}:gens", f"{meta}:seq"]))
         self._cleanup(view.name)
         return str(gen)
 
-    def write_encoded(self, view: FeatureView, generation: str, rows: Sequence[EncodedRow]) -> int:
+    def write_encoded(self, view: OnlineView, generation: str, rows: Sequence[EncodedRow]) -> int:
         gens = f"{self._meta(view.name)}:gens"
         for at in range(0, len(rows), _WRITE_CHUNK):
             state = self._call("write", lambda: self._client("write").hget(gens, generation))
@@ -302,7 +299,7 @@ class RedisOnlineStore(OnlineStore):
             self._write_rows(view.name, rows[at : at + _WRITE_CHUNK], [generation])
         return len(rows)
 
-    def upsert_encoded(self, view: FeatureView, rows: Sequence[EncodedRow]) -> int:
+    def upsert_encoded(self, view: OnlineView, rows: Sequence[EncodedRow]) -> int:
         meta = self._meta(view.name)
         keys = [f"{meta}:gens", f"{meta}:seq", f"{meta}:current"]
         for at in range(0, len(rows), _WRITE_CHUNK):
@@ -323,7 +320,7 @@ class RedisOnlineStore(OnlineStore):
 
         self._call("write", run)
 
-    def publish(self, view: FeatureView, generation: str) -> None:
+    def publish(self, view: OnlineView, generation: str) -> None:
         meta = self._meta(view.name)
         result = self._call(
             "publish", lambda: self._eval(_PUBLISH, [f"{meta}:gens", f"{meta}:current"], [generation])
@@ -337,7 +334,7 @@ class RedisOnlineStore(OnlineStore):
             time.sleep(self.cleanup_grace.total_seconds())
         self._cleanup(view.name)
 
-    def abort(self, view: FeatureView, generation: str) -> None:
+    def abort(self, view: OnlineView, generation: str) -> None:
         meta = self._meta(view.name)
         self._call("abort", lambda: self._eval(_ABORT, [f"{meta}:gens"], [generation]))
         self._cleanup(view.name)
@@ -377,7 +374,7 @@ class RedisOnlineStore(OnlineStore):
         self._call("cleanup", run)
 
     # ---------------------------------------------------------------------------- reads
-    def current_generation(self, view: FeatureView | str) -> str | None:
+    def current_generation(self, view: OnlineView | str) -> str | None:
         name = view if isinstance(view, str) else view.name
         return self._read("read", lambda client: client.get(f"{self._meta(name)}:current"))
 
@@ -389,7 +386,7 @@ class RedisOnlineStore(OnlineStore):
         except redis.exceptions.RedisError as exc:
             raise OnlineStoreUnavailable(f"Redis at {self.url} did not answer the {what} within {self.timeout}: {exc}") from None
 
-    def _fetch(self, view: FeatureView, keys: Sequence[str]) -> list[tuple[int, int, str] | None]:
+    def _fetch(self, view: OnlineView, keys: Sequence[str]) -> list[tuple[int, int, str] | None]:
         current = f"{self._meta(view.name)}:current"
 
         def run(client: Any) -> list[Any]:

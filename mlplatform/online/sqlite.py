@@ -28,13 +28,10 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlplatform.errors import ConflictError, StorageError
-from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable
-
-if TYPE_CHECKING:
-    from mlplatform.features.definitions import FeatureView
+from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable, OnlineView
 
 __all__ = ["SqliteOnlineStore"]
 
@@ -116,7 +113,7 @@ class SqliteOnlineStore(OnlineStore):
         return _WriteTxn(self)
 
     # --------------------------------------------------------------------------- writes
-    def begin(self, view: FeatureView) -> str:
+    def begin(self, view: OnlineView) -> str:
         now = datetime.now(UTC).isoformat()
         with self._write_txn() as conn:
             conn.execute("UPDATE mlp_generations SET state = 'dead' WHERE view = ? AND state = 'writing'", (view.name,))
@@ -127,7 +124,7 @@ class SqliteOnlineStore(OnlineStore):
         self._drop_dead(view.name)
         return str(gen)
 
-    def write_encoded(self, view: FeatureView, generation: str, rows: Sequence[EncodedRow]) -> int:
+    def write_encoded(self, view: OnlineView, generation: str, rows: Sequence[EncodedRow]) -> int:
         sql = _upsert_sql(generation)
         for at in range(0, len(rows), _WRITE_CHUNK):
             with self._write_txn() as conn:
@@ -140,7 +137,7 @@ class SqliteOnlineStore(OnlineStore):
                 conn.executemany(sql, rows[at : at + _WRITE_CHUNK])
         return len(rows)
 
-    def publish(self, view: FeatureView, generation: str) -> None:
+    def publish(self, view: OnlineView, generation: str) -> None:
         now = datetime.now(UTC).isoformat()
         with self._write_txn() as conn:
             state = _state(conn, view.name, generation)
@@ -162,7 +159,7 @@ class SqliteOnlineStore(OnlineStore):
             )
         self._drop_dead(view.name)
 
-    def abort(self, view: FeatureView, generation: str) -> None:
+    def abort(self, view: OnlineView, generation: str) -> None:
         with self._write_txn() as conn:
             conn.execute(
                 "UPDATE mlp_generations SET state = 'dead' WHERE id = ? AND view = ? AND state = 'writing'",
@@ -170,7 +167,7 @@ class SqliteOnlineStore(OnlineStore):
             )
         self._drop_dead(view.name)
 
-    def upsert_encoded(self, view: FeatureView, rows: Sequence[EncodedRow]) -> int:
+    def upsert_encoded(self, view: OnlineView, rows: Sequence[EncodedRow]) -> int:
         for at in range(0, len(rows), _WRITE_CHUNK):
             with self._write_txn() as conn:
                 for gen in self._live(conn, view.name):
@@ -208,7 +205,7 @@ class SqliteOnlineStore(OnlineStore):
                 conn.execute("UPDATE mlp_generations SET state = 'dropped' WHERE id = ? AND state = 'dead'", (gen,))
 
     # ---------------------------------------------------------------------------- reads
-    def current_generation(self, view: FeatureView | str) -> str | None:
+    def current_generation(self, view: OnlineView | str) -> str | None:
         name = view if isinstance(view, str) else view.name
         with self._lock:
             try:
@@ -217,7 +214,7 @@ class SqliteOnlineStore(OnlineStore):
                 raise OnlineStoreUnavailable(f"online store {self.path!r} cannot be read: {exc}") from None
         return None if row is None else str(row[0])
 
-    def _fetch(self, view: FeatureView, keys: Sequence[str]) -> list[tuple[int, int, str] | None]:
+    def _fetch(self, view: OnlineView, keys: Sequence[str]) -> list[tuple[int, int, str] | None]:
         with self._lock:
             try:
                 conn = self._connection()
