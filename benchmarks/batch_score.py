@@ -217,10 +217,9 @@ def end_to_end(args) -> None:
     platform = Platform.from_config({"storage": {"root": str(root)}})
     config = Config(data={"applications": args.e2e_applications, "seed": 3})
     t = time.perf_counter()
-    quiet = lambda line: None  # noqa: E731
-    generate_data(platform, config, echo=quiet)
+    generate_data(platform, config)
     platform.features.apply(DEFINITIONS)
-    backfill_views(platform, config, echo=quiet)
+    backfill_views(platform, config)
     print(f"\nend to end: data ready under {root} in {time.perf_counter() - t:.1f}s (cached after the first run)")
 
     applications = platform.datasets.read_table(f"{RAW_PREFIX}/applications", columns=ENTITY_COLUMNS)

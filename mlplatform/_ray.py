@@ -34,7 +34,9 @@ def connect(config: RayConfig, *, runtime_env: dict | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = config.address or os.environ.get("RAY_ADDRESS") or None
-    common = {"namespace": config.namespace, "runtime_env": runtime_env, "log_to_driver": True}
+    # log_to_driver is left to Ray: it streams workers' output to this process unless
+    # RAY_LOG_TO_DRIVER=0, which the CLI sets without --verbose (mlplatform.jobs.console).
+    common = {"namespace": config.namespace, "runtime_env": runtime_env}
     if address:
         try:
             ray.init(address=address, **common)

@@ -5,6 +5,11 @@ one library function and prints the result.
     mlp apply configs/underwriting.yaml      # register the workload's feature definitions
     mlp features configs/underwriting.yaml   # list registered definitions
 
+Which workload a file runs, and what a workload provides, is the contract in
+:mod:`mlplatform.jobs.workload`; the CLI knows no workload by name. What the console shows is
+set in one place, :mod:`mlplatform.jobs.console`: one line per step, progress on a terminal,
+Ray's own logs only with ``--verbose``.
+
 A ``PlatformError`` prints as one line on stderr with exit code 1 (``--debug`` shows the
 traceback); any other exception is a bug and always shows its traceback.
 """
@@ -21,26 +26,43 @@ from mlplatform.errors import PlatformError
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _workload(args: argparse.Namespace):  # noqa: ANN202 - returns mlplatform.jobs.Workload
+def _workload(args: argparse.Namespace, overrides: dict | None = None):  # noqa: ANN202 - mlplatform.jobs.Workload
     from mlplatform.jobs import load_workload
 
-    return load_workload(args.workload)
+    return load_workload(args.workload, overrides)
+
+
+def _platform(workload):  # noqa: ANN001, ANN202 - a Platform for the workload's platform config
+    from mlplatform.jobs.console import quiet_ray
+    from mlplatform.platform import Platform
+
+    quiet_ray()
+    return Platform(workload.platform_config)
+
+
+def _run_steps(args: argparse.Namespace, steps, platform) -> dict:  # noqa: ANN001
+    from mlplatform.jobs import StepRunner
+
+    return StepRunner(platform.storage, force=getattr(args, "force", False)).run_all(steps)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    import time
+
     workload = _workload(args)
-    platform = workload.platform()
+    platform = _platform(workload)
+    started = time.monotonic()
+    print(f"mlp run: workload {workload.name} on {platform!r}")
     try:
-        result = workload.module.run(platform, workload.config, echo=print) or {}
-        deployed = result.get("deployed") if isinstance(result, dict) else None
-        if deployed is None:
+        results = workload.run(platform, force=args.force)
+        print(f"done in {time.monotonic() - started:.1f}s")
+        deployed = results.get("deploy")
+        if getattr(deployed, "url", None) is None:
             return
         if not platform._started_ray:
             print(f"decision endpoint stays live on the cluster at {deployed.url}/v1/decisions")
         elif sys.stdin.isatty() and not args.exit:
             print(f"decision endpoint live at {deployed.url}/v1/decisions (local Ray) - press Ctrl-C to stop")
-            import time
-
             try:
                 while True:
                     time.sleep(3600)
@@ -54,80 +76,70 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     workload = _workload(args)
-    with workload.platform() as platform:
-        workload.module.generate_data(platform, workload.config, echo=print)
+    with _platform(workload) as platform:
+        workload.run(platform, only={"generate"}, force=args.force)
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
+    from mlplatform.jobs.feature_steps import apply_step
+
     workload = _workload(args)
-    with workload.platform() as platform:
-        result = platform.features.apply(workload.module.definitions(), force=args.force, dry_run=args.dry_run)
-        print(result)
+    with _platform(workload) as platform:
+        step = apply_step(platform.features, workload.definitions(), force=args.force, dry_run=args.dry_run)
+        print(step.run().value)
 
 
 def cmd_features(args: argparse.Namespace) -> None:
     from mlplatform.features.listing import describe_registry
 
     workload = _workload(args)
-    with workload.platform() as platform:
+    with _platform(workload) as platform:
         print(describe_registry(platform.features))
 
 
 def cmd_backfill(args: argparse.Namespace) -> None:
+    from mlplatform.jobs.feature_steps import backfill_step
+
     workload = _workload(args)
     data = workload.config.data
-    with workload.platform() as platform:
+    with _platform(workload) as platform:
         views = args.view or [v.name for v in platform.features.list_feature_views()]
-        for view in views:
-            platform.features.backfill(view, args.start or data.start, args.end or data.end)
+        steps = [
+            backfill_step(platform.features, platform.datasets, view, args.start or data.start, args.end or data.end)
+            for view in views
+        ]
+        _run_steps(args, steps, platform)
 
 
 def cmd_materialize(args: argparse.Namespace) -> None:
+    from mlplatform.jobs.feature_steps import materialize_step
+
     workload = _workload(args)
     data = workload.config.data
-    with workload.platform() as platform:
-        views = args.view or None
-        if args.start:
-            platform.features.materialize(args.start, args.end or data.end, views)
-        else:
-            platform.features.materialize_incremental(args.end or data.end, views)
-
-
-def _snapshot(platform, workload):  # noqa: ANN001, ANN202
-    from mlplatform.features.training_sets import get_training_set
-
-    return get_training_set(platform.features, workload.config.training_set.name)
+    with _platform(workload) as platform:
+        step = materialize_step(platform.features, args.end or data.end, args.view or None, start=args.start)
+        _run_steps(args, [step], platform)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from workloads.underwriting import model
-
-    workload = _workload(args)
-    config = workload.config.model
-    if args.tune is False:
-        config = config.model_copy(update={"tune": None})
-    with workload.platform() as platform:
-        version = model.train_register_promote(platform, config, _snapshot(platform, workload), print)
-        print(f"model card: {model.model_card_uri(platform, version)}")
+    workload = _workload(args, {"model.tune": None} if args.tune is False else None)
+    with _platform(workload) as platform:
+        workload.run(platform, only={"train", "promote"}, force=args.force)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from workloads.underwriting import model
-
     workload = _workload(args)
-    config = workload.config.model
-    if not config.tune:
+    if not getattr(getattr(workload.config, "model", None), "tune", None):
         from mlplatform.errors import ConfigError
 
         raise ConfigError(f"{args.workload}: no 'model.tune' section (search_space, num_samples) to tune with")
-    with workload.platform() as platform:
-        version = model.train_register_promote(platform, config, _snapshot(platform, workload), print)
-        print(f"model card: {model.model_card_uri(platform, version)}")
+    with _platform(workload) as platform:
+        workload.run(platform, only={"train", "promote"}, force=args.force)
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
     workload = _workload(args)
-    with workload.platform() as platform:
+    with _platform(workload) as platform:
         names = [args.name] if args.name else platform.models.names()
         for name in names:
             aliases = platform.models.aliases(name)
@@ -142,17 +154,17 @@ def cmd_models_list(args: argparse.Namespace) -> None:
 
 def cmd_models_promote(args: argparse.Namespace) -> None:
     workload = _workload(args)
-    with workload.platform() as platform:
+    with _platform(workload) as platform:
         platform.models.set_alias(args.name, args.alias, args.version)
         print(f"{args.name}: {args.alias} -> v{args.version}")
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
-    from workloads.underwriting.serve import ensure_api_key
+    from mlplatform.serving.client import api_key
 
     workload = _workload(args)
-    platform = workload.platform()
-    ensure_api_key(platform, print)
+    platform = _platform(workload)
+    api_key(platform.storage, platform.config.serving.api_key_env)
     deployed = platform.serving.deploy(args.model, num_replicas=args.replicas, blocking=not args.detach)
     print(f"deployed {deployed.model_name} v{deployed.model_version} at {deployed.url}")
 
@@ -163,7 +175,7 @@ def cmd_decide(args: argparse.Namespace) -> None:
 
     from mlplatform.config import load_config
     from mlplatform.errors import DataError, ServingError
-    from workloads.underwriting.serve import post_decision
+    from mlplatform.serving.client import post_decision
 
     text = args.application
     if text.startswith("@"):
@@ -194,7 +206,7 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     workload = _workload(args)
-    with workload.platform() as platform:
+    with _platform(workload) as platform:
         result = platform.batch.score(args.model, args.input, alias=args.alias, output=args.output)
         print(result)
 
@@ -210,9 +222,12 @@ def cmd_submit(args: argparse.Namespace) -> None:
         raise JobError("nothing to run: mlp submit --address URL -- mlp run configs/underwriting.yaml")
     import shlex
 
-    result = Jobs().submit(
-        shlex.join(command), address=args.address, working_dir=args.working_dir, wait=not args.no_wait
-    )
+    jobs = Jobs()
+    result = jobs.submit(shlex.join(command), address=args.address, working_dir=args.working_dir, wait=False)
+    if not args.no_wait:
+        for line in jobs.tail(result.job_id, address=args.address):
+            print(line, flush=True)
+        result = jobs.wait(result.job_id, address=args.address)
     print(f"job {result.job_id}: {result.status}")
 
 
@@ -229,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="mlplatform: feature store, training, model registry and serving on one Ray cluster.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for platform errors")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the library's details and Ray's own logs (INFO)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help="one of the commands below")
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -239,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "Run the whole workload end to end (the main job).")
     p.add_argument("workload", help="workload YAML, e.g. configs/underwriting.yaml")
     p.add_argument("--exit", action="store_true", help="exit after the sample decisions (no Ctrl-C wait on a terminal)")
+    p.add_argument("--force", action="store_true", help="run every step, even those that are up to date")
 
     p = add("generate", cmd_generate, "Generate the workload's synthetic data under the storage root.")
     p.add_argument("workload", help="workload YAML")
+    p.add_argument("--force", action="store_true", help="generate even when the same data is there")
 
     p = add("apply", cmd_apply, "Register the workload's feature definitions and print what changed.")
     p.add_argument("workload", help="workload YAML")
@@ -256,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", action="append", help="a view to backfill (repeatable); default all")
     p.add_argument("--start", help="range start (exclusive), e.g. 2024-01-01; default the data's start")
     p.add_argument("--end", help="range end (inclusive); default the data's end")
+    p.add_argument("--force", action="store_true", help="backfill even views that are up to date")
 
     p = add("materialize", cmd_materialize, "Load the latest feature values into the online store.")
     p.add_argument("workload", help="workload YAML")
@@ -266,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "Train (Ray Train), evaluate, write the model card, register and promote.")
     p.add_argument("workload", help="workload YAML")
     p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="ignore model.tune")
+    p.add_argument("--force", action="store_true", help="train even when this training set and spec are registered")
 
     p = add("tune", cmd_tune, "Tune with Ray Tune + ASHA (model.tune in the workload), register the best trial.")
     p.add_argument("workload", help="workload YAML")
+    p.add_argument("--force", action="store_true", help="tune even when this training set and spec are registered")
 
     models = sub.add_parser("models", help="List and promote registered models.", description="List and promote registered models.")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True, help="list or promote")
@@ -332,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from mlplatform.jobs.console import configure
+
+    undo_console = configure(verbose=args.verbose)
     try:
         result = args.handler(args)
     except PlatformError as exc:
@@ -342,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        undo_console()
     return int(result or 0)
 
 

@@ -17,9 +17,10 @@ or ``~/.ray/auth_token``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = ["JobResult", "Jobs", "default_runtime_env"]
 
 EXCLUDES = [".venv", ".git", ".mlplatform", "**/__pycache__", ".pytest_cache", ".hypothesis", "benchmarks/_data"]
 _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+log = logging.getLogger(__name__)
 
 
 _AGENT_WAIT_S = 60.0  # how long submit waits for a just-started head to take jobs
@@ -88,12 +90,13 @@ class Jobs:
         runtime_env: dict[str, Any] | None = None,
         entrypoint_num_cpus: float | None = None,
         wait: bool = True,
-        echo: Callable[[str], None] = print,
         timeout_s: float | None = None,
     ) -> JobResult:
         """Submit ``entrypoint`` (a shell command run by the job's driver on the cluster).
 
-        With ``wait`` the job's logs stream through ``echo`` until it ends.
+        With ``wait`` the job's log lines go to the ``mlplatform.jobs.submit`` logger (INFO)
+        until it ends (see :meth:`follow`); to handle them yourself, submit without ``wait``
+        and iterate :meth:`tail`.
 
         Raises:
             JobError: the cluster is unreachable, the submission is refused, or (with ``wait``)
@@ -115,33 +118,43 @@ class Jobs:
                     time.sleep(1.0)
                     continue
                 raise JobError(f"job submission refused: {exc}") from None
-        echo(f"submitted job {job_id} to {client.get_address()}: {entrypoint}")
+        log.info("submitted job %s to %s: %s", job_id, client.get_address(), entrypoint)
         if not wait:
             return JobResult(job_id=job_id, status=str(client.get_job_status(job_id)), address=client.get_address())
-        return self.follow(job_id, address=address, echo=echo, timeout_s=timeout_s)
+        return self.follow(job_id, address=address, timeout_s=timeout_s)
 
-    def follow(
-        self,
-        job_id: str,
-        *,
-        address: str | None = None,
-        echo: Callable[[str], None] = print,
-        timeout_s: float | None = None,
-    ) -> JobResult:
-        """Stream a job's logs until it ends; raise JobError unless it succeeded."""
+    def tail(self, job_id: str, *, address: str | None = None, timeout_s: float | None = None) -> Iterator[str]:
+        """The job's log lines as they come, until its logs end.
+
+            for line in jobs.tail(job_id):
+                print(line)
+
+        Raises:
+            JobError: the logs did not end within ``timeout_s`` (the job is then stopped).
+        """
         client = self.client(address)
-
-        async def tail() -> None:
-            async for chunk in client.tail_job_logs(job_id):
-                for line in chunk.rstrip("\n").split("\n"):
-                    echo(line)
-
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        loop = asyncio.new_event_loop()
+        chunks = client.tail_job_logs(job_id).__aiter__()
         try:
-            asyncio.run(asyncio.wait_for(tail(), timeout=timeout_s))
-        except TimeoutError:
-            client.stop_job(job_id)
-            raise JobError(f"job {job_id} did not finish within {timeout_s:.0f}s; it was stopped") from None
+            while True:
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    chunk = loop.run_until_complete(asyncio.wait_for(chunks.__anext__(), timeout=remaining))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    client.stop_job(job_id)
+                    raise JobError(f"job {job_id} did not finish within {timeout_s:.0f}s; it was stopped") from None
+                yield from chunk.rstrip("\n").split("\n")
+        finally:
+            loop.run_until_complete(chunks.aclose())
+            loop.close()
+
+    def wait(self, job_id: str, *, address: str | None = None, timeout_s: float | None = None) -> JobResult:
+        """Wait until the job has ended; raise JobError unless it succeeded."""
+        client = self.client(address)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         status = str(client.get_job_status(job_id)).split(".")[-1]
         while status not in _TERMINAL and (deadline is None or time.monotonic() < deadline):
             time.sleep(0.5)
@@ -151,6 +164,13 @@ class Jobs:
             info = client.get_job_info(job_id)
             raise JobError(f"job {job_id} ended {status}: {info.message or 'see its logs'}")
         return JobResult(job_id=job_id, status=status, address=client.get_address(), logs=logs)
+
+    def follow(self, job_id: str, *, address: str | None = None, timeout_s: float | None = None) -> JobResult:
+        """Log the job's lines (``mlplatform.jobs.submit``, INFO) until it ends; raise JobError
+        unless it succeeded."""
+        for line in self.tail(job_id, address=address, timeout_s=timeout_s):
+            log.info("%s", line)
+        return self.wait(job_id, address=address, timeout_s=timeout_s)
 
     def status(self, job_id: str | None = None, *, address: str | None = None) -> list[dict[str, Any]]:
         """One job's status, or every job the cluster knows (newest first)."""

@@ -35,9 +35,9 @@ def scored(tmp_path_factory, ray_session):
     # Eight months keep the offline stores (one partition per day) small; the first four
     # months of applications have known outcomes to train on.
     config = Config(data={"applications": 3000, "merchants": 40, "seed": 5, "start": START, "end": END})
-    generate_data(platform, config, echo=lambda line: None)
+    generate_data(platform, config)
     platform.features.apply(DEFINITIONS)
-    backfill_views(platform, config, echo=lambda line: None)
+    backfill_views(platform, config)
 
     applications = platform.datasets.read_table(f"{RAW}/applications", columns=ENTITY_COLUMNS).to_pandas()
     refs = platform.features.resolve_features("underwriting_v1")

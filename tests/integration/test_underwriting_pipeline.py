@@ -3,6 +3,8 @@ point-in-time training set, and the leakage test that proves the join keeps the 
 
 from __future__ import annotations
 
+import logging
+
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
@@ -26,7 +28,7 @@ def pipeline(tmp_path_factory, ray_session):
         model={"train": {"num_workers": 1, "num_boost_round": 80, "report_every": 40, "early_stopping_rounds": 20}},
         serve={"deploy": False},
     )
-    result = run(platform, config, echo=lambda line: None)
+    result = run(platform, config)
     return platform, config, result
 
 
@@ -79,10 +81,11 @@ def test_point_in_time_model_is_in_band_and_leaky_join_scores_clearly_higher(pip
     assert auc_leaky >= auc_pit + 0.05, (auc_pit, auc_leaky)
 
 
-def test_rerun_is_a_noop_for_completed_steps(pipeline):
+def test_rerun_is_a_noop_for_completed_steps(pipeline, caplog):
     platform, config, result = pipeline
-    lines: list[str] = []
-    again = run(platform, config, echo=lines.append)
+    with caplog.at_level(logging.INFO, logger="mlplatform.jobs"):
+        again = run(platform, config)
+    lines = [record.getMessage() for record in caplog.records if record.name == "mlplatform.jobs"]
     assert any("[generate] up to date" in line for line in lines)
     assert sum("[backfill]" in line and "up to date" in line for line in lines) == 3
     assert any("[train] up to date" in line for line in lines)

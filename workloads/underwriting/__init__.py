@@ -1,9 +1,11 @@
 """Checkout underwriting: will this applicant repay this loan?
 
-The workload package ``mlp run configs/underwriting.yaml`` runs: synthetic BNPL data,
-feature definitions, and the steps later issues add (backfill, training, serving).
+The workload ``mlp run configs/underwriting.yaml`` runs (the contract:
+``mlplatform.jobs.workload``): synthetic BNPL data, feature definitions, backfills, a
+point-in-time training set, a LightGBM model trained with Ray Train, registered and
+promoted, materialized features, the decision service and sample decisions.
 """
 
-from workloads.underwriting.pipeline import Config, definitions, generate_data, run
+from workloads.underwriting.pipeline import Config, definitions, generate_data, run, steps
 
-__all__ = ["Config", "definitions", "generate_data", "run"]
+__all__ = ["Config", "definitions", "generate_data", "run", "steps"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from workloads.underwriting.population import _CAT_NAMES, _MEAN_LOANS, CATEGORIES, _draw_block, _merchant_model
 from workloads.underwriting.tables import DEFAULT_DPD, GRACE, OUTCOME_HORIZON, SCHEMAS, SHARD_TABLES, TABLES, _tables
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -197,8 +200,8 @@ def generate(platform: Platform, config: DataConfig, *, prefix: str = "raw/under
     shard, ~250k applications by default) and writes one Parquet file per table under that
     table's staging folder; then every table is committed, so readers never see part of a run.
     Works the same with the storage root on local disk or on S3. Each manifest's metadata holds
-    ``data_config`` (the config as JSON), ``rows`` and ``shards``. Prints one summary line:
-    rows per table, seconds, the fastest and slowest shard.
+    ``data_config`` (the config as JSON), ``rows`` and ``shards``. Logs one summary line
+    (DEBUG): rows per table, seconds, the fastest and slowest shard.
 
     Returns:
         ``{table: DatasetVersion}`` for every table in ``TABLES``, named ``f"{prefix}/{table}"``.
@@ -233,9 +236,9 @@ def generate(platform: Platform, config: DataConfig, *, prefix: str = "raw/under
         versions[table] = write.commit(metadata={**meta, "rows": rows[table]})
     elapsed = time.perf_counter() - started
     shard_s = [float(s["seconds"]) for s in stats]
-    print(
-        f"generated {config.applications:,} applications in {n_shards} shards in {elapsed:.1f}s "
-        f"(a shard {min(shard_s):.1f}-{max(shard_s):.1f}s) under {platform.storage.uri(prefix)}: "
-        + ", ".join(f"{t} {versions[t].rows:,}" for t in TABLES)
+    log.debug(
+        "generated %s applications in %d shards in %.1fs (a shard %.1f-%.1fs) under %s: %s",
+        f"{config.applications:,}", n_shards, elapsed, min(shard_s), max(shard_s), platform.storage.uri(prefix),
+        ", ".join(f"{t} {versions[t].rows:,}" for t in TABLES),
     )
     return {t: versions[t] for t in TABLES}

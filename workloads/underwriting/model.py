@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from mlplatform.models.registry import ModelVersion
     from mlplatform.platform import Platform
 
-Echo = Callable[[str], None]
+log = logging.getLogger(__name__)
 MODEL_NAME = "underwriting"
 SEGMENTS = ("term", "merchant_category")
 
@@ -37,10 +37,13 @@ class ModelConfig(BaseModel):
     promote: bool = Field(default=True, description="Point the 'production' alias at the new version.")
 
 
+def spec_inputs(config: ModelConfig, snapshot: TrainingSetSnapshot) -> dict[str, Any]:
+    """What a trained model is a function of: the training and tuning spec and the snapshot."""
+    return {"train": config.train, "tune": config.tune, "snapshot": snapshot.content_hash}
+
+
 def _spec_key(config: ModelConfig, snapshot: TrainingSetSnapshot) -> str:
-    return json.dumps(
-        {"train": config.train, "tune": config.tune, "snapshot": snapshot.content_hash}, sort_keys=True, default=str
-    )
+    return json.dumps(spec_inputs(config, snapshot), sort_keys=True, default=str)
 
 
 def current_version(platform: Platform, config: ModelConfig, snapshot: TrainingSetSnapshot) -> ModelVersion | None:
@@ -53,22 +56,24 @@ def current_version(platform: Platform, config: ModelConfig, snapshot: TrainingS
     return None
 
 
-def train(platform: Platform, config: ModelConfig, snapshot: TrainingSetSnapshot, echo: Echo) -> Any:
+def train(platform: Platform, config: ModelConfig, snapshot: TrainingSetSnapshot) -> Any:
     """Train with Ray Train (or tune with Ray Tune when configured). Returns (booster, info)."""
     spec = {"training_set": snapshot.name, "training_set_version": snapshot.version, **config.train}
     if config.tune:
-        echo(f"[tune] {config.tune.get('num_samples', 8)} trials with ASHA over {sorted(config.tune['search_space'])}")
+        log.info(
+            "[tune] %s trials with ASHA over %s", config.tune.get("num_samples", 8), sorted(config.tune["search_space"])
+        )
         result = platform.training.tune({**config.tune, "train": spec})
-        echo(
-            f"[tune] {len(result.trials)} trials in {result.wall_time_s:.1f}s; best validation AUC "
-            f"{result.validation_auc:.4f} with {result.config}"
+        log.info(
+            "[tune] %d trials in %.1fs; best validation AUC %.4f with %s",
+            len(result.trials), result.wall_time_s, result.validation_auc, result.config,
         )
         return result.booster, {"tuned": True, "best_config": result.config, "params": result.params}
     result = platform.training.train(spec)
-    echo(
-        f"[train] {result.rounds} rounds (best {result.best_iteration}) on {spec.get('num_workers', 2)} workers in "
-        f"{result.wall_time_s:.1f}s; validation AUC {result.metrics['validation']['auc']:.4f}, "
-        f"test AUC {result.metrics['test']['auc']:.4f}"
+    log.info(
+        "[train] %d rounds (best %d) on %d workers in %.1fs; validation AUC %.4f, test AUC %.4f",
+        result.rounds, result.best_iteration, spec.get("num_workers", 2), result.wall_time_s,
+        result.metrics["validation"]["auc"], result.metrics["test"]["auc"],
     )
     return result.booster, {"tuned": False, "params": result.params, "run_uri": result.run_uri}
 
@@ -96,6 +101,8 @@ def evaluate_and_card(
     platform: Platform, config: ModelConfig, snapshot: TrainingSetSnapshot, booster: Any, lineage: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Metrics per split and the model card files (Markdown + PNG plots)."""
+    from ray.data.expressions import col
+
     from mlplatform.evaluation.card import write_model_card
     from mlplatform.evaluation.metrics import evaluate
     from mlplatform.models.reasons import ReasonCoder, reason_texts_from_definitions
@@ -114,8 +121,10 @@ def evaluate_and_card(
     texts = reason_texts_from_definitions(snapshot.features, platform.features.registry)
     coder = ReasonCoder(booster, texts)
     test = scored[scored["split"] == "test"].sort_values("score", ascending=False).head(3)
+    # an expression filter runs on Arrow batches; a row lambda would turn every tz-aware
+    # timestamp of the row into numpy (which warns that it drops the zone)
     rows = load_training_set(platform.features, snapshot.name, version=snapshot.version).filter(
-        lambda r, ids=set(test["application_id"]): r["application_id"] in ids
+        expr=col("application_id").is_in(test["application_id"].tolist())
     ).to_pandas()
     examples = []
     for _, row in rows.iterrows():
@@ -141,42 +150,41 @@ def evaluate_and_card(
     return metrics, files
 
 
-def train_register_promote(
-    platform: Platform, config: ModelConfig, snapshot: TrainingSetSnapshot, echo: Echo
-) -> ModelVersion:
-    """The whole model step, skipped when this snapshot and spec are already registered."""
-    existing = current_version(platform, config, snapshot)
-    if existing is not None:
-        echo(f"[train] up to date: {config.name} v{existing.version} was trained on snapshot {snapshot.content_hash}")
-        version = existing
-    else:
-        booster, info = train(platform, config, snapshot, echo)
-        lineage = {
-            "training_set": snapshot.to_json(),
-            "feature_service": snapshot.metadata.get("feature_service"),
-            "features": snapshot.features,
-            "spec_key": _spec_key(config, snapshot),
-            **{k: v for k, v in info.items() if k != "params"},
-        }
-        metrics, files = evaluate_and_card(platform, config, snapshot, booster, lineage)
-        version = platform.models.register(
-            config.name,
-            flavor="lightgbm",
-            model=booster,
-            lineage=lineage,
-            metrics=metrics,
-            params=info.get("params") or {},
-            files=files,
-            description="Probability that a checkout loan defaults (60+ days past due within 120 days).",
-        )
-        echo(
-            f"[register] {config.name} v{version.version}: test AUC {metrics.get('test_auc', float('nan')):.4f}, "
-            f"KS {metrics.get('test_ks', float('nan')):.3f}, Brier {metrics.get('test_brier', float('nan')):.4f}"
-        )
+def train_and_register(platform: Platform, config: ModelConfig, snapshot: TrainingSetSnapshot) -> ModelVersion:
+    """Train (or tune) on ``snapshot``, evaluate, write the model card and register a new version."""
+    booster, info = train(platform, config, snapshot)
+    lineage = {
+        "training_set": snapshot.to_json(),
+        "feature_service": snapshot.metadata.get("feature_service"),
+        "features": snapshot.features,
+        "spec_key": _spec_key(config, snapshot),
+        **{k: v for k, v in info.items() if k != "params"},
+    }
+    metrics, files = evaluate_and_card(platform, config, snapshot, booster, lineage)
+    version = platform.models.register(
+        config.name,
+        flavor="lightgbm",
+        model=booster,
+        lineage=lineage,
+        metrics=metrics,
+        params=info.get("params") or {},
+        files=files,
+        description="Probability that a checkout loan defaults (60+ days past due within 120 days).",
+    )
+    log.info(
+        "[register] %s v%d: test AUC %.4f, KS %.3f, Brier %.4f",
+        config.name, version.version, metrics.get("test_auc", float("nan")),
+        metrics.get("test_ks", float("nan")), metrics.get("test_brier", float("nan")),
+    )
+    return version
+
+
+def promote(platform: Platform, config: ModelConfig, version: ModelVersion) -> bool:
+    """Point ``production`` at ``version`` (when ``config.promote``); True if the alias moved."""
     if config.promote and platform.models.aliases(config.name).get("production") != version.version:
         platform.models.set_alias(config.name, "production", version.version)
-        echo(f"[promote] {config.name}: production -> v{version.version}")
-    return version
+        return True
+    return False
 
 
 def model_card_uri(platform: Platform, version: ModelVersion) -> str:

@@ -1,33 +1,40 @@
-"""The underwriting main job, step by step (``mlp run configs/underwriting.yaml``)."""
+"""The underwriting main job as steps (``mlp run configs/underwriting.yaml``).
+
+    generate → apply → backfill (each view) → training set → train → promote → materialize
+    → deploy → decide
+
+Each step with inputs is skipped when they are unchanged and its output is still there (the
+library's :class:`~mlplatform.jobs.steps.StepRunner` decides), so re-running the job resumes
+where it stopped.
+"""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
-from typing import Any, Literal
+import logging
+from collections.abc import Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlplatform.features.listing import describe_registry
+from mlplatform.jobs.feature_steps import apply_step, backfill_step, materialize_step
+from mlplatform.jobs.steps import Done, Step, StepRunner
 from mlplatform.platform import Platform
 from workloads.underwriting.generate import DataConfig
 from workloads.underwriting.model import ModelConfig
 from workloads.underwriting.serve import ServeConfig
 from workloads.underwriting.training_set import TrainingSetConfig
 
-Echo = Callable[[str], None]
+log = logging.getLogger(__name__)
 RAW_PREFIX = "raw/underwriting"
 TABLES = ("applicants", "merchants", "applications", "installments", "repayment_events", "outcomes")
 
 
 class Config(BaseModel):
-    """The underwriting workload file (configs/underwriting.yaml)."""
+    """The underwriting workload file's sections (configs/underwriting.yaml)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    workload: Literal["underwriting"] = "underwriting"
-    platform: str | dict[str, Any] = Field(default="local.yaml", description="Platform config path or mapping.")
     data: DataConfig = Field(default_factory=DataConfig, description="Synthetic data size, period and seed.")
     training_set: TrainingSetConfig = Field(default_factory=TrainingSetConfig, description="Training-set cut and splits.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Training, tuning and registration.")
@@ -40,79 +47,197 @@ def definitions() -> list[Any]:
     return list(DEFINITIONS)
 
 
-def generate_data(platform: Platform, config: Config, echo: Echo = print) -> bool:
-    """Generate the synthetic data unless the same data (same config) is already published.
-
-    Returns True if data was generated.
-    """
-    wanted = json.loads(config.data.model_dump_json())
+# ----------------------------------------------------------------------------- steps
+def generate_step(platform: Platform, data: DataConfig, *, prefix: str = RAW_PREFIX, target: str = "") -> Step:
+    """Generate the synthetic data under ``prefix``, unless the same data (same config) is
+    already published there (value: None)."""
     datasets = platform.datasets
-    current = [
-        datasets.get(f"{RAW_PREFIX}/{t}").metadata.get("data_config") if datasets.exists(f"{RAW_PREFIX}/{t}") else None
-        for t in TABLES
-    ]
-    if all(c == wanted for c in current):
-        echo(f"[generate] up to date: {config.data.applications:,} applications under {platform.storage.uri(RAW_PREFIX)}")
-        return False
-    from workloads.underwriting.generate import generate
+    where = platform.storage.uri(prefix)
+    summary = f"{data.applications:,} applications, {data.merchants:,} merchants"
 
-    generate(platform, config.data, prefix=RAW_PREFIX)
-    return True
+    def run() -> Done:
+        from workloads.underwriting.generate import generate
+
+        versions = generate(platform, data, prefix=prefix)
+        return Done(
+            summary=summary,
+            rows=sum(v.rows for v in versions.values()),
+            where=where,
+            output={t: v.version for t, v in versions.items()},
+        )
+
+    def reuse(output: Any) -> Done | None:
+        names = {t: f"{prefix}/{t}" for t in TABLES}
+        if not isinstance(output, dict) or not all(datasets.exists(n) for n in names.values()):
+            return None
+        if any(datasets.get(n).version != output.get(t) for t, n in names.items()):
+            return None
+        return Done(summary=summary, where=where)
+
+    inputs = {"data": json.loads(data.model_dump_json()), "prefix": prefix}
+    return Step("generate", run, target=target, inputs=lambda: inputs, reuse=reuse)
 
 
-def backfill_views(platform: Platform, config: Config, echo: Echo = print) -> None:
-    """Backfill every view over the data period, skipping views whose data is current."""
-    from mlplatform.features.store import offline_dataset
-
-    start, end = config.data.start, config.data.end
+def backfill_steps(platform: Platform, config: Config) -> Iterator[Step]:
+    """One backfill step per registered view over the data period."""
     for view in platform.features.list_feature_views():
-        name = offline_dataset(view.name)
-        if platform.datasets.exists(name):
-            meta = platform.datasets.get(name).metadata
-            if meta.get("data_version") == view.data_version and meta.get("start") == start.isoformat() and meta.get(
-                "end"
-            ) == end.isoformat():
-                echo(f"[backfill] {view.name}: up to date")
-                continue
-        platform.features.backfill(view, start, end)
+        yield backfill_step(platform.features, platform.datasets, view.name, config.data.start, config.data.end)
 
 
-def run(platform: Platform, config: Config, echo: Echo = print) -> dict[str, Any]:
-    """Generate data → apply definitions → backfill → training set → train (or tune) →
-    evaluate + model card → register + promote → materialize → deploy → sample decisions.
+def training_set_step(platform: Platform, config: Config) -> Step:
+    """The point-in-time training set (value: its ``TrainingSetSnapshot``)."""
+    from mlplatform.errors import NotFoundError
+    from mlplatform.features.training_sets import get_training_set
+    from workloads.underwriting import training_set
 
-    Every step skips itself when its output is already there and unchanged, so re-running
-    the job resumes where it stopped.
-    """
-    from workloads.underwriting import model, serve, training_set
+    cut = config.training_set
+    cutoff = cut.cutoff or config.data.end
 
-    started = time.monotonic()
-    echo(f"mlplatform: underwriting workload on {platform!r}")
-    platform.storage.check_reachable()
-    generate_data(platform, config, echo)
-    result = platform.features.apply(definitions())
-    echo(f"[apply] {result}")
-    echo(describe_registry(platform.features))
-    backfill_views(platform, config, echo)
-    snapshot = training_set.build(platform, config.training_set, config.data.end)
-    echo(
-        f"[training set] {snapshot.name} v{snapshot.version}: {snapshot.rows:,} rows, hash {snapshot.content_hash}, "
-        + ", ".join(f"{k}={v['rows']:,}" for k, v in snapshot.splits.items())
-        + f" at {snapshot.uri}"
+    def done(snapshot: Any) -> Done:
+        splits = ", ".join(f"{k}={v['rows']:,}" for k, v in snapshot.splits.items())
+        return Done(
+            summary=f"{snapshot.name} v{snapshot.version} ({splits}; hash {snapshot.content_hash})",
+            rows=snapshot.rows,
+            where=snapshot.uri,
+            output={"version": snapshot.version},
+            value=snapshot,
+        )
+
+    def reuse(output: Any) -> Done | None:
+        try:
+            return done(get_training_set(platform.features, cut.name, output["version"]))
+        except (NotFoundError, KeyError, TypeError):
+            return None
+
+    return Step(
+        "training set",
+        lambda: done(training_set.build(platform, cut, config.data.end)),
+        inputs=lambda: training_set.build_inputs(platform, cut, cutoff),
+        reuse=reuse,
     )
-    version = model.train_register_promote(platform, config.model, snapshot, echo)
-    card = model.model_card_uri(platform, version)
-    echo(f"[model card] {card}")
-    platform.features.materialize_incremental(config.data.end)
-    deployed, decisions = None, []
+
+
+def train_step(platform: Platform, config: Config) -> Step:
+    """Train (or tune), evaluate, write the model card and register, on the latest training
+    set (value: the ``ModelVersion``)."""
+    from mlplatform.errors import NotFoundError
+    from mlplatform.features.training_sets import get_training_set
+    from workloads.underwriting import model
+
+    snapshot = None
+
+    def latest() -> Any:
+        nonlocal snapshot
+        if snapshot is None:
+            snapshot = get_training_set(platform.features, config.training_set.name)
+        return snapshot
+
+    def done(version: Any) -> Done:
+        metrics = version.metrics
+        return Done(
+            summary=(
+                f"{version.name} v{version.version}: validation AUC {metrics.get('validation_auc', float('nan')):.4f}, "
+                f"test AUC {metrics.get('test_auc', float('nan')):.4f}"
+            ),
+            where=f"model card: {model.model_card_uri(platform, version)}",
+            output={"version": version.version},
+            value=version,
+        )
+
+    def reuse(output: Any) -> Done | None:
+        try:
+            return done(platform.models.get(config.model.name, output["version"]))
+        except (NotFoundError, KeyError, TypeError):
+            return None
+
+    return Step(
+        "train",
+        lambda: done(model.train_and_register(platform, config.model, latest())),
+        inputs=lambda: model.spec_inputs(config.model, latest()),
+        reuse=reuse,
+    )
+
+
+def promote_step(platform: Platform, config: Config) -> Step:
+    """Point ``production`` at the version trained from the latest training set and spec."""
+    from mlplatform.features.training_sets import get_training_set
+    from workloads.underwriting import model
+
+    def run() -> Done:
+        snapshot = get_training_set(platform.features, config.training_set.name)
+        version = model.current_version(platform, config.model, snapshot)
+        if version is None:
+            from mlplatform.errors import NotFoundError
+
+            raise NotFoundError(
+                f"no {config.model.name!r} version was trained on training set {snapshot.name} v{snapshot.version} "
+                "with this spec; run the train step first"
+            )
+        moved = model.promote(platform, config.model, version)
+        alias = platform.models.aliases(config.model.name).get("production")
+        state = f"production -> v{version.version}" if moved else f"production is v{alias}"
+        return Done(summary=f"{config.model.name}: {state}", value=version)
+
+    return Step("promote", run)
+
+
+def serve_steps(platform: Platform, config: Config) -> Iterator[Step]:
+    """Deploy the decision service, then send it the sample checkouts."""
+    from workloads.underwriting import serve
+
+    live: dict[str, Any] = {}
+
+    def deploy() -> Done:
+        deployed = live["app"] = serve.deploy(platform, config.model.name, config.serve)
+        return Done(
+            summary=f"{deployed.name}: {config.model.name} v{deployed.model_version} ({deployed.ingress} ingress)",
+            where=deployed.url,
+            value=deployed,
+        )
+
+    def decide() -> Done:
+        decisions = serve.decide_samples(platform, live["app"], config.model.name, config.serve)
+        declined = sum(d.get("decision") == "decline" for d in decisions)
+        return Done(summary=f"{len(decisions)} sample decisions, {declined} declined", value=decisions)
+
+    yield Step("deploy", deploy)
+    if config.serve.sample_decisions:
+        yield Step("decide", decide)
+
+
+def steps(platform: Platform, config: Config) -> Iterator[Step]:
+    """The workload's steps, in order (the workload contract: see ``mlplatform.jobs.workload``)."""
+    platform.storage.check_reachable()
+    yield generate_step(platform, config.data)
+    yield apply_step(platform.features, definitions())
+    yield from backfill_steps(platform, config)
+    yield training_set_step(platform, config)
+    yield train_step(platform, config)
+    yield promote_step(platform, config)
+    yield materialize_step(platform.features, config.data.end)
     if config.serve.deploy:
-        deployed, decisions = serve.deploy_and_decide(platform, config.model.name, config.serve, echo)
-    echo(f"done in {time.monotonic() - started:.1f}s; model card: {card}")
+        yield from serve_steps(platform, config)
+
+
+# ------------------------------------------------------------------ as functions
+def generate_data(platform: Platform, config: Config) -> None:
+    """The generate step alone (skipped when up to date)."""
+    StepRunner(platform.storage).run(generate_step(platform, config.data))
+
+
+def backfill_views(platform: Platform, config: Config) -> None:
+    """Every view's backfill step over the data period (each skipped when up to date)."""
+    StepRunner(platform.storage).run_all(backfill_steps(platform, config))
+
+
+def run(platform: Platform, config: Config) -> dict[str, Any]:
+    """Run every step; returns what the steps produced: ``apply`` (the ``ApplyResult``),
+    ``training_set``, ``model``, ``deployed`` (None without ``serve.deploy``) and ``decisions``."""
+    results = StepRunner(platform.storage).run_all(steps(platform, config))
     return {
-        "apply": result,
-        "training_set": snapshot,
-        "model": version,
-        "model_card": card,
-        "deployed": deployed,
-        "decisions": decisions,
+        "apply": results["apply"],
+        "training_set": results["training set"],
+        "model": results["train"],
+        "deployed": results.get("deploy"),
+        "decisions": results.get("decide") or [],
     }

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import secrets
-import urllib.request
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlplatform.errors import ServingError
+from mlplatform.serving.client import api_key, post_decision
 
 if TYPE_CHECKING:
     from mlplatform.platform import Platform
     from mlplatform.serving.api import DeployedApp
 
-Echo = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 class ServeConfig(BaseModel):
@@ -29,29 +26,6 @@ class ServeConfig(BaseModel):
     deploy: bool = Field(default=True, description="Deploy the decision service at the end of the run.")
     num_replicas: int = Field(default=1, ge=1, description="Replicas of the serving application.")
     sample_decisions: int = Field(default=3, ge=0, description="Sample checkouts to send once deployed.")
-
-
-def ensure_api_key(platform: Platform, echo: Echo) -> str:
-    """The API key from the environment; for a local demo root without one, a generated key
-    stored next to the data (mode 0600) — its path is printed, never the key."""
-    name = platform.config.serving.api_key_env
-    key = os.environ.get(name)
-    if key:
-        return key
-    if platform.storage.is_s3:
-        raise ServingError(f"set the API key in ${name} (16+ characters) before deploying to a cluster")
-    path = os.path.join(platform.storage.root, "serving", "api_key")
-    if os.path.exists(path):
-        key = open(path).read().strip()
-    else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        key = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-        echo(f"[deploy] no ${name} set: generated an API key in {path} (export {name}=$(cat {path}))")
-    os.environ[name] = key
-    return key
 
 
 def sample_applications(
@@ -65,7 +39,7 @@ def sample_applications(
     import pandas as pd
     import pyarrow.compute as pc
 
-    from mlplatform.serving.replay import encode_features
+    from mlplatform.models.encoding import encode_features
 
     apps = platform.datasets.read_table(
         "raw/underwriting/applications",
@@ -107,21 +81,15 @@ def sample_applications(
     return as_checkouts(worst, "r"), as_checkouts(rest, "")
 
 
-def post_decision(url: str, key: str, application: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    request = urllib.request.Request(
-        f"{url}/v1/decisions",
-        data=json.dumps(application).encode(),
-        headers={"Content-Type": "application/json", "X-API-Key": key},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+def deploy(platform: Platform, model_name: str, config: ServeConfig) -> DeployedApp:
+    """Deploy the decision service with the production version of ``model_name``."""
+    api_key(platform.storage, platform.config.serving.api_key_env)
+    return platform.serving.deploy(model_name, num_replicas=config.num_replicas)
 
 
-def deploy_and_decide(platform: Platform, model_name: str, config: ServeConfig, echo: Echo) -> tuple[DeployedApp, list]:
-    key = ensure_api_key(platform, echo)
-    deployed = platform.serving.deploy(model_name, num_replicas=config.num_replicas)
-    echo(f"[deploy] {deployed.name}: {model_name} v{deployed.model_version} at {deployed.url} ({deployed.ingress} ingress)")
+def decide_samples(platform: Platform, deployed: DeployedApp, model_name: str, config: ServeConfig) -> list:
+    """Send sample checkouts to the deployed service; each answer is logged as one ``[decide]`` line."""
+    key = api_key(platform.storage, platform.config.serving.api_key_env)
     decisions = []
     risky, others = sample_applications(platform, model_name, config.sample_decisions)
     if risky or others:
@@ -135,19 +103,19 @@ def deploy_and_decide(platform: Platform, model_name: str, config: ServeConfig, 
     # The highest-scored applications until one is declined (so a decision with reasons
     # shows), then the others; every decision sent is printed.
     for application in risky:
-        decisions.append(_decide_and_print(deployed.url, key, application, echo))
+        decisions.append(_decide_and_log(deployed.url, key, application))
         if decisions[-1]["decision"] == "decline":
             break
     for application in others:
-        decisions.append(_decide_and_print(deployed.url, key, application, echo))
-    return deployed, decisions
+        decisions.append(_decide_and_log(deployed.url, key, application))
+    return decisions
 
 
-def _decide_and_print(url: str, key: str, application: dict[str, Any], echo: Echo) -> dict[str, Any]:
+def _decide_and_log(url: str, key: str, application: dict[str, Any]) -> dict[str, Any]:
     answer = post_decision(url, key, application)
     reasons = "; ".join(r["text"] for r in answer.get("reasons", [])) or "-"
     pd_ = answer.get("probability_of_default")
-    echo(
+    log.info(
         f"[decide] {application['application_id']} amount {application['amount']:.2f} {application['currency']} "
         f"x{application['term']}: {answer['decision'].upper()}"
         + (f" (PD {pd_:.3f})" if pd_ is not None else "")

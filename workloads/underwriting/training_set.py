@@ -64,14 +64,14 @@ def entity_rows(platform: Platform, cutoff: datetime):  # noqa: ANN201 - pyarrow
 
 
 def build(platform: Platform, config: TrainingSetConfig, data_end: datetime) -> TrainingSetSnapshot:
-    """Join, split out of time and publish the training-set snapshot."""
+    """Join, split out of time and publish the training-set snapshot (its metadata's
+    ``build_key`` is the fingerprint of :func:`build_inputs`)."""
     import pyarrow.compute as pc
 
+    from mlplatform.jobs.steps import fingerprint
+
     cutoff = config.cutoff or data_end
-    key = build_key(platform, config, cutoff)
-    existing = current_snapshot(platform, config.name, key)
-    if existing is not None:
-        return existing
+    key = fingerprint(build_inputs(platform, config, cutoff))
     rows = entity_rows(platform, cutoff)
     start = pc.min(rows.column(TIMESTAMP)).as_py()
     end = pc.max(rows.column(TIMESTAMP)).as_py()
@@ -94,12 +94,9 @@ def build(platform: Platform, config: TrainingSetConfig, data_end: datetime) -> 
     )
 
 
-def build_key(platform: Platform, config: TrainingSetConfig, cutoff: datetime) -> str:
+def build_inputs(platform: Platform, config: TrainingSetConfig, cutoff: datetime) -> dict:
     """What the snapshot is a function of: its config, the feature definitions and the exact
-    versions of the raw and offline data it reads. Equal keys = the same rows."""
-    import hashlib
-    import json
-
+    versions of the raw and offline data it reads. Equal inputs = the same rows."""
     from mlplatform.features.store import offline_dataset
 
     refs = platform.features.resolve_features(config.feature_service)
@@ -114,16 +111,4 @@ def build_key(platform: Platform, config: TrainingSetConfig, cutoff: datetime) -
             + [offline_dataset(v.name) for v in platform.features.list_feature_views() if v.name in views]
         },
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def current_snapshot(platform: Platform, name: str, key: str) -> TrainingSetSnapshot | None:
-    """The latest snapshot of ``name`` if it was built from exactly these inputs."""
-    from mlplatform.errors import NotFoundError
-    from mlplatform.features.training_sets import get_training_set
-
-    try:
-        snapshot = get_training_set(platform.features, name)
-    except NotFoundError:
-        return None
-    return snapshot if snapshot.metadata.get("build_key") == key else None
+    return inputs
