@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 # What Ray reads from the environment (a value the user set is kept): the driver's "ray"
 # logger level (read when ray is imported) and whether workers' output streams to the driver.
 _RAY_ENV = {"RAY_LOGGER_LEVEL": "warning", "RAY_LOG_TO_DRIVER": "0"}
+_state: dict[str, bool] = {}  # what configure() was told, for quiet_ray()
 
 
 def configure(verbose: bool = False, stream: Any = None) -> Callable[[], None]:
@@ -55,6 +57,7 @@ def configure(verbose: bool = False, stream: Any = None) -> Callable[[], None]:
         # for small jobs (e.g. "Parquet dataset sampling") would be carriage-return garbage
         # in a log file, so they are off where nobody watches them redraw
         os.environ.setdefault("TQDM_DISABLE", "1")
+    _state["verbose"] = verbose
     root = logging.getLogger()
     handler = _ConsoleHandler(stream, verbose=verbose)
     root.addHandler(handler)
@@ -62,10 +65,13 @@ def configure(verbose: bool = False, stream: Any = None) -> Callable[[], None]:
     root.setLevel(min(root.level or logging.WARNING, logging.INFO))
     logging.getLogger("mlplatform").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("workloads").setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.captureWarnings(True)
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
 
     def undo() -> None:
-        logging.captureWarnings(False)
+        _state.pop("verbose", None)
+        logging.getLogger("ray.serve").removeFilter(_warnings_only)
+        warnings.showwarning = previous_showwarning
         root.removeHandler(handler)
         handler.close()
         for name, level in saved_levels.items():
@@ -80,9 +86,14 @@ def configure(verbose: bool = False, stream: Any = None) -> Callable[[], None]:
 
 
 def quiet_ray() -> None:
-    """Ray's own loggers at WARNING on the console; Ray Data keeps its file log (DEBUG) and
-    progress bars on a terminal, and its INFO lines (plans, progress when not on a
-    terminal) go to that file only."""
+    """Ray's own loggers at WARNING on the console, unless ``configure`` was told ``verbose``.
+
+    Ray Data keeps its file log (DEBUG) and its progress bars on a terminal; its INFO lines
+    (plans, progress when not on a terminal) go to that file only. Ray Serve sets its
+    driver logger back to INFO whenever ``ray.serve`` is imported, so that logger gets a
+    filter (which survives the reconfiguration) instead of a level."""
+    if _state.get("verbose", True):
+        return
     import ray.data  # noqa: F401 - configures the ray.data loggers on import
 
     for name in _RAY_LOGGERS:
@@ -92,6 +103,19 @@ def quiet_ray() -> None:
                 handler.setLevel(max(handler.level, logging.WARNING))
         if name != "ray.data":
             logger.setLevel(max(logger.level, logging.WARNING))
+    serve = logging.getLogger("ray.serve")
+    if _warnings_only not in serve.filters:
+        serve.addFilter(_warnings_only)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: Any) -> None:
+    """Python warnings as one console line each (``warning: Category: text (file.py:12)``)."""
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, text, os.path.basename(filename), lineno)
+
+
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 class _ConsoleHandler(logging.Handler):

@@ -154,3 +154,16 @@ def test_the_library_imports_no_workload():
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "workloads"]
     assert offenders == []
+
+
+def test_a_python_warning_is_one_console_line():
+    import warnings
+
+    stream = io.StringIO()
+    undo = configure(verbose=False, stream=stream)
+    try:
+        warnings.warn("the read function is\n  large", UserWarning, stacklevel=1)
+    finally:
+        undo()
+    (line,) = stream.getvalue().splitlines()
+    assert line.startswith("warning: UserWarning: the read function is large (test_workload_contract.py:")
