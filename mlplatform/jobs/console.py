@@ -61,9 +61,14 @@ def configure(verbose: bool = False, stream: Any = None) -> Callable[[], None]:
     root = logging.getLogger()
     handler = _ConsoleHandler(stream, verbose=verbose)
     root.addHandler(handler)
-    saved_levels = {name: logging.getLogger(name or None).level for name in ("", "mlplatform", "workloads")}
+    saved_levels = {
+        name: logging.getLogger(name or None).level for name in ("", "mlplatform", "mlplatform.jobs", "workloads")
+    }
     root.setLevel(min(root.level or logging.WARNING, logging.INFO))
     logging.getLogger("mlplatform").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # the runner's "step started" records are DEBUG: they must reach the handler, which
+    # turns them into the progress bar on a terminal and shows them as lines only if verbose
+    logging.getLogger("mlplatform.jobs").setLevel(logging.DEBUG)
     logging.getLogger("workloads").setLevel(logging.DEBUG if verbose else logging.INFO)
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _show_warning

@@ -167,3 +167,19 @@ def test_a_python_warning_is_one_console_line():
         undo()
     (line,) = stream.getvalue().splitlines()
     assert line.startswith("warning: UserWarning: the read function is large (test_workload_contract.py:")
+
+
+def test_on_a_terminal_the_running_step_shows_a_bar_and_its_summary_stays(storage):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    undo = configure(verbose=False, stream=stream)
+    try:
+        StepRunner(storage).run(Step("make", lambda: Done(summary="made it")))
+    finally:
+        undo()
+    out = stream.getvalue()
+    assert "[make] " in out.split("[make] made it")[0]  # the bar, drawn before the summary
+    assert "[make] made it (" in out
