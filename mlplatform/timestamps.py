@@ -22,10 +22,16 @@ import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
 
-__all__ = ["UTC_MICROS", "micros_and_valid", "parse_instant", "to_utc"]
+__all__ = ["CREATED_TIMESTAMP", "EVENT_TIMESTAMP", "UTC_MICROS", "micros_and_valid", "parse_instant", "to_utc"]
 
 #: The platform's canonical timestamp type: microseconds since the epoch, tz-aware UTC.
 UTC_MICROS = pa.timestamp("us", tz="UTC")
+
+#: The two times every feature row carries, offline and online: when the value was observed
+#: (usable for an event at ``t`` only if ``<= t``) and when the platform learnt it (``<= t`` too
+#: in as-known-at mode).
+EVENT_TIMESTAMP = "event_timestamp"
+CREATED_TIMESTAMP = "created_timestamp"
 
 
 def to_utc(values: Any) -> pa.Array | pa.ChunkedArray:

@@ -23,15 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlplatform.errors import DataError, DefinitionError
-from mlplatform.features._windows import (
-    CREATED_TIMESTAMP,
-    EVENT_TIMESTAMP,
-    boundary_indices,
-    event_time_range,
-    window_aggregate,
-)
+from mlplatform.features._windows import boundary_indices, event_time_range, window_aggregate
 from mlplatform.features.definitions import FeatureView
-from mlplatform.timestamps import UTC_MICROS, to_utc
+from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP, UTC_MICROS, to_utc
 
 if TYPE_CHECKING:
     import ray.data

@@ -41,13 +41,9 @@ import pyarrow.compute as pc
 from mlplatform.errors import DataError
 from mlplatform.features._intervals import Intervals, count_holding, running_sums, segment_cover, stab
 from mlplatform.features.definitions import Aggregation
-from mlplatform.timestamps import UTC_MICROS, micros_and_valid
+from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP, UTC_MICROS, micros_and_valid
 
-__all__ = ["EVENT_TIMESTAMP", "CREATED_TIMESTAMP", "event_time_range", "boundary_indices", "window_aggregate"]
-
-#: Output column names of every backfilled view.
-EVENT_TIMESTAMP = "event_timestamp"
-CREATED_TIMESTAMP = "created_timestamp"
+__all__ = ["event_time_range", "boundary_indices", "window_aggregate"]
 
 _US = dt.timedelta(microseconds=1)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

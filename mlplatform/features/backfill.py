@@ -33,9 +33,8 @@ import pyarrow.compute as pc
 
 from mlplatform.errors import DataError, DefinitionError, NotFoundError
 from mlplatform.features._backfill_rows import PARTITION, Plan, compute_rows
-from mlplatform.features._windows import EVENT_TIMESTAMP
 from mlplatform.features.definitions import FeatureView
-from mlplatform.timestamps import UTC_MICROS, parse_instant, to_utc
+from mlplatform.timestamps import EVENT_TIMESTAMP, UTC_MICROS, parse_instant, to_utc
 
 if TYPE_CHECKING:
     import ray.data

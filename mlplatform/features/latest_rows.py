@@ -24,7 +24,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from mlplatform.features.definitions import FeatureView
-from mlplatform.online.base import CREATED_TIMESTAMP, EVENT_TIMESTAMP, OnlineStore, encode_rows
+from mlplatform.online.base import OnlineStore, encode_rows
+from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mlplatform.errors import DataError, NotFoundError
 from mlplatform.features.definitions import FeatureView
 from mlplatform.features.values import check_values
-from mlplatform.online.base import CREATED_TIMESTAMP, EVENT_TIMESTAMP
+from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["PushMode", "check_event_times", "push"]
 
 PushMode = Literal["online", "offline", "online_and_offline"]
-PARTITION = "date"  # the offline datasets' partition column: UTC date of event_timestamp
 
 
 def push(
@@ -106,6 +105,7 @@ def _append_offline(store: FeatureStore, view: FeatureView, table: pa.Table) -> 
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from mlplatform.features._backfill_rows import PARTITION
     from mlplatform.features.store import offline_dataset
 
     datasets = store.datasets

@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, Any
 from mlplatform.errors import DataError, NotFoundError
 from mlplatform.features.definitions import FeatureService, FeatureView, OnDemandFeatureView, RequestSource
 from mlplatform.features.planner import FeaturePlan, plan_features
+from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP
 
 if TYPE_CHECKING:
     import ray.data
 
     from mlplatform.features.store import FeatureStore
 
-EVENT_TIMESTAMP = "event_timestamp"
-CREATED_TIMESTAMP = "created_timestamp"
 
 
 def get_historical_features(

@@ -61,8 +61,6 @@ __all__ = [
     "encode_rows",
 ]
 
-EVENT_TIMESTAMP = "event_timestamp"
-CREATED_TIMESTAMP = "created_timestamp"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -295,6 +293,8 @@ def encode_rows(view: OnlineView, rows: pa.Table | Iterable[Mapping[str, Any]]) 
     import pandas as pd
     import pyarrow as pa
 
+    from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP
+
     keys = list(view.join_keys)
     features = [f.name for f in view.features]
     if isinstance(rows, pd.DataFrame):
@@ -324,7 +324,7 @@ def _arrow_from_pandas(frame: Any) -> pa.Table:
     """pandas → Arrow; the timestamp columns through ``to_utc`` (they may mix naive and aware)."""
     import pyarrow as pa
 
-    from mlplatform.timestamps import to_utc
+    from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP, to_utc
 
     stamps = {c: to_utc(frame[c]) for c in (EVENT_TIMESTAMP, CREATED_TIMESTAMP) if c in frame.columns}
     rest = frame.drop(columns=list(stamps))
@@ -342,7 +342,7 @@ def _encode_table(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from mlplatform.timestamps import to_utc
+    from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP, to_utc
 
     missing = [c for c in (*keys, EVENT_TIMESTAMP) if c not in table.column_names]
     if missing:
