@@ -166,7 +166,7 @@ def model_steps(platform: Platform, config: Config) -> Iterator[Step]:
     # -------------------------------------------------------------- register
     def registered(version: Any) -> Done:
         return Done(
-            summary=f"{version.name} v{version.version} (flavor {version.flavor})",
+            summary=f"{version.name} v{version.version}, flavor {version.flavor}",
             where=version.uri,
             output={"version": version.version},
             value=version,
