@@ -174,7 +174,8 @@ def _line(step: Step, done: Done, seconds: float | None) -> str:
     if seconds is None:
         text = head + "up to date" + (f": {done.summary}" if done.summary else "")
     else:
-        facts = ([f"{done.rows:,} rows"] if done.rows is not None else []) + [f"{seconds:.1f}s"]
+        rows = [] if done.rows is None else [f"{done.rows:,} row" + ("" if done.rows == 1 else "s")]
+        facts = [*rows, f"{seconds:.1f}s"]
         text = head + (f"{done.summary} " if done.summary else "") + f"({', '.join(facts)})"
     return text + (f" -> {done.where}" if done.where else "")
 
