@@ -24,6 +24,7 @@ from mlplatform.serving.policy import DecisionPolicy
 
 if TYPE_CHECKING:
     from mlplatform.config import PlatformConfig
+    from mlplatform.serving.ingress import IngressPlan
     from mlplatform.features.store import FeatureStore
     from mlplatform.models.registry import ModelRegistry
     from mlplatform.storage import Storage
@@ -141,11 +142,11 @@ class Serving:
                 no ``production`` version, that version does not fit the feature service, or
                 the URL did not answer within ``ready_timeout_s``.
         """
-        from mlplatform.serving.ingress import plan_ingress, prepare_process, serve_controller_running
-
-        config = self.config
+        from mlplatform.serving.app import AppSettings
+        from mlplatform.serving.ingress import plan_ingress
         from mlplatform.serving.keys import load_keys
 
+        config = self.config
         keys = load_keys(config.serving)
         policy = _policy(policy if policy is not None else config.serving.policy)
         version = self._check_model(model_name, feature_service)
@@ -155,32 +156,7 @@ class Serving:
         spool = os.path.abspath(os.fspath(spool_dir)) if spool_dir is not None else self.default_spool_dir()
 
         plan = plan_ingress(config.serving.fast_ingress)
-        prepare_process(plan)
-        self._connect_ray()
-        from ray import serve
-        from ray.exceptions import ActorDiedError, GetTimeoutError
-
-        from mlplatform.serving.app import AppSettings, ServingApp
-
-        ingress = plan.name
-        if serve_controller_running():
-            ingress = "existing"
-            if plan.fast:
-                log.warning(
-                    "Ray Serve is already running in this cluster, so its ingress stays as it was started "
-                    "(HAProxy or the default proxy). To get %s, run serve.shutdown() and deploy again.",
-                    plan.note,
-                )
-        try:
-            serve.start(
-                http_options={"host": config.serving.host, "port": config.serving.port},
-                logging_config={"enable_access_log": False},
-                controller_options=plan.controller_options(),
-            )
-        except (GetTimeoutError, ActorDiedError) as exc:
-            # serve.start gives the proxy 60 s and one life; on a starved machine it can take
-            # longer, and the controller restarts it with growing timeouts. The URL check decides.
-            log.warning("Serve's ingress is not ready yet (%s); deploying anyway and waiting for the URL", type(exc).__name__)
+        ingress = self._start_serve(plan)
         settings = AppSettings(
             config=_portable_config(self.config, self.storage, self.features),
             parts=self._replica_parts,
@@ -193,17 +169,7 @@ class Serving:
             deadline_s=config.serving.deadline.total_seconds(),
             batch_wait_s=batch_wait_ms / 1000.0,
         )
-        application = ServingApp.options(
-            num_replicas=num_replicas,
-            ray_actor_options={"num_cpus": replica_cpus},
-            logging_config={"enable_access_log": False},
-        ).bind(settings)
-        try:
-            serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
-        except TimeoutError as exc:  # the app runs; the ingress is slow to report (see above)
-            log.warning("%s; waiting for the URL", exc)
-        except RuntimeError as exc:  # a replica could not start: its error is in the message
-            raise ServingError(f"the serving application failed to deploy: {exc}") from None
+        self._run_app(settings, num_replicas=num_replicas, replica_cpus=replica_cpus)
         url = _url(config.serving.host, config.serving.port)
         _wait_until_answering(url, ready_timeout_s)
         self._deployed = DeployedApp(
@@ -224,6 +190,56 @@ class Serving:
             except KeyboardInterrupt:
                 self.shutdown()
         return self._deployed
+
+    def _start_serve(self, plan: IngressPlan) -> str:
+        """Connect to Ray and start Serve with ``plan``'s ingress (or join the Serve already
+        running, whose ingress cannot change). Returns the ingress in use: ``haproxy``,
+        ``proxy`` or ``existing``."""
+        from ray import serve
+        from ray.exceptions import ActorDiedError, GetTimeoutError
+
+        from mlplatform.serving.ingress import prepare_process, serve_controller_running
+
+        prepare_process(plan)
+        self._connect_ray()
+        ingress = plan.name
+        if serve_controller_running():
+            ingress = "existing"
+            if plan.fast:
+                log.warning(
+                    "Ray Serve is already running in this cluster, so its ingress stays as it was started "
+                    "(HAProxy or the default proxy). To get %s, run serve.shutdown() and deploy again.",
+                    plan.note,
+                )
+        try:
+            serve.start(
+                http_options={"host": self.config.serving.host, "port": self.config.serving.port},
+                logging_config={"enable_access_log": False},
+                controller_options=plan.controller_options(),
+            )
+        except (GetTimeoutError, ActorDiedError) as exc:
+            # serve.start gives the proxy 60 s and one life; on a starved machine it can take
+            # longer, and the controller restarts it with growing timeouts. The URL check decides.
+            log.warning("Serve's ingress is not ready yet (%s); deploying anyway and waiting for the URL", type(exc).__name__)
+        return ingress
+
+    def _run_app(self, settings: Any, *, num_replicas: int, replica_cpus: float) -> None:
+        """Deploy (or update in place) the application with ``settings`` on ``num_replicas`` replicas."""
+        from ray import serve
+
+        from mlplatform.serving.app import ServingApp
+
+        application = ServingApp.options(
+            num_replicas=num_replicas,
+            ray_actor_options={"num_cpus": replica_cpus},
+            logging_config={"enable_access_log": False},
+        ).bind(settings)
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
+        except TimeoutError as exc:  # the app runs; the ingress is slow to report (see above)
+            log.warning("%s; waiting for the URL", exc)
+        except RuntimeError as exc:  # a replica could not start: its error is in the message
+            raise ServingError(f"the serving application failed to deploy: {exc}") from None
 
     def _check_model(self, model_name: str, feature_service: str) -> int:
         """Load the production version here first, so a bad model fails the deploy, not a replica."""

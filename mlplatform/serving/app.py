@@ -38,7 +38,8 @@ them past it):
 3. the application id is reserved in the shared idempotency store (``idempotency``): an
    answer found there is returned; a copy being decided by another replica is waited for
    (up to the deadline plus ``WAIT_MARGIN_S``; then 409 ``decision_in_progress``, retry);
-   if the store does not answer in time the decision goes on unconfirmed;
+   if the store does not answer within half the deadline the decision goes on unconfirmed,
+   and when that store also holds the features (Redis), it is the fallback decision at once;
 4. features, score, policy, reasons in the batch; past the deadline the batch gets the
    fallback decision instead;
 5. ``DecisionLog.append``: the record is fsynced to the replica's spool (group commit), with
@@ -89,7 +90,7 @@ from mlplatform.serving.schemas import (
     PushResponse,
 )
 
-__all__ = ["WAIT_MARGIN_S", "AppSettings", "ServingApp", "ServingReplica", "app"]
+__all__ = ["FRESH_S", "WAIT_MARGIN_S", "AppSettings", "ServingApp", "ServingReplica", "app"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,6 +98,9 @@ T = TypeVar("T")
 _RECENT = 10_000  # answers remembered per replica for retries while the shared store is down
 #: How much longer than its own deadline a copy waits for another replica's answer.
 WAIT_MARGIN_S = 1.0
+#: With the idempotency store unreachable, a request whose timestamp is older than this (and
+#: that this node has no answer for) may be a retry, and is refused rather than decided anew.
+FRESH_S = 10.0
 _COMMIT_FLOOR_S = 0.005  # the answer's store write gets at least this, even past the deadline
 _IO_THREADS = 4  # store calls in flight per replica; a hung store can block at most these
 
@@ -231,6 +235,8 @@ class ServingReplica:
         self.watcher.poll()  # serve the current version from the first request
         self.watcher.start()
         self.idempotency = open_idempotency_store(self.parts.config, self.catalog.online_store)
+        # With the Redis online store, idempotency keys and features share one server.
+        self._store_shared = self.parts.config.online_store.type == "redis"
         self.engine = DecisionEngine(watcher=self.watcher, catalog=self.catalog, policy=policy)
         context = serve.get_replica_context()
         self.replica_id = re.sub(r"[^A-Za-z0-9_.+=-]", "-", f"{context.deployment}-{context.replica_id.unique_id}")[:100]
@@ -247,6 +253,7 @@ class ServingReplica:
         self.batches = {"decide": [0, 0], "features": [0, 0]}  # batches, requests: for operators
         self.phases = [0, 0.0, 0.0, 0.0]  # decisions; seconds deciding, logging, storing the answer
         self._io = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="serving-io")
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serving-unconfirmed")
         if settings.batch_wait_s > 0:
             self._decide_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
         self._stop = threading.Event()
@@ -348,6 +355,13 @@ class ServingReplica:
         from mlplatform.serving.engine import answer_for
 
         outcome = await self._decide_batch(job)
+        if outcome.unconfirmable:
+            message = (
+                "the idempotency store is unreachable, so whether this application was decided before cannot be "
+                "confirmed; retry the same request later (a new checkout gets a decision now: send it with a new "
+                "application_id and the current time)"
+            )
+            return _error(503, "decision_unconfirmed", message), None
         if outcome.stored is not None:
             return self._replayed(outcome.stored, job), outcome.stored
         if outcome.wait:
@@ -369,7 +383,7 @@ class ServingReplica:
         if outcome.confirmed:
             winner = await self._commit_batch((application_id, outcome.answer, job.started + self.settings.deadline_s))
         else:
-            self.unconfirmed.add(application_id, outcome.answer)
+            await self._keep_batch((application_id, outcome.answer))
         phases = self.phases
         phases[0] += 1
         phases[1] += decided - job.started
@@ -438,31 +452,51 @@ class ServingReplica:
         return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._io, call), remaining)
 
     # ------------------------------------------------------------------ micro-batches
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    # Several batches at once: a batch waiting on a slow store must not hold up the requests
+    # that arrive meanwhile (they would wait for its whole deadline before their own began).
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=_IO_THREADS)
     async def _decide_batch(self, jobs: list[Any]) -> list[Any]:
         """Reserve, then decide, a micro-batch (steps 3-4); one outcome per job."""
         from mlplatform.serving.engine import Outcome
 
         self.batches["decide"][0] += 1
         self.batches["decide"][1] += len(jobs)
-        deadline_at = min(j.started for j in jobs) + self.settings.deadline_s
+        started = min(j.started for j in jobs)
+        deadline_at = started + self.settings.deadline_s
         marker = pending_marker(f"{self.replica_id}:{uuid.uuid4().hex[:12]}")
         entries = [(j.request.application_id, marker) for j in jobs]
+        store_down = False
         try:
-            found: list[str | None] | None = await self._bounded(lambda: self.idempotency.reserve_many(entries), deadline_at)
+            # Half the budget at most: a store that has not answered by then is taken as down.
+            found: list[str | None] | None = await self._bounded(
+                lambda: self.idempotency.reserve_many(entries), started + self.settings.deadline_s / 2
+            )
         except (IdempotencyUnavailable, TimeoutError) as exc:
             log.warning("idempotency store not reserved for %d decisions (deciding unconfirmed): %s", len(jobs), exc or "timed out")
-            found = None
+            found, store_down = None, True
         outcomes: list[Any] = [None] * len(jobs)
         todo = []
+        now = datetime.now(UTC)
         for i, job in enumerate(jobs):
             value = None if found is None else found[i]
+            if found is None:
+                # Without the store, only this node knows what was answered before: a request
+                # it has no answer for is decided only if it is fresh (a first attempt); an
+                # older one may be a retry of a decision the store holds, so it is refused.
+                value = self.unconfirmed.get(job.request.application_id)
+                if value is None and (now - job.request.timestamp).total_seconds() > FRESH_S:
+                    outcomes[i] = Outcome(unconfirmable=True)
+                    continue
             if value is None:
                 todo.append(i)
             else:
                 outcomes[i] = Outcome(wait=True) if is_pending(value) else Outcome(stored=value)
         if todo:
-            decided = await self._decide_jobs([jobs[i] for i in todo], deadline_at)
+            batch = [jobs[i] for i in todo]
+            if store_down and self._store_shared:  # the features live in the same store: don't wait on it twice
+                decided = self.engine.fallback(batch, "feature_store_unavailable", scorer=self.watcher.current("production"))
+            else:
+                decided = await self._decide_jobs(batch, deadline_at)
             for i, outcome in zip(todo, decided):
                 if found is None:
                     outcome.confirmed = False
@@ -484,7 +518,7 @@ class ServingReplica:
             self.metrics.scoring_seconds.observe(timings.scoring_s)
         return outcomes
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=_IO_THREADS)
     async def _commit_batch(self, entries: list[tuple[str, str, float]]) -> list[str | None]:
         """Store the answers over their reservations (step 6); per entry the answer that won
         if it is not ours. An answer the store cannot take in time is kept unconfirmed."""
@@ -495,10 +529,16 @@ class ServingReplica:
         except (IdempotencyUnavailable, TimeoutError) as exc:
             # Answer anyway (the decision is logged); keep the answers for retries and the store.
             log.warning("idempotency store not written for %d decisions: %s", len(entries), exc or "timed out")
-            for application_id, answer in pairs:
-                self.unconfirmed.add(application_id, answer)
+            await asyncio.get_running_loop().run_in_executor(self._disk, self.unconfirmed.add_many, pairs)
             return [None] * len(entries)
         return [None if r is None or r == answer else r for r, (_, answer) in zip(results, pairs)]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _keep_batch(self, entries: list[tuple[str, str]]) -> list[None]:
+        """Keep unconfirmed answers on the node's disk, a micro-batch per folder fsync, on a
+        thread of their own (the store's threads may all be stuck on a hung store)."""
+        await asyncio.get_running_loop().run_in_executor(self._disk, self.unconfirmed.add_many, entries)
+        return [None] * len(entries)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _features_batch(self, bodies: list[FeatureRequest]) -> list[bytes | Exception]:
@@ -541,7 +581,7 @@ class ServingReplica:
     def _sync_unconfirmed(self) -> None:
         """Write the node's unconfirmed answers into the idempotency store once it answers."""
         while not self._stop.wait(0.25):
-            if not self.unconfirmed.any():
+            if not self.unconfirmed.any():  # waiting answers, or kept ones to expire
                 continue
             try:
                 stored, conflicts = self.unconfirmed.sync(self.idempotency)
@@ -561,8 +601,9 @@ class ServingReplica:
             self.watcher.stop()
         if hasattr(self, "log"):
             self.log.close()  # rolls the open segment so any compactor may take it
-        if hasattr(self, "_io"):
-            self._io.shutdown(wait=False, cancel_futures=True)
+        for pool in ("_io", "_disk"):
+            if hasattr(self, pool):
+                getattr(self, pool).shutdown(wait=False, cancel_futures=True)
 
 
 ServingApp = serve.deployment(name="mlplatform", max_ongoing_requests=64, graceful_shutdown_timeout_s=10)(

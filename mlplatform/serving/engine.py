@@ -77,6 +77,8 @@ class Outcome:
 
     ``stored`` set: the application was decided before; answer with that (``answer_for``).
     ``wait`` set: a copy of the request is being decided by another replica; wait for its answer.
+    ``unconfirmable`` set: the idempotency store is unreachable and the request may be a retry:
+    refuse it (503) rather than decide it anew.
     Otherwise ``record`` goes to the decision log, then ``answer`` to the idempotency store,
     then ``body`` to the client; ``confirmed`` is False when the idempotency store could not
     reserve the application (then the answer is kept by ``UnconfirmedAnswers`` until it can).
@@ -87,6 +89,7 @@ class Outcome:
     answer: str = ""
     stored: str | None = None
     wait: bool = False
+    unconfirmable: bool = False
     confirmed: bool = True
     decision: str = ""
     fallback_reason: str | None = None

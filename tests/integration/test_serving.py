@@ -490,8 +490,12 @@ def test_with_redis_hung_decisions_fall_back_in_time_and_retries_keep_them(serve
     try:
         with ThreadPoolExecutor(24) as pool:
             first = list(pool.map(timed, bodies))
+        # a request this node has no answer for, 30 s old: maybe a retry of a decision only the
+        # store knows, so it is refused explicitly rather than decided anew
+        stale = post(url, application(SAFE, amount=58.0, timestamp=(datetime.now(UTC) - timedelta(seconds=30)).isoformat()))
     finally:
         os.kill(redis_proc.pid, signal.SIGCONT)
+    assert stale.status_code == 503 and stale.json()["error"] == "decision_unconfirmed", stale.text
     assert [a.status_code for a, _ in first] == [200] * len(bodies), [a.text for a, _ in first][:3]
     assert all(a.json()["fallback"] is True for a, _ in first)
     print(f"hung Redis: slowest decision {max(t for _, t in first):.2f} s against a {deadline:.1f} s deadline")

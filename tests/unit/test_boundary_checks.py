@@ -216,12 +216,18 @@ def test_a_reservation_lapses_after_its_ttl(tmp_path):
 def test_unconfirmed_answers_survive_until_the_store_takes_them(tmp_path):
     kept = UnconfirmedAnswers(tmp_path / "unconfirmed")
     assert not kept.any() and kept.get("app-1") is None
-    kept.add("app-1", '{"answer":1}')
-    kept.add("app-2", '{"answer":2}')
+    kept.add_many([("app-1", '{"answer":1}')])
+    kept.add_many([("app-2", '{"answer":2}')])
     again = UnconfirmedAnswers(tmp_path / "unconfirmed")  # another replica of the node, or a restart
     assert again.any() and again.get("app-1") == '{"answer":1}'
     store = SqliteIdempotencyStore(tmp_path / "d.db")
     store.put_if_absent_many([("app-2", '{"answer":"other"}')])
     assert again.sync(store) == (1, 1)
     assert store.get_many(["app-1", "app-2"]) == ['{"answer":1}', '{"answer":"other"}']
-    assert not again.any() and again.get("app-1") is None
+    assert not again.waiting() and again.sync(store) == (0, 0)
+    # kept readable after the sync, for a retry during a later outage, until the retention passes
+    assert again.get("app-1") == '{"answer":1}' and kept.get("app-2") == '{"answer":2}'
+    expired = UnconfirmedAnswers(tmp_path / "unconfirmed", retention_s=0.0)
+    threading.Event().wait(0.01)
+    expired.sync(store)
+    assert expired.get("app-1") is None and not expired.any()

@@ -1,23 +1,28 @@
 """Answers the idempotency store has not confirmed yet, kept on the node's disk until it has.
 
     pending = UnconfirmedAnswers("/var/lib/mlp/spool/unconfirmed")
-    pending.add("app-1", answer)         # durable (fsync) before the decision is answered
-    pending.get("app-1")                 # the answer, for a retry that reaches this node
-    pending.sync(store)                  # into the store once it answers; (stored, conflicts)
+    pending.add_many([("app-1", answer)])   # durable (one fsync a batch) before the decision is answered
+    pending.get("app-1")                    # the answer, for a retry that reaches this node
+    pending.sync(store)                     # into the store once it answers; (stored, conflicts)
 
 A decision made while the shared idempotency store is unreachable (or too slow for the
 request's deadline) is still logged and answered, but no other replica can know about it. So
-before answering, its answer is written here, one small file per application, in a folder of
-the node's spool that every replica of the node shares. Every replica checks this folder for
-a retried application before deciding it anew (``get``; ``any`` keeps that check free while
-the folder is empty), and each one's housekeeping writes the answers into the store as soon
-as it answers again (``sync``), first writer wins: the store's ``put_if_absent_many`` keeps an
-answer that is already there, and that case is counted as a conflict and logged.
+before answering, its answer is written here, in a folder of the node's spool that every
+replica of the node shares: one small file per micro-batch (``<time>-<pid>-<n>.answers``, a
+line ``application_id<TAB>answer`` per decision, fsynced, renamed into place, the folder
+fsynced), so an outage costs one fsync a batch, not one a decision. Every replica checks this
+folder for a retried application before deciding it anew (``get``, from an index of the
+files it has read, refreshed when the folder changes; ``any`` keeps the check free while the
+folder is empty), and each one's housekeeping writes the answers into the store as soon as it
+answers again (``sync``), first writer wins: the store's ``put_if_absent_many`` keeps an
+answer that is already there, and that case is counted as a conflict and logged. Synced files
+move to ``synced/`` and stay readable for an hour, so a retry that reaches the node during a
+later outage still finds its answer.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -31,39 +36,53 @@ __all__ = ["UnconfirmedAnswers"]
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = ".answer"
+_SUFFIX = ".answers"
+_SYNCED = "synced"
+#: How long answers stay readable here after the store took them: a retry that reaches this
+#: node while the store is unreachable again still finds its first answer.
+RETENTION_S = 3600.0
 
 
 class UnconfirmedAnswers:
-    """A folder of ``<sha256(application_id)>.answer`` files: the application id on the first
-    line, the stored answer on the second."""
+    """A folder of ``.answers`` files shared by the replicas of one node (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, retention_s: float = RETENTION_S) -> None:
         self.folder = os.fspath(folder)
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        self.synced = os.path.join(self.folder, _SYNCED)
+        self.retention_s = retention_s
+        os.makedirs(self.synced, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
+        self._counter = itertools.count()
+        self._index: dict[str, str] = {}  # application id -> answer, from the files read so far
+        self._read: set[str] = set()  # file names read into the index
         self._nonempty = True  # until the first look says otherwise
+        self._waiting = True
         self._looked = 0.0
         self.refresh()
 
-    def _path(self, application_id: str) -> str:
-        return os.path.join(self.folder, hashlib.sha256(application_id.encode()).hexdigest() + _SUFFIX)
-
-    def add(self, application_id: str, answer: str) -> None:
-        """Keep ``answer`` durably (written to a temporary file, fsynced, renamed, folder fsynced)."""
-        path = self._path(application_id)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(application_id + "\n" + answer)
+    def add_many(self, entries: list[tuple[str, str]]) -> None:
+        """Keep each ``(application_id, answer)`` durably, all in one file (one fsync of the
+        file, one of the folder). Application ids and answers hold no newline or tab (ids are
+        checked by the request schema; answers are compact JSON)."""
+        if not entries:
+            return
+        name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._counter)}{_SUFFIX}"
+        path = os.path.join(self.folder, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write("".join(f"{application_id}\t{answer}\n" for application_id, answer in entries))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(path + ".tmp", path)
         fd = os.open(self.folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._nonempty = True
+        with self._lock:
+            for application_id, answer in entries:
+                self._index.setdefault(application_id, answer)
+            self._read.add(name)
+        self._nonempty = self._waiting = True
 
     def any(self) -> bool:
         """Whether the folder may hold answers (looked at again at most every 0.2 s)."""
@@ -72,53 +91,91 @@ class UnconfirmedAnswers:
         return self._nonempty
 
     def refresh(self) -> None:
-        self._nonempty = any(name.endswith(_SUFFIX) for name in _listdir(self.folder))
+        """Read files other replicas added since the last look (waiting and synced ones)."""
+        waiting = {n for n in _listdir(self.folder) if n.endswith(_SUFFIX)}
+        kept = {os.path.join(_SYNCED, n) for n in _listdir(self.synced) if n.endswith(_SUFFIX)}
+        names = waiting | kept
+        with self._lock:
+            if self._read - names:  # moved or expired: rebuild the index from what is there
+                self._index, self._read = {}, set()
+            for name in sorted(names - self._read):
+                for application_id, answer in _entries(os.path.join(self.folder, name)):
+                    self._index.setdefault(application_id, answer)
+                self._read.add(name)
+            self._nonempty = bool(names)
+            self._waiting = bool(waiting)
         self._looked = time.monotonic()
 
+    def waiting(self) -> bool:
+        """Whether answers wait for the store (as of the last look)."""
+        return self._waiting
+
     def get(self, application_id: str) -> str | None:
-        """The kept answer of ``application_id``, or None."""
-        try:
-            with open(self._path(application_id), encoding="utf-8") as f:
-                stored_id, _, answer = f.read().partition("\n")
-        except FileNotFoundError:
-            return None
-        return answer if stored_id == application_id and answer else None
+        """The kept answer of ``application_id``, or None (the folder is read again first if
+        the index does not have it)."""
+        answer = self._index.get(application_id)
+        if answer is None and self._nonempty:
+            self.refresh()
+            answer = self._index.get(application_id)
+        return answer
 
     def sync(self, store: IdempotencyStore) -> tuple[int, int]:
-        """Write every kept answer into ``store`` and forget it. Returns (stored, conflicts);
-        a conflict is an application the store already had another answer for.
+        """Write every waiting answer into ``store``, then move its file to ``synced/``, where
+        it stays readable for ``retention_s``. Returns (stored, conflicts); a conflict is an
+        application the store already had another answer for.
 
         Raises:
-            IdempotencyUnavailable: the store did not answer (the answers stay here).
+            IdempotencyUnavailable: the store did not answer (the answers stay waiting).
         """
         with self._lock:
-            entries: list[tuple[str, str, str]] = []
-            for name in _listdir(self.folder):
-                if not name.endswith(_SUFFIX):
-                    continue
-                path = os.path.join(self.folder, name)
-                try:
-                    with open(path, encoding="utf-8") as f:
-                        application_id, _, answer = f.read().partition("\n")
-                except FileNotFoundError:
-                    continue  # another replica of the node synced it
-                if application_id and answer:
-                    entries.append((path, application_id, answer))
-            if not entries:
-                self.refresh()
-                return 0, 0
-            results = store.put_if_absent_many([(a, answer) for _, a, answer in entries])
+            self._expire()
+            files = sorted(n for n in _listdir(self.folder) if n.endswith(_SUFFIX))
+        if not files:
+            self.refresh()  # what expired is forgotten
+            return 0, 0
+        with self._lock:
+            entries: dict[str, str] = {}
+            for name in files:
+                for application_id, answer in _entries(os.path.join(self.folder, name)):
+                    entries.setdefault(application_id, answer)  # the first answer given wins
+            pairs = list(entries.items())
+            results = store.put_if_absent_many(pairs) if pairs else []
             conflicts = 0
-            for (path, application_id, answer), existing in zip(entries, results):
+            for (application_id, answer), existing in zip(pairs, results):
                 if existing is not None and existing != answer:
                     conflicts += 1
                     log.error("application %r was answered twice while the idempotency store was unreachable", application_id)
+            for name in files:
                 try:
-                    os.remove(path)
+                    os.replace(os.path.join(self.folder, name), os.path.join(self.synced, name))
                 except FileNotFoundError:
-                    pass
-            self.refresh()
-            return len(entries) - conflicts, conflicts
+                    pass  # another replica of the node synced it
+        self.refresh()
+        return len(pairs) - conflicts, conflicts
+
+    def _expire(self) -> None:
+        cutoff = time.time() - self.retention_s
+        for name in _listdir(self.synced):
+            path = os.path.join(self.synced, name)
+            try:
+                if os.stat(path).st_mtime < cutoff:
+                    os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+def _entries(path: str) -> list[tuple[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        application_id, sep, answer = line.partition("\t")
+        if sep and application_id and answer:
+            out.append((application_id, answer))
+    return out
 
 
 def _listdir(folder: str) -> list[str]:
