@@ -52,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     workload = _workload(args)
     platform = _platform(workload)
     started = time.monotonic()
-    print(f"mlp run: workload {workload.name} on {platform!r}")
+    # flushed: the step lines that follow go to stderr, and stdout may be a pipe
+    print(f"mlp run: workload {workload.name} on {platform!r}", flush=True)
     try:
         results = workload.run(platform, force=args.force)
         print(f"done in {time.monotonic() - started:.1f}s")
