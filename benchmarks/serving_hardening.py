@@ -13,8 +13,9 @@ redis-server it starts on loopback, deadline 50 ms unless --deadline), then:
    the reference check — with entities that lack a join key, and as many with an unknown
    feature). 2,000 identical invalid requests first, so warm-up allocations are not counted.
 2. **hung Redis**: ``--decisions`` fresh applications from ``--threads`` threads with Redis
-   stopped by SIGSTOP; prints p50/p99/max latency against the deadline and how many got the
-   fallback; then SIGCONT, and every application is retried: each must get its first decision.
+   answering (the baseline, side by side), then as many with Redis stopped by SIGSTOP; prints
+   p50/p99/max latency of both against the deadline and how many got the fallback; then
+   SIGCONT, and every application is retried: each must get its first decision.
 
 Prints figures; asserts nothing. Stops what it started (Redis by pid, the Serve application).
 """
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=400, help="decisions sent while Redis is hung")
     parser.add_argument("--threads", type=int, default=8, help="concurrent clients while Redis is hung")
     parser.add_argument("--deadline", default="50ms", help="serving.deadline")
+    parser.add_argument("--spool-dir", default=None, help="decision log spool (default on disk under the root; /dev/shm to leave fsync out)")
     args = parser.parse_args()
 
     import psutil
@@ -67,7 +69,7 @@ def main() -> None:
     platform = bench.build_platform(root, f"redis://127.0.0.1:{port}/0", args.deadline)
     try:
         bench.train(platform)
-        deployed = platform.serving.deploy("underwriting", num_replicas=2, replica_cpus=0.5)
+        deployed = platform.serving.deploy("underwriting", num_replicas=2, replica_cpus=0.5, spool_dir=args.spool_dir)
         headers = {"X-API-Key": bench.KEY}
         session = requests.Session()
         pids: set[int] = set()
@@ -75,7 +77,7 @@ def main() -> None:
             pids.add(session.get(f"{deployed.url}/v1/internal/replica", headers={"X-API-Key": OPS_KEY}, timeout=30).json()["pid"])
         refs = platform.features.resolve_features("underwriting_v1")
         print(f"ingress {deployed.ingress}; replicas {sorted(pids)}; {len(refs)} refs in the service; deadline {args.deadline}; "
-              f"{os.cpu_count()} CPUs", flush=True)
+              f"{os.cpu_count()} CPUs; spool {deployed.spool_dir}; load {os.getloadavg()[0]:.1f}", flush=True)
 
         # ---------------------------------------------------------------- memory
         def rss() -> dict[int, float]:
@@ -109,8 +111,17 @@ def main() -> None:
             response = requests.post(f"{deployed.url}/v1/decisions", json=body, headers=headers, timeout=30)
             return (time.perf_counter() - t0) * 1000, response.json() if response.status_code == 200 else {"status": response.status_code}
 
+        def percentiles(results: list[tuple[float, dict]]) -> str:
+            latencies = sorted(ms for ms, _ in results)
+            p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+            return f"p50 {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms"
+
         for _ in range(50):  # warm
             timed(application())
+        with ThreadPoolExecutor(args.threads) as pool:  # the same load with Redis answering, side by side
+            healthy = list(pool.map(timed, [application() for _ in range(args.decisions)]))
+        print(f"healthy Redis: {len(healthy)} decisions from {args.threads} threads: {percentiles(healthy)}; "
+              f"fallbacks {sum(1 for _, doc in healthy if doc.get('fallback') is True)}; load {os.getloadavg()[0]:.1f}")
         bodies = [application() for _ in range(args.decisions)]
         os.kill(redis.pid, signal.SIGSTOP)
         try:
@@ -118,12 +129,10 @@ def main() -> None:
                 results = list(pool.map(timed, bodies))
         finally:
             os.kill(redis.pid, signal.SIGCONT)
-        latencies = sorted(ms for ms, _ in results)
         fallbacks = sum(1 for _, doc in results if doc.get("fallback") is True)
-        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-        print(f"hung Redis: {len(results)} decisions from {args.threads} threads: p50 {statistics.median(latencies):.1f} ms, "
-              f"p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms (deadline {args.deadline}); fallbacks {fallbacks}; "
-              f"other answers {[doc for _, doc in results if 'fallback' not in doc][:3]}")
+        print(f"hung Redis: {len(results)} decisions from {args.threads} threads: {percentiles(results)} (deadline "
+              f"{args.deadline}); fallbacks {fallbacks}; other answers {[doc for _, doc in results if 'fallback' not in doc][:3]}; "
+              f"load {os.getloadavg()[0]:.1f}")
         time.sleep(1.0)
         same_answer = sum(timed(body)[1] == doc for body, (_, doc) in zip(bodies, results))
         print(f"after Redis resumed: {same_answer} of {len(bodies)} retries got their first decision")
