@@ -148,7 +148,7 @@ def cmd_models_list(args: argparse.Namespace) -> None:
                 tags = ",".join(a for a, n in aliases.items() if n == v.version)
                 auc = v.metrics.get("test_auc")
                 print(
-                    f"{name:<16} v{v.version:<4} {v.flavor:<9} {v.created_at[:19]}  "
+                    f"{name:<16} v{v.version:<4} {v.flavor:<9} {v.created_at:%Y-%m-%d %H:%M:%S}  "
                     f"test_auc={'n/a' if auc is None else f'{auc:.4f}'}  {tags}"
                 )
 

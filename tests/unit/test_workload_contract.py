@@ -183,3 +183,16 @@ def test_on_a_terminal_the_running_step_shows_a_bar_and_its_summary_stays(storag
     out = stream.getvalue()
     assert "[make] " in out.split("[make] made it")[0]  # the bar, drawn before the summary
     assert "[make] made it (" in out
+
+
+def test_mlp_models_list_shows_each_version(workload_file, tmp_path, capsys):
+    import torch
+
+    from mlplatform import Platform
+    from mlplatform.cli import main
+
+    platform = Platform.from_config({"storage": {"root": str(tmp_path / "root")}})
+    platform.models.register("tiny", flavor="torch", model={"w": torch.zeros(2)}, lineage={}, metrics={"test_auc": 0.5}, params={})
+    assert main(["models", "list", str(workload_file)]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.split()[:3] == ["tiny", "v1", "torch"] and "test_auc=0.5000" in line

@@ -60,7 +60,7 @@ def sequences_step(platform: Platform, config: Config) -> Step:
     cut = config.sequences
 
     def done(version: Any) -> Done:
-        splits = version.metadata.get("splits", {})
+        splits = sorted(version.metadata.get("splits", {}), key=("train", "validation", "test").index)
         return Done(
             summary=f"K={version.metadata.get('max_events')}, splits {', '.join(splits)}",
             rows=version.rows,
