@@ -60,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         deployed = results.get("deploy")
         if getattr(deployed, "url", None) is None:
             return
-        if not platform._started_ray:
+        if not platform.owns_ray:
             print(f"decision endpoint stays live on the cluster at {deployed.url}/v1/decisions")
         elif sys.stdin.isatty() and not args.exit:
             print(f"decision endpoint live at {deployed.url}/v1/decisions (local Ray) - press Ctrl-C to stop")

@@ -80,7 +80,7 @@ class Platform:
         """Distributed training and tuning on Ray Train / Ray Tune."""
         from mlplatform.training.api import Training
 
-        return Training(self)
+        return Training(self.storage, self.datasets, self.features, connect_ray=self.ray)
 
     @cached_property
     def serving(self) -> Serving:
@@ -101,7 +101,9 @@ class Platform:
         """Batch scoring on Ray Data: a registered model over many applications."""
         from mlplatform.batch.score import BatchScoring
 
-        return BatchScoring(self)
+        return BatchScoring(
+            storage=self.storage, datasets=self.datasets, features=self.features, models=self.models, connect_ray=self.ray
+        )
 
     @cached_property
     def jobs(self) -> Jobs:
@@ -120,6 +122,11 @@ class Platform:
         if _ray.connect(self.config.ray):
             self._started_ray = True
         return ray
+
+    @property
+    def owns_ray(self) -> bool:
+        """Whether this Platform started the local Ray it uses (then ``close`` stops it)."""
+        return self._started_ray
 
     def close(self) -> None:
         """Shut down the local Ray this Platform started (never a cluster it joined)."""

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from mlplatform.batch.scorer import MODEL_NAME, MODEL_VERSION, REASONS, SCORE, ModelScorer, _check_free, _LoadLog
+from mlplatform.batch.scorer import MODEL_NAME, MODEL_VERSION, REASONS, SCORE, ModelScorer, check_free_columns, LoadLog
 from mlplatform.errors import DataError, ModelError
 
 if TYPE_CHECKING:
@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 
     from mlplatform.features.definitions import FeatureService
     from mlplatform.models.registry import LoadedModel, ModelVersion
-    from mlplatform.platform import Platform
+    from mlplatform.features.store import FeatureStore
+    from mlplatform.models.registry import ModelRegistry
+    from mlplatform.storage import DatasetStore, Storage
     from mlplatform.storage.datasets import DatasetVersion
 
 __all__ = ["SCORE", "REASONS", "MODEL_NAME", "MODEL_VERSION", "BatchScoreResult", "BatchScoring", "ModelScorer"]
@@ -91,11 +93,23 @@ class _Plan:
 class BatchScoring:
     """Batch scoring on Ray Data (``platform.batch``)."""
 
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        datasets: DatasetStore,
+        features: FeatureStore,
+        models: ModelRegistry,
+        connect_ray: Callable[[], Any],
+    ) -> None:
+        self.storage = storage
+        self.datasets = datasets
+        self.features = features
+        self.models = models
+        self.connect_ray = connect_ray
 
     def __repr__(self) -> str:
-        return f"BatchScoring({self.platform.storage.uri(PREFIX)!r})"
+        return f"BatchScoring({self.storage.uri(PREFIX)!r})"
 
     def score(
         self,
@@ -159,14 +173,14 @@ class BatchScoring:
         started = time.perf_counter()
         _check_sizes(batch_size, num_actors)
         plan = self._plan(model, version=version, alias=alias, features=features)
-        ray = self.platform.ray()
-        _check_free(_columns_of(applications, ray))
-        target = _Output.of(self.platform, output) if output is not None else None
-        joined = self.platform.features.get_historical_features(
+        ray = self.connect_ray()
+        check_free_columns(_columns_of(applications, ray))
+        target = _Output.of(self.storage, output) if output is not None else None
+        joined = self.features.get_historical_features(
             applications, list(plan.refs), entity_timestamp=entity_timestamp, full_feature_names=plan.full_feature_names
         )
         joined_at = time.perf_counter()
-        with _LoadLog(ray) as log:
+        with LoadLog(ray) as log:
             # The join's output columns are known, so its (lazy) schema is not asked for: that
             # would run the on-demand features over a block just to learn it.
             scored = self._scored(
@@ -176,7 +190,7 @@ class BatchScoring:
                 dataset, rows, path = None, target.write(scored), target.uri
             else:
                 run = name or f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
-                dataset = self.platform.datasets.publish(
+                dataset = self.datasets.publish(
                     f"{PREFIX}/{plan.name}/{run}",
                     scored,
                     metadata={
@@ -188,7 +202,7 @@ class BatchScoring:
                         "reasons": reasons,
                     },
                 )
-                path, rows = self.platform.storage.uri(dataset.name), dataset.rows
+                path, rows = self.storage.uri(dataset.name), dataset.rows
             loads = log.loads()
         finished = time.perf_counter()
         return BatchScoreResult(
@@ -231,7 +245,7 @@ class BatchScoring:
         _check_sizes(batch_size, num_actors)
         # Reason texts come from the feature definitions the lineage names; scores need neither.
         plan = self._plan(model, version=version, alias=alias, features=None, need_refs=reasons)
-        self.platform.ray()
+        self.connect_ray()
         return self._scored(
             features, plan, reasons=reasons, batch_size=batch_size, num_actors=num_actors, log=None, check=True
         )
@@ -252,7 +266,7 @@ class BatchScoring:
         if isinstance(model, LoadedModel):
             loaded = model
         elif isinstance(model, str):
-            loaded = self.platform.models.load(model, version=version, alias=None if version is not None else alias)
+            loaded = self.models.load(model, version=version, alias=None if version is not None else alias)
         else:
             raise ModelError(f"model must be a registered model's name or a LoadedModel, got {type(model).__name__}")
         mv = loaded.version
@@ -261,9 +275,9 @@ class BatchScoring:
         names = tuple(loaded.model.feature_name())
         if not need_refs:
             return _Plan(mv.name, mv.version, mv.artifacts[mv.model_file], names, (), False, {})
-        candidates = self.platform.features.resolve_features(features if features is not None else _lineage_refs(mv))
+        candidates = self.features.resolve_features(features if features is not None else _lineage_refs(mv))
         refs, full = _match_refs(mv, names, candidates)
-        texts = reason_texts_from_definitions(refs, self.platform.features.registry, full_feature_names=full)
+        texts = reason_texts_from_definitions(refs, self.features.registry, full_feature_names=full)
         return _Plan(mv.name, mv.version, mv.artifacts[mv.model_file], names, refs, full, texts)
 
     def _scored(
@@ -274,7 +288,7 @@ class BatchScoring:
         reasons: bool,
         batch_size: int,
         num_actors: int | None,
-        log: _LoadLog | None,
+        log: LoadLog | None,
         check: bool,
     ) -> ray.data.Dataset:
         import ray
@@ -287,13 +301,13 @@ class BatchScoring:
                     f"rows to score lack model {plan.name} v{plan.version}'s feature columns {missing}; "
                     f"they have {sorted(columns)}"
                 )
-            _check_free(columns)
+            check_free_columns(columns)
         if num_actors is None:
             num_actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
         return rows.map_batches(
             ModelScorer,
             fn_constructor_kwargs={
-                "config": self.platform.config,
+                "storage": self.storage,
                 "name": plan.name,
                 "version": plan.version,
                 "sha256": plan.sha256,
@@ -369,15 +383,15 @@ class _Output:
     fs: Any
 
     @classmethod
-    def of(cls, platform: Platform, output: str | os.PathLike[str]) -> _Output:
+    def of(cls, storage: Storage, output: str | os.PathLike[str]) -> _Output:
         """Raises DataError unless ``output`` is a new or empty directory."""
         import pyarrow.fs as pafs
 
         uri = os.fspath(output)
         if uri.startswith("s3://"):
-            if not platform.storage.is_s3:
+            if not storage.is_s3:
                 raise DataError(f"output {uri!r} is on S3 but the storage root is local; configure storage.s3")
-            out = cls(uri, uri.removeprefix("s3://"), platform.storage.arrow_fs)
+            out = cls(uri, uri.removeprefix("s3://"), storage.arrow_fs)
         else:
             uri = os.path.abspath(uri)
             out = cls(uri, uri, pafs.LocalFileSystem())

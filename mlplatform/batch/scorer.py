@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-    from mlplatform.config import PlatformConfig
+    from mlplatform.storage import Storage
 
-__all__ = ["SCORE", "REASONS", "MODEL_NAME", "MODEL_VERSION", "ModelScorer"]
+__all__ = ["MODEL_NAME", "MODEL_VERSION", "REASONS", "SCORE", "LoadLog", "ModelScorer", "check_free_columns"]
 
 SCORE = "probability_of_default"
 REASONS = "reason_codes"
@@ -39,18 +39,18 @@ class ModelScorer:
     batches (``pyarrow.Table`` in, the same rows plus the output columns out).
 
     Args:
-        config: the platform config, to open the registry from the actor.
+        storage: the storage root, to open the model registry from the actor.
         name, version, sha256: the version to load and the model file's expected checksum.
         feature_names: the booster's feature names, as the driver read them.
         texts: feature → reason text; None = no reason codes.
         num_threads: LightGBM threads per ``predict`` (match the actor's CPUs).
-        load_log: an actor that records each load (``_LoadLog``), or None.
+        load_log: an actor that records each load (``LoadLog``), or None.
     """
 
     def __init__(
         self,
         *,
-        config: PlatformConfig,
+        storage: Storage,
         name: str,
         version: int,
         sha256: str,
@@ -61,9 +61,9 @@ class ModelScorer:
     ) -> None:
         _import_lightgbm_without_sklearn()
         from mlplatform.models.reasons import ReasonCoder
-        from mlplatform.platform import Platform
+        from mlplatform.models.registry import ModelRegistry
 
-        loaded = Platform(config).models.load(name, version=version)
+        loaded = ModelRegistry(storage).load(name, version=version)
         mv = loaded.version
         if mv.artifacts[mv.model_file] != sha256:
             raise ModelError(
@@ -92,7 +92,7 @@ class ModelScorer:
         import numpy as np
         import pyarrow as pa
 
-        _check_free(batch.column_names)  # rows from a Parquet path were not checked before
+        check_free_columns(batch.column_names)  # rows from a Parquet path were not checked before
         x = self.matrix(batch)
         n = batch.num_rows
         out = batch.append_column(SCORE, pa.array(self.booster.predict(x, num_threads=self.num_threads), pa.float64()))
@@ -143,7 +143,8 @@ def _import_lightgbm_without_sklearn() -> None:
             del sys.modules["sklearn"]
 
 
-def _check_free(columns: Iterable[str] | None) -> None:
+def check_free_columns(columns: Iterable[str] | None) -> None:
+    """Refuse rows that already carry one of the output columns scoring adds (a DataError)."""
     taken = [c for c in (SCORE, REASONS, MODEL_NAME, MODEL_VERSION) if c in set(columns or ())]
     if taken:
         raise DataError(f"the rows to score already have output column(s) {taken}; drop or rename them first")
@@ -155,7 +156,7 @@ def _is_number(t: pa.DataType) -> bool:
     return pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)
 
 
-class _LoadLog:
+class LoadLog:
     """A small actor that scoring actors report their model loads to, so a run can say how
     often the model was loaded (once per actor; more only if Ray restarted one)."""
 
@@ -163,7 +164,7 @@ class _LoadLog:
         self._ray = ray
         self.actor: Any = None
 
-    def __enter__(self) -> _LoadLog:
+    def __enter__(self) -> LoadLog:
         self.actor = _remote_load_counter().remote()
         return self
 

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import ray.data
 
     from mlplatform.features.training_sets import TrainingSetSnapshot
-    from mlplatform.platform import Platform
+    from mlplatform.features.store import FeatureStore
+    from mlplatform.storage import DatasetStore, Storage
     from mlplatform.training.tune import TuneResult
 
 __all__ = ["PreparedData", "TrainResult", "Training", "auc"]
@@ -82,22 +83,32 @@ class PreparedData:
     train: ray.data.Dataset
     validation: ray.data.Dataset
 
-    def split(self, platform: Platform, name: str) -> ray.data.Dataset:
+    def split(self, datasets: DatasetStore, name: str) -> ray.data.Dataset:
         if name == "train":
             return self.train
         if name == "validation":
             return self.validation
-        return _read_split(platform, self.snapshot, self.features, self.label, name)
+        return _read_split(datasets, self.snapshot, self.features, self.label, name)
 
 
 class Training:
-    """Distributed training (Ray Train) and tuning (Ray Tune) of LightGBM models."""
+    """Distributed training (Ray Train) and tuning (Ray Tune) of LightGBM models.
 
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
+    Args:
+        storage: the storage root (run checkpoints, Tune experiments).
+        datasets: the datasets under it (training-set snapshots).
+        features: the feature store (training sets are looked up there).
+        connect_ray: connects this process to Ray (or starts a local Ray).
+    """
+
+    def __init__(self, storage: Storage, datasets: DatasetStore, features: FeatureStore, connect_ray: Callable[[], Any]) -> None:
+        self.storage = storage
+        self.datasets = datasets
+        self.features = features
+        self.connect_ray = connect_ray
 
     def __repr__(self) -> str:
-        return f"Training({self.platform!r})"
+        return f"Training({self.storage.uri(RUNS)!r})"
 
     # ----------------------------------------------------------------------------- train
     def train(
@@ -133,25 +144,25 @@ class Training:
         spec = TrainSpec.load(spec, "train")
         _check_splits(evaluate)
         started = time.perf_counter()
-        data = prepare(self.platform, spec)
+        data = prepare(self, spec)
         prepared = time.perf_counter()
-        run_name = _run_name(spec.run_name)
+        run_name = unique_run_name(spec.run_name)
         trainer = build_trainer(
-            self.platform,
+            self.storage,
             spec,
             data,
             LoopConfig.from_spec(spec, data.features, callbacks),
             run_name=run_name,
             storage_key=RUNS,
         )
-        result = _fit(trainer, run_name)
+        result = fit_trainer(trainer, run_name)
         fitted = time.perf_counter()
         if result.checkpoint is None:
             raise TrainingError(f"training run {run_name!r} finished without a checkpoint; see the worker logs")
         booster, state = read_checkpoint(result.checkpoint.path, result.checkpoint.filesystem)
-        metrics = evaluate_splits(self.platform, data, booster, evaluate)
+        metrics = evaluate_splits(self.datasets, data, booster, evaluate)
         done = time.perf_counter()
-        storage = self.platform.storage
+        storage = self.storage
         timings = {"prepare_s": prepared - started, "fit_s": fitted - prepared, "evaluate_s": done - fitted}
         return TrainResult(
             booster=booster,
@@ -176,7 +187,7 @@ class Training:
         """Search LightGBM params with Ray Tune and ASHA; see ``mlplatform.training.tune``."""
         from mlplatform.training.tune import run_tune
 
-        return run_tune(self.platform, TuneSpec.load(spec, "tune"))
+        return run_tune(self, TuneSpec.load(spec, "tune"))
 
     # ---------------------------------------------------------------------- baseline
     @staticmethod
@@ -197,21 +208,21 @@ class Training:
 
 
 # --------------------------------------------------------------------------- internals
-def prepare(platform: Platform, spec: TrainSpec) -> PreparedData:
+def prepare(training: Training, spec: TrainSpec) -> PreparedData:
     """Resolve the snapshot and its feature columns; materialise train and validation."""
     from mlplatform.features.training_sets import get_training_set
 
-    platform.ray()
-    snapshot = get_training_set(platform.features, spec.training_set, spec.training_set_version)
+    training.connect_ray()
+    snapshot = get_training_set(training.features, spec.training_set, spec.training_set_version)
     features = spec.features or _snapshot_features(snapshot)
     if not features:
         raise DataError(
             f"training set {spec.training_set!r} v{snapshot.version} records no features; list them in the spec's features"
         )
-    _check_columns(platform, snapshot, [*features, spec.label])
-    _check_label(platform, snapshot, spec.label)
-    train = _read_split(platform, snapshot, features, spec.label, "train").materialize()
-    validation = _read_split(platform, snapshot, features, spec.label, "validation").materialize()
+    _check_columns(training.datasets, snapshot, [*features, spec.label])
+    _check_label(training.datasets, training.storage, snapshot, spec.label)
+    train = _read_split(training.datasets, snapshot, features, spec.label, "train").materialize()
+    validation = _read_split(training.datasets, snapshot, features, spec.label, "validation").materialize()
     for name, ds in (("train", train), ("validation", validation)):
         if ds.count() == 0:
             raise DataError(f"training set {snapshot.name!r} v{snapshot.version} has no {name!r} rows")
@@ -219,7 +230,7 @@ def prepare(platform: Platform, spec: TrainSpec) -> PreparedData:
 
 
 def build_trainer(
-    platform: Platform,
+    storage: Storage,
     spec: TrainSpec,
     data: PreparedData,
     loop: Any,
@@ -234,7 +245,6 @@ def build_trainer(
 
     from mlplatform.training.lightgbm import train_loop
 
-    storage = platform.storage
     return LightGBMTrainer(
         train_loop,
         train_loop_config={"loop": loop},
@@ -257,7 +267,8 @@ def build_trainer(
     )
 
 
-def _fit(trainer: Any, run_name: str) -> Any:
+def fit_trainer(trainer: Any, run_name: str) -> Any:
+    """``trainer.fit()``, a run that failed after its retries raised as a ``TrainingError``."""
     import ray.train
 
     try:
@@ -268,7 +279,8 @@ def _fit(trainer: Any, run_name: str) -> Any:
         ) from exc
 
 
-def _run_name(base: str) -> str:
+def unique_run_name(base: str) -> str:
+    """``base`` with the time and a random suffix."""
     # Unique per call: Ray Train resumes a run whose folder already exists under the same name.
     return f"{base}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
@@ -285,12 +297,12 @@ def _check_splits(splits: Sequence[str]) -> None:
         raise DataError(f"unknown split(s) {bad}: use {list(SPLITS)}")
 
 
-def _check_columns(platform: Platform, snapshot: TrainingSetSnapshot, columns: list[str]) -> None:
+def _check_columns(datasets: DatasetStore, snapshot: TrainingSetSnapshot, columns: list[str]) -> None:
     import pyarrow as pa
 
     from mlplatform.features.training_sets import PREFIX
 
-    manifest = platform.datasets.get(f"{PREFIX}/{snapshot.name}", snapshot.version)
+    manifest = datasets.get(f"{PREFIX}/{snapshot.name}", snapshot.version)
     if not manifest.schema:
         return
     names = set(pa.ipc.read_schema(pa.py_buffer(base64.b64decode(manifest.schema))).names)
@@ -301,7 +313,7 @@ def _check_columns(platform: Platform, snapshot: TrainingSetSnapshot, columns: l
         )
 
 
-def _check_label(platform: Platform, snapshot: TrainingSetSnapshot, label: str) -> None:
+def _check_label(datasets: DatasetStore, storage: Storage, snapshot: TrainingSetSnapshot, label: str) -> None:
     """The label must be 0/1 and never null, checked from the Parquet footers' statistics.
 
     Checked on the driver, before any worker starts, because a worker that fails on bad data
@@ -311,10 +323,10 @@ def _check_label(platform: Platform, snapshot: TrainingSetSnapshot, label: str) 
 
     from mlplatform.features.training_sets import PREFIX
 
-    manifest = platform.datasets.get(f"{PREFIX}/{snapshot.name}", snapshot.version)
+    manifest = datasets.get(f"{PREFIX}/{snapshot.name}", snapshot.version)
     what = f"training set {snapshot.name!r} v{snapshot.version}"
-    for path in platform.datasets.file_paths(manifest):
-        with platform.storage.arrow_fs.open_input_file(path) as f:
+    for path in datasets.file_paths(manifest):
+        with storage.arrow_fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
         index = meta.schema.to_arrow_schema().get_field_index(label)
         for g in range(meta.num_row_groups):
@@ -330,13 +342,13 @@ def _check_label(platform: Platform, snapshot: TrainingSetSnapshot, label: str) 
 
 
 def _read_split(
-    platform: Platform, snapshot: TrainingSetSnapshot, features: list[str], label: str, split: str
+    datasets: DatasetStore, snapshot: TrainingSetSnapshot, features: list[str], label: str, split: str
 ) -> ray.data.Dataset:
     from mlplatform.features.training_sets import PREFIX, SPLIT_COLUMN
 
     from ray.data.expressions import col
 
-    ds = platform.datasets.read(f"{PREFIX}/{snapshot.name}", snapshot.version)
+    ds = datasets.read(f"{PREFIX}/{snapshot.name}", snapshot.version)
     # Ray Data pushes the projection and the filter down into the Parquet read.
     ds = ds.select_columns([*features, label, SPLIT_COLUMN]).filter(expr=col(SPLIT_COLUMN) == split)
     return ds.select_columns([*features, label])
@@ -344,7 +356,7 @@ def _read_split(
 
 # -------------------------------------------------------------------------- evaluation
 def evaluate_splits(
-    platform: Platform, data: PreparedData, booster: lightgbm.Booster, splits: Sequence[str]
+    datasets: DatasetStore, data: PreparedData, booster: lightgbm.Booster, splits: Sequence[str]
 ) -> dict[str, dict[str, float]]:
     """AUC, log loss, rows and positive rate of ``booster`` on each split.
 
@@ -354,7 +366,7 @@ def evaluate_splits(
     model_text = booster.model_to_string()
     out = {}
     for split in splits:
-        scored = data.split(platform, split).map_batches(
+        scored = data.split(datasets, split).map_batches(
             _score_batch,
             # Large batches: one predict call per few blocks. At the blocks' own size (a few
             # thousand rows) per-call and per-task overhead doubled the scoring time.
@@ -378,7 +390,7 @@ def _score_batch(batch: Any, *, model_text: str, features: list[str], label: str
     import lightgbm
     import pyarrow as pa
 
-    from mlplatform.training.lightgbm import _column
+    from mlplatform.training.lightgbm import numeric_column
 
     key = hash(model_text)
     booster = _BOOSTERS.get(key)
@@ -387,9 +399,9 @@ def _score_batch(batch: Any, *, model_text: str, features: list[str], label: str
         booster = _BOOSTERS[key] = lightgbm.Booster(model_str=model_text)
     import numpy as np
 
-    X = np.column_stack([_column(batch, c, pa.float32()) for c in features]) if batch.num_rows else None
+    X = np.column_stack([numeric_column(batch, c, pa.float32()) for c in features]) if batch.num_rows else None
     scores = booster.predict(X, num_threads=1) if X is not None else np.empty(0)
-    return pa.table({"label": _column(batch, label, pa.float32()), "score": pa.array(scores, pa.float64())})
+    return pa.table({"label": numeric_column(batch, label, pa.float32()), "score": pa.array(scores, pa.float64())})
 
 
 def _split_metrics(labels: list[np.ndarray], scores: list[np.ndarray]) -> dict[str, float]:

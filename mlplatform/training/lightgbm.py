@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from mlplatform.training.spec import TrainSpec
 
-__all__ = ["CheckpointState", "LoopConfig", "lightgbm_params", "read_checkpoint", "train_local", "train_loop"]
+__all__ = ["CheckpointState", "LoopConfig", "lightgbm_params", "numeric_column", "read_checkpoint", "train_local", "train_loop"]
 
 MODEL_FILE = "model.txt"
 STATE_FILE = "state.json"
@@ -264,14 +264,16 @@ def shard_to_numpy(shard: Any, features: list[str], label: str) -> tuple[np.ndar
     blocks, labels = [], []
     for batch in shard.iter_batches(batch_size=_BATCH_ROWS, batch_format="pyarrow"):
         if batch.num_rows:
-            blocks.append(np.column_stack([_column(batch, c, pa.float32()) for c in features]))
-            labels.append(_column(batch, label, pa.float32()))
+            blocks.append(np.column_stack([numeric_column(batch, c, pa.float32()) for c in features]))
+            labels.append(numeric_column(batch, label, pa.float32()))
     if not blocks:
         return np.empty((0, len(features)), dtype=np.float32), np.empty(0, dtype=np.float32)
     return np.concatenate(blocks), np.concatenate(labels)
 
 
-def _column(batch: Any, name: str, to: Any) -> Any:
+def numeric_column(batch: Any, name: str, to: Any) -> Any:
+    """Column ``name`` of an Arrow batch as a NumPy array of type ``to`` (a string column is a
+    TypeError: LightGBM features must be numeric)."""
     import pyarrow as pa
 
     col = batch.column(name)

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     import lightgbm
 
     from mlplatform.features.training_sets import TrainingSetSnapshot
-    from mlplatform.platform import Platform
+    from mlplatform.storage import Storage
+    from mlplatform.training.api import Training
     from mlplatform.training.spec import TrainSpec
 
 __all__ = ["TuneResult", "TuneTrial", "run_tune", "to_tune_space"]
@@ -97,7 +98,7 @@ def to_tune_space(space: dict[str, Distribution]) -> dict[str, Any]:
     return out
 
 
-def run_tune(platform: Platform, spec: TuneSpec) -> TuneResult:
+def run_tune(training: Training, spec: TuneSpec) -> TuneResult:
     """Run the search; see the module docstring.
 
     Raises:
@@ -107,13 +108,13 @@ def run_tune(platform: Platform, spec: TuneSpec) -> TuneResult:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from mlplatform.training.api import _run_name, prepare
+    from mlplatform.training.api import prepare, unique_run_name
     from mlplatform.training.lightgbm import LoopConfig, read_checkpoint
 
     started = time.perf_counter()
     base = spec.train
-    data = prepare(platform, base)
-    experiment = _run_name(base.run_name)
+    data = prepare(training, base)
+    experiment = unique_run_name(base.run_name)
     per_trial = base.num_workers * base.cpus_per_worker
     max_concurrent = spec.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
@@ -122,11 +123,11 @@ def run_tune(platform: Platform, spec: TuneSpec) -> TuneResult:
         base=base,
         loop=LoopConfig.from_spec(base, data.features),
         data=data,
-        platform_config=platform.config,
+        storage=training.storage,
         runs_key=f"{TUNE}/{experiment}/runs",
     )
     trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": _DRIVER_MEMORY})
-    storage = platform.storage
+    storage = training.storage
     tuner = ray.tune.Tuner(
         trainable,
         param_space=to_tune_space(spec.search_space),
@@ -183,17 +184,16 @@ def run_tune(platform: Platform, spec: TuneSpec) -> TuneResult:
 
 
 def _trial(
-    config: dict[str, Any], *, base: TrainSpec, loop: Any, data: Any, platform_config: Any, runs_key: str
+    config: dict[str, Any], *, base: TrainSpec, loop: Any, data: Any, storage: Storage, runs_key: str
 ) -> None:
     """One Tune trial: the driver of a Train run with the sampled params."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlplatform.platform import Platform
-    from mlplatform.training.api import _fit, build_trainer
+    from mlplatform.training.api import build_trainer, fit_trainer
 
     params = {**base.params, **config}
     trainer = build_trainer(
-        Platform(platform_config),
+        storage,
         base,
         data,
         # A checkpoint at every report, so the best trial's last report has its model.
@@ -202,7 +202,7 @@ def _trial(
         storage_key=runs_key,
         callbacks=[TuneReportCallback()],
     )
-    _fit(trainer, ray.tune.get_context().get_trial_name())
+    fit_trainer(trainer, ray.tune.get_context().get_trial_name())
 
 
 class _ReleaseTrainWorkers(ray.tune.Callback):
