@@ -42,7 +42,7 @@ def main() -> None:
     from mlplatform.serving.decisions.log import DecisionLog
     from mlplatform.serving.engine import DecisionEngine, Job
     from mlplatform.serving.idempotency import open_idempotency_store, pending_marker
-    from mlplatform.serving.policy import DecisionPolicy
+    from mlplatform.decision_policy import DecisionPolicy
     from mlplatform.serving.schemas import DecisionRequest
     from mlplatform.serving.scoring import ModelWatcher
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from mlplatform._duration import Duration
 from mlplatform.errors import ConfigError
-from mlplatform.serving.policy import DecisionPolicy
+from mlplatform.decision_policy import DecisionPolicy
 
 __all__ = [
     "ROLES",
@@ -243,7 +243,7 @@ class ServingConfig(_Model):
         default="auto", description="HAProxy ingress + throughput mode: auto = on when haproxy is installed."
     )
     policy: DecisionPolicy = Field(
-        default_factory=DecisionPolicy, description="Decision thresholds, limits and fallback (see mlplatform.serving.policy)."
+        default_factory=DecisionPolicy, description="Decision thresholds, limits and fallback (see mlplatform.decision_policy)."
     )
 
 

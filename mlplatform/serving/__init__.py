@@ -7,8 +7,8 @@
 
 Parts: ``api`` (``platform.serving``), ``app`` (the Serve deployment and its routes),
 ``guard`` (keys, roles, body size), ``keys`` (API keys and their digests), ``schemas`` (the
-HTTP documents), ``engine`` (features → score → policy → record), ``policy`` (thresholds,
-limits, fallback), ``scoring`` (models and alias rollout), ``catalog`` (definitions cached for
+HTTP documents), ``engine`` (features → score → policy → record; the policy itself, thresholds, limits and
+fallback, is ``mlplatform.decision_policy``), ``scoring`` (models and alias rollout), ``catalog`` (definitions cached for
 the request path), ``idempotency`` (one decision per application), ``ingress`` (HAProxy),
 ``metrics``; and ``decisions/``, the decision log (append, spool, compaction, records,
 lookup, replay, unconfirmed answers).
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mlplatform.serving.policy import DecisionPolicy
+from mlplatform.decision_policy import DecisionPolicy
 
 if TYPE_CHECKING:
     from mlplatform.serving.api import DeployedApp, Serving

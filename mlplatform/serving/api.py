@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import NotFoundError, PlatformError, ServingError
-from mlplatform.serving.policy import DecisionPolicy
+from mlplatform.decision_policy import DecisionPolicy
 
 if TYPE_CHECKING:
     from mlplatform.config import PlatformConfig

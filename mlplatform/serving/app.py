@@ -214,7 +214,7 @@ class ServingReplica:
         from mlplatform.serving.engine import DecisionEngine
         from mlplatform.serving.idempotency import open_idempotency_store
         from mlplatform.serving.metrics import ServingMetrics
-        from mlplatform.serving.policy import DecisionPolicy
+        from mlplatform.decision_policy import DecisionPolicy
         from mlplatform.serving.scoring import ModelWatcher
 
         Guard.configure(settings.keys)

@@ -40,7 +40,7 @@ from mlplatform.features.online_lookup import get_online_features
 
 if TYPE_CHECKING:
     from mlplatform.serving.catalog import FeatureCatalog
-    from mlplatform.serving.policy import DecisionPolicy
+    from mlplatform.decision_policy import DecisionPolicy
     from mlplatform.serving.schemas import DecisionRequest
     from mlplatform.serving.scoring import ModelWatcher, Scorer
 

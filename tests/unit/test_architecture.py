@@ -66,3 +66,36 @@ def test_no_private_name_is_imported_across_modules():
         if name.startswith("_") and not name.startswith("__") and not _is_module(module, name)
     ]
     assert not offenders, "make the name public where another module needs it:\n" + "\n".join(offenders)
+
+
+def _package(module: str) -> str | None:
+    """The part of ``mlplatform.<part>...`` a module belongs to (a top-level module is its own part)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "mlplatform" and len(parts) > 1 else None
+
+
+def test_no_import_cycle_spans_two_parts():
+    edges: dict[str, set[str]] = {}
+    for path in _modules():
+        rel = path.relative_to(PACKAGE)
+        source = rel.parts[0].removesuffix(".py")
+        for module, names in _imports(path):
+            targets = [module] + ([f"{module}.{n}" for n in names] if module == "mlplatform" else [])
+            for target in targets:
+                part = _package(target)
+                if part and part not in (source, "__init__"):
+                    edges.setdefault(source, set()).add(part)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo += edges.get(node, ())
+        return False
+
+    cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a, targets in edges.items() for b in targets if reaches(b, a))
+    assert not cycles, cycles

@@ -13,7 +13,7 @@ from mlplatform import ConfigError, load_config
 from mlplatform.serving.engine import answer_for
 from mlplatform.serving.idempotency import SqliteIdempotencyStore
 from mlplatform.serving.ingress import plan_ingress
-from mlplatform.serving.policy import DecisionPolicy
+from mlplatform.decision_policy import DecisionPolicy
 from mlplatform.serving.schemas import DecisionRequest, FeatureRequest, PushRequest
 
 APPLICATION = {

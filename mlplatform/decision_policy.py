@@ -1,5 +1,8 @@
 """The decision policy: how a probability of default and an application become a decision.
 
+Its own module, not part of ``serving/``: the platform config holds it (``serving.policy``),
+and the config must not import the serving package.
+
     policy = DecisionPolicy(approve_below=0.08, decline_at=0.20, max_amount=2000)
     policy.knockouts(amount=2500.0, currency="USD", term=4)   # [Reason("amount_above_limit", ...)]
     policy.by_score(0.31)                                      # "decline"
