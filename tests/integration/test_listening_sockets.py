@@ -113,7 +113,8 @@ def _read_until(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
 @pytest.mark.integration
 def test_local_deployment_listens_on_loopback_only_and_keeps_haproxy_private(tmp_path):
     if haproxy_binary() is None:
-        pytest.skip("no haproxy binary: the deployment would use Serve's default proxy")
+        pytest.fail("haproxy is not installed (apt-get install haproxy; .ci/setup installs it): without it the "
+                    "deployment would use Serve's default proxy, and the HAProxy lockdown this test checks would go untested")
     port = _free_port()
     env = {
         **os.environ,
