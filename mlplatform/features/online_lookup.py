@@ -146,7 +146,7 @@ def get_online_features(
     for key in key_names:
         names.append(key)
         results.append(FeatureResult([_python(v) for v in entities[key]], [FeatureStatus.PRESENT] * rows, [None] * rows))
-    computed = {name: _on_demand_checked(odfv, wanted, entities, views, looked_up, rows) for name, (odfv, wanted) in odfvs.items()}
+    computed = {name: _on_demand(odfv, wanted, entities, views, looked_up, rows) for name, (odfv, wanted) in odfvs.items()}
     for ref in refs:
         view_name, feature = parse_ref(ref)
         name = f"{view_name}__{feature}" if full_feature_names else feature
@@ -203,28 +203,6 @@ def _checked_inputs(
     return out
 
 
-def _on_demand_checked(
-    odfv: OnDemandFeatureView,
-    wanted: list[str],
-    entities: Mapping[str, Sequence[Any]],
-    views: dict[str, tuple[FeatureView, list[str]]],
-    looked_up: dict[str, list[dict[str, Any]]],
-    rows: int,
-) -> dict[str, list[Any]]:
-    """``_on_demand``, with a function that raises on this request's values reported as a
-    ``DataError`` naming the view, its features and the request fields it read."""
-    try:
-        return _on_demand(odfv, wanted, entities, views, looked_up, rows)
-    except PlatformError:
-        raise
-    except Exception as exc:
-        fields = [f.name for s in odfv.sources if isinstance(s, RequestSource) for f in s.schema_]
-        raise DataError(
-            f"on-demand feature view {odfv.name!r} (features {wanted}) failed on this request's values "
-            f"({type(exc).__name__}: {str(exc)[:200]}); check the request fields {fields}"
-        ) from exc
-
-
 def _on_demand(
     odfv: OnDemandFeatureView,
     wanted: list[str],
@@ -243,14 +221,23 @@ def _on_demand(
         else:
             for f in source.features:
                 values[f.name], dtypes[f.name] = [row[f.name].value for row in looked_up[source.name]], f.dtype
-    if odfv.mode == "python":
-        out = odfv.transform_rows(values, rows)
-    else:
-        import pandas as pd
+    try:
+        if odfv.mode == "python":
+            out = odfv.transform_rows(values, rows)
+        else:
+            import pandas as pd
 
-        frame = pd.DataFrame({name: _series(v, dtypes[name]) for name, v in values.items()}, index=range(rows))
-        result = odfv.transform(frame)
-        out = {name: result[name].tolist() for name in wanted}
+            frame = pd.DataFrame({name: _series(v, dtypes[name]) for name, v in values.items()}, index=range(rows))
+            result = odfv.transform(frame)
+            out = {name: result[name].tolist() for name in wanted}
+    except PlatformError:
+        raise
+    except Exception as exc:  # the function failed on this request's values: the caller's 4xx, named
+        fields = [f.name for s in odfv.sources if isinstance(s, RequestSource) for f in s.schema_]
+        raise DataError(
+            f"on-demand feature view {odfv.name!r} (features {wanted}) failed on this request's values "
+            f"({type(exc).__name__}: {str(exc)[:200]}); check the request fields {fields}"
+        ) from exc
     return {name: [_python(v) for v in out[name]] for name in wanted}
 
 
