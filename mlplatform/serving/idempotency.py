@@ -155,12 +155,18 @@ class RedisIdempotencyStore(IdempotencyStore):
         with self._lock:
             if self._client is None or self._pid != os.getpid():
                 import redis
+                from redis.backoff import NoBackoff
+                from redis.retry import Retry
 
                 options = {
                     "socket_timeout": self.timeout,
                     "socket_connect_timeout": self.timeout,
                     "password": os.environ.get("REDIS_PASSWORD") or None,
                     "decode_responses": True,
+                    # No retries inside a call: callers bound it by the request's deadline, and
+                    # redis-py's default (3 retries with backoff) would hold an I/O thread for
+                    # four timeouts on a hung store.
+                    "retry": Retry(NoBackoff(), 0),
                 }
                 client = redis.Redis.from_url(self.url, **options)
                 try:

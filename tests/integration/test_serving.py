@@ -496,7 +496,8 @@ def test_with_redis_hung_decisions_fall_back_in_time_and_retries_keep_them(serve
     finally:
         os.kill(redis_proc.pid, signal.SIGCONT)
     assert stale.status_code == 503 and stale.json()["error"] == "decision_unconfirmed", stale.text
-    assert [a.status_code for a, _ in first] == [200] * len(bodies), [a.text for a, _ in first][:3]
+    refused = [(i, a.status_code, f"{took:.2f}s", a.text[:300]) for i, (a, took) in enumerate(first) if a.status_code != 200]
+    assert not refused, refused
     assert all(a.json()["fallback"] is True for a, _ in first)
     print(f"hung Redis: slowest decision {max(t for _, t in first):.2f} s against a {deadline:.1f} s deadline")
     retries = [post(url, body) for body in bodies for _ in range(2)]

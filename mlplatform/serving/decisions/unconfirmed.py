@@ -133,23 +133,25 @@ class UnconfirmedAnswers:
         if not files:
             self.refresh()  # what expired is forgotten
             return 0, 0
-        with self._lock:
-            entries: dict[str, str] = {}
-            for name in files:
-                for application_id, answer in _entries(os.path.join(self.folder, name)):
-                    entries.setdefault(application_id, answer)  # the first answer given wins
-            pairs = list(entries.items())
-            results = store.put_if_absent_many(pairs) if pairs else []
-            conflicts = 0
-            for (application_id, answer), existing in zip(pairs, results):
-                if existing is not None and existing != answer:
-                    conflicts += 1
-                    log.error("application %r was answered twice while the idempotency store was unreachable", application_id)
-            for name in files:
-                try:
-                    os.replace(os.path.join(self.folder, name), os.path.join(self.synced, name))
-                except FileNotFoundError:
-                    pass  # another replica of the node synced it
+        # The store call runs without the lock: a hung store must not block ``get``/``any``
+        # (called on the replica's event loop) or ``add_many``. Files are immutable once
+        # renamed in, and a file another replica moved first is skipped.
+        entries: dict[str, str] = {}
+        for name in files:
+            for application_id, answer in _entries(os.path.join(self.folder, name)):
+                entries.setdefault(application_id, answer)  # the first answer given wins
+        pairs = list(entries.items())
+        results = store.put_if_absent_many(pairs) if pairs else []
+        conflicts = 0
+        for (application_id, answer), existing in zip(pairs, results):
+            if existing is not None and existing != answer:
+                conflicts += 1
+                log.error("application %r was answered twice while the idempotency store was unreachable", application_id)
+        for name in files:
+            try:
+                os.replace(os.path.join(self.folder, name), os.path.join(self.synced, name))
+            except FileNotFoundError:
+                pass  # another replica of the node synced it
         self.refresh()
         return len(pairs) - conflicts, conflicts
 
