@@ -34,13 +34,14 @@ __all__ = [
     "Name",
     "ParquetSource",
     "RequestSource",
+    "StreamSource",
     "StrictModel",
     "content_hash",
     "parse_ref",
 ]
 
 Name = Annotated[str, PydanticField(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
-DType = Literal["int64", "float64", "string", "bool", "timestamp"]
+DType = Literal["int64", "float64", "string", "bool", "timestamp", "list"]
 REF_PATTERN = re.compile(r"^([a-z][a-z0-9_]*):([a-z][a-z0-9_]*)$")
 
 
@@ -129,20 +130,63 @@ class ParquetSource(DefinitionBase):
     created_timestamp_field: Name | None = None
 
 
+class StreamSource(DefinitionBase):
+    """Events that arrive live on the event bus and are kept offline, e.g. checkouts.
+
+    ``schema`` lists the payload fields (entity keys included); every event also carries
+    ``event_id_field`` (a string unique per event: copies with one id are one event) and
+    ``timestamp_field`` (when it happened). The bus stamps the time it accepted the event
+    (``created_timestamp``, when the platform knew it). The processors append every accepted
+    event to ``dataset`` under the storage root, so backfills and training sets read exactly the
+    events serving saw. ``allowed_lateness``: an event known more than this after it happened is
+    *late* and counted nowhere, online or offline (see :mod:`mlplatform.features.realtime`).
+    """
+
+    kind: ClassVar[str] = "stream_source"
+    dataset: str = PydanticField(min_length=1, description="Dataset under the storage root where processed events are kept.")
+    timestamp_field: Name
+    event_id_field: Name = "event_id"
+    schema_: tuple[Field, ...] = PydanticField(alias="schema", min_length=1)
+    allowed_lateness: Duration = timedelta(hours=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamSource:
+        names = [f.name for f in self.schema_]
+        reserved = {self.timestamp_field, self.event_id_field, "created_timestamp"} & set(names)
+        if reserved:
+            raise ValueError(f"schema must not list {sorted(reserved)}: the event id and times are given separately")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate field names in schema: {sorted({n for n in names if names.count(n) > 1})}")
+        if self.allowed_lateness < timedelta(0):
+            raise ValueError(f"allowed_lateness must not be negative, got {self.allowed_lateness!r}")
+        return self
+
+    def field(self, name: str) -> Field | None:
+        return next((f for f in self.schema_ if f.name == name), None)
+
+    def spec(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
 class Aggregation(StrictModel):
     """A windowed aggregation of a source column per entity.
 
-    At each cadence boundary ``T`` the value covers source events with event time in
-    ``(T - window, T]``. ``count`` counts non-null values (rows if ``column`` is None);
-    ``sum``/``mean``/``min``/``max`` skip nulls and are null when the window holds no value,
-    except ``sum``, which is 0 over an empty window.
+    At each cadence boundary ``T`` (for a view on a ``StreamSource``: at any time ``T``) the
+    value covers source events with event time in ``(T - window, T]``. ``count`` counts non-null
+    values (rows if ``column`` is None); ``sum``/``mean``/``min``/``max`` skip nulls and are null
+    when the window holds no value, except ``sum``, which is 0 over an empty window.
+    ``last_k`` (stream views only) is the list of the ``k`` most recent non-null values, oldest
+    first (empty over an empty window).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     column: Name | None = None
-    function: Literal["count", "sum", "mean", "min", "max"]
+    function: Literal["count", "sum", "mean", "min", "max", "last_k"]
     window: Duration
+    k: int | None = PydanticField(default=None, ge=1, le=1000)
     name: Name | None = None
     description: str = ""
     reason: str | None = None
@@ -153,17 +197,20 @@ class Aggregation(StrictModel):
             raise ValueError(f"window must be positive, got {self.window!r}")
         if self.column is None and self.function != "count":
             raise ValueError(f"function {self.function!r} needs a column (only 'count' counts rows)")
+        if (self.function == "last_k") != (self.k is not None):
+            raise ValueError("give k exactly for function 'last_k' (the number of most recent values kept)")
         return self
 
     @property
     def feature_name(self) -> str:
         if self.name:
             return self.name
-        return f"{self.column or 'rows'}_{self.function}_{format_duration(self.window)}"
+        function = f"last{self.k}" if self.function == "last_k" else self.function
+        return f"{self.column or 'rows'}_{function}_{format_duration(self.window)}"
 
     @property
     def dtype(self) -> str:
-        return "int64" if self.function == "count" else "float64"
+        return {"count": "int64", "last_k": "list"}.get(self.function, "float64")
 
 class RequestSource(DefinitionBase):
     """Fields that arrive with the request (e.g. the checkout amount), not from a store."""

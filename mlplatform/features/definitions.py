@@ -43,6 +43,7 @@ from mlplatform.features._definition_base import (
     Field,
     ParquetSource,
     RequestSource,
+    StreamSource,
     content_hash,
     parse_ref,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "OnDemandFeatureView",
     "ParquetSource",
     "RequestSource",
+    "StreamSource",
     "on_demand_feature_view",
     "parse_ref",
 ]
@@ -68,11 +70,17 @@ class FeatureView(DefinitionBase):
     (windowed values computed by backfills at ``cadence`` boundaries, UTC midnight-aligned).
     ``ttl``: a value older than this is treated as missing, offline and online (None = never
     expires). ``availability_delay``: how long after a boundary its value is known live.
+
+    A view on a ``StreamSource`` is *real-time*: its aggregations are exact at any time ``t``
+    (not only at boundaries), online from the stream within a second and offline at each
+    training row's own time; see :mod:`mlplatform.features.realtime` for the semantics. It
+    takes ``aggregations`` only, and no ``ttl``, ``cadence`` or ``availability_delay`` (the
+    window bounds what a value covers, and a value is live as soon as its event is processed).
     """
 
     kind: ClassVar[str] = "feature_view"
     entities: tuple[Entity, ...] = PydanticField(min_length=1)
-    source: ParquetSource
+    source: ParquetSource | StreamSource
     schema_: tuple[Field, ...] = PydanticField(default=(), alias="schema")
     aggregations: tuple[Aggregation, ...] = ()
     ttl: Duration | None = None
@@ -82,6 +90,14 @@ class FeatureView(DefinitionBase):
     tags: dict[str, str] = PydanticField(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_kind(cls, value: Any) -> Any:
+        # A stored spec is a dict: pick its class by its keys (a union would try both).
+        if isinstance(value, Mapping):
+            return (StreamSource if "event_id_field" in value or "schema" in value else ParquetSource)(**value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> FeatureView:
@@ -99,8 +115,31 @@ class FeatureView(DefinitionBase):
             raise ValueError(f"ttl must be positive (or None for no expiry), got {self.ttl!r}")
         if self.cadence <= timedelta(0) or timedelta(days=1) % self.cadence and self.cadence % timedelta(days=1):
             raise ValueError(f"cadence must divide a day or be whole days, got {format_duration(self.cadence)!r}")
+        if isinstance(self.source, StreamSource):
+            self._check_stream(self.source)
+        elif any(a.function == "last_k" for a in self.aggregations):
+            raise ValueError("function 'last_k' needs a StreamSource (a real-time view)")
         return self
 
+    def _check_stream(self, source: StreamSource) -> None:
+        if self.schema_:
+            raise ValueError(f"a view on stream source {source.name!r} takes 'aggregations', not 'schema'")
+        if self.ttl is not None or self.cadence != timedelta(days=1) or self.availability_delay:
+            raise ValueError("a real-time view takes no ttl, cadence or availability_delay: its windows bound its values")
+        missing = [k for k in self.join_keys if source.field(k) is None]
+        if missing:
+            raise ValueError(f"join keys {missing} are not fields of stream source {source.name!r}")
+        for agg in self.aggregations:
+            field = source.field(agg.column) if agg.column else None
+            if agg.column and field is None:
+                raise ValueError(f"aggregation {agg.feature_name!r}: column {agg.column!r} is not a field of stream source {source.name!r}")
+            if field is not None and agg.function in ("sum", "mean", "min", "max") and field.dtype not in ("int64", "float64"):
+                raise ValueError(f"aggregation {agg.feature_name!r}: {agg.function} needs a numeric column, {agg.column!r} is {field.dtype}")
+
+    @property
+    def is_realtime(self) -> bool:
+        """Computed from a stream at any time (see :mod:`mlplatform.features.realtime`)."""
+        return isinstance(self.source, StreamSource)
     @property
     def join_keys(self) -> tuple[str, ...]:
         return tuple(k for e in self.entities for k in e.join_keys)
@@ -125,12 +164,14 @@ class FeatureView(DefinitionBase):
     def data_spec(self) -> dict[str, Any]:
         """The part of the spec that determines the stored data; a change here needs a backfill."""
         spec = self.spec()
+        source_keys = ("dataset", "timestamp_field", "event_id_field", "allowed_lateness") if self.is_realtime else (
+            "dataset", "timestamp_field", "created_timestamp_field")
         return {
             "entities": [{"name": e["name"], "join_keys": e["join_keys"]} for e in spec["entities"]],
-            "source": {k: spec["source"][k] for k in ("dataset", "timestamp_field", "created_timestamp_field")},
+            "source": {k: spec["source"][k] for k in source_keys},
             "schema": [{"name": f["name"], "dtype": f["dtype"]} for f in spec["schema"]],
             "aggregations": [
-                {k: a[k] for k in ("column", "function", "window", "name")} for a in spec["aggregations"]
+                {k: a[k] for k in ("column", "function", "window", "name", "k") if k in a} for a in spec["aggregations"]
             ],
             "cadence": spec["cadence"],
             "availability_delay": spec["availability_delay"],
@@ -141,7 +182,10 @@ class FeatureView(DefinitionBase):
         return content_hash(self.data_spec())
 
     def spec(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        spec = self.model_dump(mode="json", by_alias=True)
+        # ``k`` is only for last_k: left out otherwise, so older views keep their versions
+        spec["aggregations"] = [{k: v for k, v in a.items() if k != "k" or v is not None} for a in spec["aggregations"]]
+        return spec
 
 
 class OnDemandFeatureView(DefinitionBase):
@@ -331,7 +375,8 @@ class FeatureService(DefinitionBase):
         return value
 
 
-Definition = Entity | ParquetSource | FeatureView | RequestSource | OnDemandFeatureView | FeatureService
+Definition = Entity | ParquetSource | StreamSource | FeatureView | RequestSource | OnDemandFeatureView | FeatureService
 KINDS: dict[str, type[DefinitionBase]] = {
-    cls.kind: cls for cls in (Entity, ParquetSource, FeatureView, RequestSource, OnDemandFeatureView, FeatureService)
+    cls.kind: cls
+    for cls in (Entity, ParquetSource, StreamSource, FeatureView, RequestSource, OnDemandFeatureView, FeatureService)
 }

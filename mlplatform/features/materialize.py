@@ -191,6 +191,10 @@ def _plan(store: FeatureStore, views: Iterable[str | FeatureView] | None) -> lis
             chosen.append(view)
     planned = []
     for view in chosen:
+        if view.is_realtime:  # its online state comes from the stream (or realtime_load)
+            if named:
+                raise DataError(f"feature view {view.name!r} is real-time: processors keep it online; load its logged events with load_online_events")
+            continue
         try:
             manifest = store.datasets.get(offline_dataset(view.name))
         except NotFoundError:

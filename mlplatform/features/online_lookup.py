@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mlplatform.errors import DataError, PlatformError
 from mlplatform.features.definitions import FeatureService, FeatureView, OnDemandFeatureView, RequestSource, parse_ref
 from mlplatform.features.planner import ViewResolver, plan_features
+from mlplatform.features.realtime import read_online
 from mlplatform.features.values import check_values
 from mlplatform.online.base import FeatureStatus
 
@@ -138,7 +139,10 @@ def get_online_features(
     looked_up: dict[str, list[dict[str, Any]]] = {}
     for view, names in views.values():
         keys = list(zip(*(entities[k] for k in view.join_keys)))
-        looked_up[view.name] = online.read(view, keys, names, now)
+        if view.is_realtime:
+            looked_up[view.name] = read_online(online, view, keys, names, now)  # type: ignore[arg-type]
+        else:
+            looked_up[view.name] = online.read(view, keys, names, now)
 
     names: list[str] = []
     results: list[FeatureResult] = []

@@ -32,7 +32,7 @@ from mlplatform.storage import Storage
 __all__ = ["ApplyResult", "Change", "FeatureRegistry"]
 
 _PREFIX = "registry/features/revisions"
-_ORDER = ["entity", "source", "request_source", "feature_view", "on_demand_feature_view", "feature_service"]
+_ORDER = ["entity", "source", "stream_source", "request_source", "feature_view", "on_demand_feature_view", "feature_service"]
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def _expand(objects: Iterable[Definition]) -> dict[tuple[str, str], Definition]:
     def add(obj: Definition) -> None:
         if not isinstance(obj, tuple(KINDS.values())):
             raise DefinitionError(
-                f"cannot apply {obj!r}: expected Entity, ParquetSource, FeatureView, RequestSource, "
+                f"cannot apply {obj!r}: expected Entity, ParquetSource, StreamSource, FeatureView, RequestSource, "
                 "OnDemandFeatureView or FeatureService"
             )
         key = (obj.kind, obj.name)

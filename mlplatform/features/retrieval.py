@@ -63,6 +63,9 @@ def get_historical_features(
           converted; one column may mix them.
         - On-demand features are computed from the joined values with the same function that
           serving runs.
+        - A real-time view (on a ``StreamSource``) is valued at the row's own timestamp from
+          the events real and known then (always as known at), exactly as serving computes
+          it: see :mod:`mlplatform.features.realtime`.
 
     Raises:
         DefinitionError: a reference is malformed or names an unknown view or feature.
@@ -83,9 +86,11 @@ def get_historical_features(
 
     entities = entities.map_batches(normalise, batch_format="pyarrow", zero_copy_batch=True)
 
-    joins = []
-    for view, names in plan.views.values():
-        joins.append(
+    batch_views = [(v, names) for v, names in plan.views.values() if not v.is_realtime]
+    realtime_views = [(v, names) for v, names in plan.views.values() if v.is_realtime]
+    joined = entities
+    if batch_views:
+        joins = [
             ViewJoin(
                 name=view.name,
                 join_keys=view.join_keys,
@@ -95,15 +100,27 @@ def get_historical_features(
                 feature_columns=tuple(names),
                 ttl=view.ttl,
             )
+            for view, names in batch_views
+        ]
+        joined = point_in_time_join(
+            entities,
+            joins,
+            entity_ts=entity_timestamp,
+            as_known_at=as_known_at,
+            full_feature_names=full_feature_names,
+            include_event_timestamps=include_event_timestamps,
         )
-    joined = point_in_time_join(
-        entities,
-        joins,
-        entity_ts=entity_timestamp,
-        as_known_at=as_known_at,
-        full_feature_names=full_feature_names,
-        include_event_timestamps=include_event_timestamps,
-    )
+    if realtime_views:
+        from mlplatform.features.realtime_join import realtime_join
+
+        joined = realtime_join(
+            joined,
+            realtime_views,
+            store.storage,
+            entity_ts=entity_timestamp,
+            full_feature_names=full_feature_names,
+            include_event_timestamps=include_event_timestamps,
+        )
     if plan.on_demand:
         joined = joined.map_batches(
             _OnDemand(list(plan.on_demand.values()), full_feature_names), batch_format="pandas", zero_copy_batch=False
