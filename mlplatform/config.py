@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator, model_validator
 
 from mlplatform._duration import Duration
 from mlplatform.errors import ConfigError
@@ -34,8 +34,11 @@ __all__ = [
     "RedisOnlineStoreConfig",
     "S3Options",
     "ServingConfig",
+    "RedisStreamsConfig",
     "SqliteOnlineStoreConfig",
+    "SqliteStreamsConfig",
     "StorageConfig",
+    "StreamsConfig",
     "load_config",
     "load_yaml",
 ]
@@ -198,6 +201,93 @@ Role = Literal["decide", "read_features", "write_features", "operate"]
 ROLES: tuple[str, ...] = ("decide", "read_features", "write_features", "operate")
 
 
+def _redis_url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("redis", "rediss", "unix") or (parsed.scheme != "unix" and not parsed.hostname):
+        raise ValueError(f"expected redis://host:port[/db] or rediss://…, got {value!r}")
+    if parsed.password:
+        raise ValueError("the Redis password does not belong in a config; set it in the environment (password_env)")
+    return value
+
+
+class _StreamsBase(_Model):
+    """How the stream processors consume the event bus (shared by every bus type)."""
+
+    processors: Annotated[int, Field(ge=1, le=256)] = Field(
+        default=1, description="Stream processors (Ray actors, one consumer each) per stream source."
+    )
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = Field(default=500, description="Events a processor reads at a time.")
+    block: Duration = Field(default="500ms", description="How long a read waits for new events before the loop turns.")
+    flush_interval: Duration = Field(
+        default="1s", description="How often a processor appends its applied events to the offline log and acknowledges them."
+    )
+    flush_events: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=5000, description="A processor flushes sooner once it holds this many applied, unlogged events."
+    )
+    claim_idle: Duration = Field(
+        default="30s",
+        description="Events pending this long for a consumer are taken over by another (the first is presumed dead).",
+    )
+    processor_cpus: Annotated[float, Field(gt=0, le=64)] = Field(
+        default=0.5, description="CPUs Ray reserves for each processor actor."
+    )
+
+    @model_validator(mode="after")
+    def _claim_after_flush(self) -> _StreamsBase:
+        # a live processor holds events (pending) until its next flush: claiming sooner would
+        # take them from it while it is still working
+        if self.claim_idle < 2 * (self.flush_interval + self.block):
+            raise ValueError(
+                f"claim_idle ({self.claim_idle}) must be at least twice flush_interval + block "
+                f"({2 * (self.flush_interval + self.block)}): a live processor holds events until it flushes"
+            )
+        return self
+
+
+class SqliteStreamsConfig(_StreamsBase):
+    """The embedded event bus: one SQLite file, for a single machine."""
+
+    type: Literal["sqlite"] = "sqlite"
+    path: str | None = Field(default=None, description="SQLite file; None = <storage root>/streams/events.db.")
+
+
+class RedisStreamsConfig(_StreamsBase):
+    """The production event bus: Redis Streams (see mlplatform.streams.redis for its guarantees)."""
+
+    type: Literal["redis"]
+    url: str = Field(description="redis://host:6379/0 or rediss://… (the password comes from password_env).")
+    password_env: str = Field(default="REDIS_PASSWORD", min_length=1, description="Env var holding the Redis password.")
+    key_prefix: str = Field(default="mlp", min_length=1, description="Prefix of every stream key this project writes.")
+    timeout: Duration = Field(default="5s", description="Socket and connect timeout of every bus command.")
+    durability: Literal["fsync_always", "as_configured"] = Field(
+        default="fsync_always",
+        description="fsync_always: an append succeeds only if Redis runs appendonly yes + appendfsync always "
+        "(checked in each append's transaction); as_configured: whatever the server's persistence gives.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _redis_url(value)
+
+    @model_validator(mode="after")
+    def _block_within_timeout(self) -> RedisStreamsConfig:
+        if self.block > self.timeout - timedelta(milliseconds=500):
+            raise ValueError(f"block ({self.block}) must be at least 500ms shorter than timeout ({self.timeout})")
+        return self
+
+
+def _streams_type(value: Any) -> Any:
+    # ``type`` may be left out for the default bus (streams: {processors: 2})
+    return value.get("type", "sqlite") if isinstance(value, Mapping) else getattr(value, "type", None)
+
+
+StreamsConfig = Annotated[
+    Annotated[SqliteStreamsConfig, Tag("sqlite")] | Annotated[RedisStreamsConfig, Tag("redis")],
+    Discriminator(_streams_type, custom_error_type="invalid_bus", custom_error_message="type must be 'sqlite' or 'redis'"),
+]
+
+
 class FeaturesConfig(_Model):
     """Bounds on the feature data the platform accepts."""
 
@@ -259,6 +349,7 @@ class PlatformConfig(_Model):
     ray: RayConfig = Field(default_factory=RayConfig)
     online_store: OnlineStoreConfig = Field(default_factory=SqliteOnlineStoreConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    streams: StreamsConfig = Field(default_factory=SqliteStreamsConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
 
 
