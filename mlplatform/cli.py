@@ -4,6 +4,8 @@ one library function and prints the result.
     mlp run configs/underwriting.yaml        # the whole workload, end to end
     mlp apply configs/underwriting.yaml      # register the workload's feature definitions
     mlp features configs/underwriting.yaml   # list registered definitions
+    mlp ingest checkouts events.parquet      # real-time events onto the event bus
+    mlp stream                               # stream processors, until Ctrl-C
 
 Which workload a file runs, and what a workload provides, is the contract in
 :mod:`mlplatform.jobs.workload`; the CLI knows no workload by name. What the console shows is
@@ -232,6 +234,34 @@ def cmd_submit(args: argparse.Namespace) -> None:
     print(f"job {result.job_id}: {result.status}")
 
 
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from mlplatform.features.ingest import read_rows
+    from mlplatform.platform import Platform
+
+    rows = read_rows(args.file)
+    print(Platform.from_config(args.config).features.ingest(args.source, rows))
+
+
+def cmd_stream(args: argparse.Namespace) -> None:
+    from mlplatform.jobs.console import quiet_ray
+    from mlplatform.platform import Platform
+
+    quiet_ray()
+    with Platform.from_config(args.config) as platform:
+        processors = platform.features.start_processors(args.source or None).ready()
+        print(f"mlp stream: {processors} - Ctrl-C to stop", flush=True)
+        try:
+            processors.wait()
+        except KeyboardInterrupt:
+            pass
+        final = processors.stop().values()
+        total = {k: sum(s[k] for s in final) for k in ("read", "applied", "late", "logged", "acked", "errors")}
+        print(
+            f"stopped: {total['read']} events read, {total['applied']} new online, {total['late']} late, "
+            f"{total['logged']} logged offline, {total['acked']} acknowledged, {total['errors']} errors retried"
+        )
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from mlplatform.jobs.submit import Jobs
 
@@ -346,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--working-dir", default=".", help="directory shipped with the job (default .)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. mlp run configs/underwriting.yaml")
+
+    p = add("ingest", cmd_ingest, "Check events of a stream source from a file and append them to the event bus.")
+    p.add_argument("source", help="a registered stream source, e.g. checkouts")
+    p.add_argument("file", help="events as Parquet (.parquet) or JSON lines (.jsonl, .ndjson, .json), one event per row")
+    p.add_argument("--config", default="configs/local.yaml", help="platform config (storage root, event bus)")
+
+    p = add("stream", cmd_stream, "Run the stream processors (event bus -> online state, offline log) until Ctrl-C.")
+    p.add_argument("--source", action="append", help="a stream source to process (repeatable); default all registered")
+    p.add_argument("--config", default="configs/local.yaml", help="platform config (storage root, event bus, online store)")
 
     p = add("status", cmd_status, "Show Ray jobs on a cluster (one job with JOB_ID).")
     p.add_argument("job_id", nargs="?", help="a submission id; default all jobs")

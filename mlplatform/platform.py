@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from mlplatform.jobs.submit import Jobs
     from mlplatform.models.registry import ModelRegistry
     from mlplatform.serving.api import Serving, ServingParts
+    from mlplatform.streams import EventBus
     from mlplatform.training.api import Training
 
 
@@ -66,7 +67,16 @@ class Platform:
             self.datasets,
             online_store=open_online_store(self.config, self.storage),
             ray=self.ray,
+            bus=self.bus,
+            streams=self.config.streams,
         )
+
+    @cached_property
+    def bus(self) -> EventBus:
+        """The event bus real-time events travel on (SQLite or Redis Streams, per ``streams``)."""
+        from mlplatform.streams import open_event_bus
+
+        return open_event_bus(self.config.streams, self.storage, project=self.config.project)
 
     @cached_property
     def models(self) -> ModelRegistry:

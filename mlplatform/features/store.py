@@ -6,6 +6,8 @@
     platform.features.get_historical_features(entities, "underwriting_v1")
     platform.features.materialize(start, end)     # offline -> online
     platform.features.get_online_features("underwriting_v1", {"applicant_id": [1, 2], ...})
+    platform.features.ingest("checkouts", events)  # real-time events onto the event bus
+    platform.features.start_processors()          # event bus -> online state and offline log
 
 Each capability lives in its own module of ``mlplatform.features`` and takes the store; this
 class only hands off. ``Platform`` builds it from the collaborators it names.
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from mlplatform.errors import DefinitionError
+from mlplatform.errors import ConfigError, DefinitionError
 from mlplatform.features.definitions import (
     Definition,
     Entity,
@@ -26,6 +28,7 @@ from mlplatform.features.definitions import (
     OnDemandFeatureView,
     ParquetSource,
     RequestSource,
+    StreamSource,
     parse_ref,
 )
 from mlplatform.features.registry import ApplyResult, FeatureRegistry
@@ -33,13 +36,16 @@ from mlplatform.features.registry import ApplyResult, FeatureRegistry
 if TYPE_CHECKING:
     import ray.data
 
-    from mlplatform.config import FeaturesConfig
+    from mlplatform.config import FeaturesConfig, RedisStreamsConfig, SqliteStreamsConfig
+    from mlplatform.features.ingest import IngestResult
     from mlplatform.features.backfill import BackfillResult
     from mlplatform.features.materialize import MaterializeResult
     from mlplatform.features.online_lookup import OnlineResponse
     from mlplatform.features.push import PushMode
+    from mlplatform.features.stream_processor import StreamProcessors
     from mlplatform.online import OnlineStore
     from mlplatform.storage import DatasetStore, Storage
+    from mlplatform.streams import EventBus
 
 OFFLINE_PREFIX = "offline"
 
@@ -53,7 +59,9 @@ class FeatureStore:
     """Definitions (a versioned registry), offline data and online data, under one storage root.
 
         store = FeatureStore(config.features, storage, DatasetStore(storage),
-                             online_store=open_online_store(config, storage), ray=platform.ray)
+                             online_store=open_online_store(config, storage), ray=platform.ray,
+                             bus=open_event_bus(config.streams, storage, project=config.project),
+                             streams=config.streams)
 
     Args:
         config: the ``features`` section of the platform config (bounds on pushed event times).
@@ -61,7 +69,9 @@ class FeatureStore:
         datasets: the versioned datasets under that root (offline data, training sets).
         online_store: where materialize and push write and lookups read.
         ray: connects to Ray (or returns the connected module); called only by the operations
-            that run on Ray (backfill, training sets, materialize).
+            that run on Ray (backfill, training sets, materialize, stream processors).
+        bus: the event bus that ``ingest`` appends to and the stream processors read.
+        streams: the ``streams`` config section (how many processors, batch size, flushes).
     """
 
     def __init__(
@@ -72,12 +82,16 @@ class FeatureStore:
         *,
         online_store: OnlineStore,
         ray: Callable[[], Any],
+        bus: EventBus | None = None,
+        streams: SqliteStreamsConfig | RedisStreamsConfig | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
         self.datasets = datasets
         self.online_store = online_store
         self.ray = ray
+        self.bus = bus
+        self.streams = streams
         self.registry = FeatureRegistry(storage)
 
     # ---------------------------------------------------------------- definitions
@@ -107,6 +121,12 @@ class FeatureStore:
 
     def get_source(self, name: str) -> ParquetSource:
         return self.registry.get("source", name)  # type: ignore[return-value]
+
+    def list_stream_sources(self) -> list[StreamSource]:
+        return self.registry.list("stream_source")  # type: ignore[return-value]
+
+    def get_stream_source(self, name: str) -> StreamSource:
+        return self.registry.get("stream_source", name)  # type: ignore[return-value]
 
     def list_feature_views(self) -> list[FeatureView]:
         return self.registry.list("feature_view")  # type: ignore[return-value]
@@ -244,3 +264,57 @@ class FeatureStore:
         from mlplatform.features.online_lookup import get_online_features
 
         return get_online_features(self, features, entities, full_feature_names=full_feature_names, now=now)
+
+    # -------------------------------------------------------------------- streaming
+    def ingest(self, source: str, rows: Any) -> IngestResult:
+        """Check events of stream source ``source`` and append them to the event bus, all or
+        none; see ``mlplatform.features.ingest.ingest`` for what an event must hold.
+
+            platform.features.ingest("checkouts", [{"event_id": "c-1", "applicant_id": 42, ...}])
+
+        Raises:
+            NotFoundError: no stream source of that name is registered.
+            DataError: a bad event (the message names its row and field); nothing was appended.
+            EventBusUnavailable: the bus did not confirm (ingesting again is safe).
+        """
+        from mlplatform.features.ingest import ingest
+
+        stream = self.get_stream_source(source)
+        required = {
+            key: f"it is a join key of real-time view {view.name!r}"
+            for view in self.list_feature_views()
+            if view.is_realtime and view.source.name == stream.name
+            for key in view.join_keys
+        }
+        return ingest(stream, rows, bus=self._bus(), config=self.config, required=required)
+
+    def start_processors(self, sources: Iterable[str] | None = None, *, detached: bool = False) -> StreamProcessors:
+        """Start the stream processors (Ray actors) of every registered stream source, or of
+        ``sources``; see ``mlplatform.features.stream_processor`` for what they guarantee.
+
+            processors = platform.features.start_processors()
+            ...
+            processors.stop()
+
+        Raises:
+            NotFoundError: a named stream source is not registered.
+        """
+        from mlplatform.features.stream_processor import start_processors
+
+        if self.streams is None:
+            raise ConfigError("this feature store was built without a streams config; build it with Platform")
+        chosen = self.list_stream_sources() if sources is None else [self.get_stream_source(s) for s in sources]
+        return start_processors(
+            self.ray(),
+            chosen,
+            bus=self._bus(),
+            storage=self.storage,
+            online_store=self.online_store,  # type: ignore[arg-type]
+            settings=self.streams,
+            detached=detached,
+        )
+
+    def _bus(self) -> EventBus:
+        if self.bus is None:
+            raise ConfigError("this feature store was built without an event bus; build it with Platform")
+        return self.bus
