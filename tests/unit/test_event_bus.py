@@ -5,7 +5,6 @@ validation in front of it. No Ray here: buses and the feature store's ingest are
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import signal

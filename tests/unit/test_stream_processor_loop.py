@@ -2,7 +2,7 @@
 after applying it online, after logging it offline, before acknowledging it — loses nothing
 and counts nothing twice once it (or another processor) carries on.
 
-The loop is the real one (``ProcessorLoop``) on a real SQLite bus and online store; dying is
+The loop is the real one (``stream_loop.ProcessorLoop``) on a real SQLite bus and online store; dying is
 dropping the loop object without letting it flush, which is what SIGKILL leaves behind (the
 Ray fault tests in tests/integration/test_stream_processing.py kill real worker processes).
 """
@@ -16,7 +16,7 @@ import pytest
 from mlplatform import Aggregation, Entity, FeatureView, Field, Platform
 from mlplatform.features.definitions import StreamSource
 from mlplatform.features.event_log import read_events
-from mlplatform.features.stream_processor import GROUP, ProcessorLoop
+from mlplatform.features.stream_loop import GROUP, ProcessorLoop
 from mlplatform.online.base import encode_key
 from mlplatform.streams import EventBusUnavailable
 from mlplatform.streams.sqlite import SqliteEventBus
