@@ -16,9 +16,13 @@ ids increasing even if its clock steps back).
 transaction (all or none of them, chunks of 1000 for bigger batches); it returns once Redis
 answered EXEC. What that answer means depends on the server's persistence settings:
 
-- ``appendonly yes`` + ``appendfsync always``: Redis writes and fsyncs the AOF before it
-  answers (it does so before sending any reply of that event-loop turn), so an accepted event
-  survives redis-server being killed (SIGKILL, OOM) and the machine losing power.
+- ``appendonly yes`` + ``appendfsync always`` (+ ``no-appendfsync-on-rewrite no``, the
+  default): Redis writes and fsyncs the AOF before it answers (it does so before sending any
+  reply of that event-loop turn), so an accepted event survives redis-server being killed
+  (SIGKILL, OOM) and the machine losing power (on a disk that honours fsync). With
+  ``no-appendfsync-on-rewrite yes`` Redis skips that fsync while a background save or AOF
+  rewrite runs; and AOF turned on at runtime (``CONFIG SET appendonly yes``) covers the data
+  only once the AOF rewrite Redis starts then has finished.
 - ``appendonly yes`` + ``appendfsync everysec`` (Redis's default for AOF): survives a clean
   restart (SHUTDOWN / SIGTERM writes the AOF out), but up to about two seconds of accepted
   events can be lost if redis-server or the machine dies.
@@ -27,8 +31,9 @@ answered EXEC. What that answer means depends on the server's persistence settin
   primary accepted but had not yet sent can be lost (WAIT / WAITAOF on replicas are not used).
 
 ``require_fsync=True`` (config ``streams.durability: fsync_always``, the default) makes the
-first case the contract: every append transaction starts with ``CONFIG GET appendonly
-appendfsync``, so the check sees the settings in force when the events were written, and an
+first case the contract: every append transaction starts with ``CONFIG GET append*`` and
+``CONFIG GET no-appendfsync-on-rewrite``, so the check sees the settings in force when the
+events were written (the runtime-enabling window above is not detected), and an
 append made under any other setting raises ``EventBusUnavailable`` (its events are on the bus
 but not vouched for; sending them again is safe: copies of an event id count once). A server
 that refuses CONFIG (some managed services) is a ``ConfigError`` at the first append: there,
@@ -179,6 +184,7 @@ class RedisEventBus(EventBus):
         pipe = self._client().pipeline(transaction=True)
         if self.require_fsync:
             pipe.execute_command("CONFIG", "GET", "append*")
+            pipe.execute_command("CONFIG", "GET", "no-appendfsync-on-rewrite")
         for text in texts:
             pipe.xadd(key, {_FIELD: text})
         try:
@@ -193,14 +199,16 @@ class RedisEventBus(EventBus):
         except redis.exceptions.RedisError as exc:  # e.g. a refused command inside EXEC
             raise EventBusUnavailable(f"Redis event bus at {self.url}: append failed: {exc}") from None
         if self.require_fsync:
-            settings = _config_map(replies[0])
-            replies = replies[1:]
-            if settings.get("appendonly") != "yes" or settings.get("appendfsync") != "always":
+            settings = {**_config_map(replies[0]), **_config_map(replies[1])}
+            replies = replies[2:]
+            wanted = {"appendonly": "yes", "appendfsync": "always", "no-appendfsync-on-rewrite": "no"}
+            if any(settings.get(k) != v for k, v in wanted.items()):
+                found = " ".join(f"{k}={settings.get(k)!r}" for k in wanted)
                 raise EventBusUnavailable(
-                    f"Redis event bus at {self.url} runs appendonly={settings.get('appendonly')!r} "
-                    f"appendfsync={settings.get('appendfsync')!r}: {len(texts)} events were written but are not on disk "
-                    "before the answer, as streams.durability: fsync_always requires; set 'appendonly yes' and "
-                    "'appendfsync always' on the server (or durability: as_configured); sending them again is safe"
+                    f"Redis event bus at {self.url} runs {found}: {len(texts)} events were written but may not be on "
+                    "disk before the answer, as streams.durability: fsync_always requires; set 'appendonly yes', "
+                    "'appendfsync always' and 'no-appendfsync-on-rewrite no' on the server (or durability: "
+                    "as_configured); sending them again is safe"
                 )
         accepted = []
         for reply in replies:

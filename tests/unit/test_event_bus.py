@@ -246,6 +246,14 @@ def test_redis_without_fsync_always_is_refused_when_fsync_is_required(redis_serv
         assert len(RedisEventBus(everysec.url, project="p", require_fsync=False).append(S, payloads(1))) == 1
     finally:
         everysec.stop()
+    lax = PersistentRedis(tmp_path / "lax", extra=("--no-appendfsync-on-rewrite", "yes"))  # skips fsync during a rewrite
+    lax.directory.mkdir()
+    lax.start()
+    try:
+        with pytest.raises(EventBusUnavailable, match="no-appendfsync-on-rewrite='yes'"):
+            RedisEventBus(lax.url, project="p").append(S, payloads(1))
+    finally:
+        lax.stop()
 
 
 def test_redis_that_refuses_config_is_a_config_error(tmp_path):
