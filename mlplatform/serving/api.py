@@ -47,6 +47,7 @@ class DeployedApp:
     ingress: str
     num_replicas: int
     spool_dir: str
+    stream_processors: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Serving:
         self._replica_parts = replica_parts
         self._deployed: DeployedApp | None = None
         self._policy: DecisionPolicy | None = None
+        self._processors: Any = None  # StreamProcessors started by deploy
 
     def __repr__(self) -> str:
         return f"Serving(app={APP_NAME!r}, deployed={self._deployed!r})"
@@ -107,6 +109,7 @@ class Serving:
         spool_dir: str | os.PathLike[str] | None = None,
         ready_timeout_s: float = 300.0,
         batch_wait_ms: float = 0.0,
+        stream_processors: bool = True,
     ) -> DeployedApp:
         """Start (or update in place) the serving application with ``model_name``'s ``production`` version.
 
@@ -132,6 +135,10 @@ class Serving:
             ready_timeout_s: how long to wait for ``GET /health`` at the URL to answer.
             batch_wait_ms: how long a decision micro-batch waits for more requests after its
                 first; 0 takes whatever queued while the previous batch ran (no added latency).
+            stream_processors: also start the stream processors of every registered stream
+                source (``streams.processors`` per source, detached: they run as long as the
+                application), so events posted to ``/v1/events/{source}`` reach the online
+                state; ``shutdown`` stops them.
 
         Returns:
             A ``DeployedApp`` with the ``url`` to call; it answers when this returns.
@@ -172,6 +179,11 @@ class Serving:
         self._run_app(settings, num_replicas=num_replicas, replica_cpus=replica_cpus)
         url = _url(config.serving.host, config.serving.port)
         _wait_until_answering(url, ready_timeout_s)
+        processors = 0
+        if stream_processors and self.features.list_stream_sources():
+            self._processors = self.features.start_processors(detached=True)
+            self._processors.ready()
+            processors = len(self._processors.handles)
         self._deployed = DeployedApp(
             name=APP_NAME,
             url=url,
@@ -180,6 +192,7 @@ class Serving:
             ingress=ingress,
             num_replicas=num_replicas,
             spool_dir=spool,
+            stream_processors=processors,
         )
         self._policy = policy
         log.info("serving %s v%s at %s (%s)", model_name, version, self._deployed.url, plan.note)
@@ -305,6 +318,9 @@ class Serving:
             serve.delete(APP_NAME)
         except Exception as exc:  # Serve not running: nothing to delete
             log.debug("serve.delete(%r): %r", APP_NAME, exc)
+        if self._processors is not None:
+            self._processors.stop()
+            self._processors = None
         self._deployed = None
 
     # ---------------------------------------------------------------------- decisions

@@ -7,6 +7,7 @@ role, see ``mlplatform.serving.guard``):
 ``POST /v1/decisions``         decide          decide a checkout application (``schemas.DecisionRequest``)
 ``POST /get-online-features``  read_features   Feast-compatible online feature lookup
 ``POST /push``                 write_features  Feast-compatible push of feature rows (online and/or offline)
+``POST /v1/events/{source}``   write_features  a batch of events onto the event bus (real-time features)
 ``GET  /health``               (none)          liveness and the model version this replica serves
 ``GET  /v1/internal/replica``  operate         this replica's process id, replica id and model
 ``GET  /openapi.json``         any key         the OpenAPI document of every route
@@ -68,9 +69,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -83,12 +84,15 @@ from mlplatform.serving.schemas import (
     DecisionRequest,
     DecisionResponse,
     ErrorResponse,
+    EventsRequest,
+    EventsResponse,
     FeatureRequest,
     FeatureResponse,
     HealthResponse,
     PushRequest,
     PushResponse,
 )
+from mlplatform.streams.base import EventBusUnavailable
 
 __all__ = ["FRESH_S", "WAIT_MARGIN_S", "AppSettings", "ServingApp", "ServingReplica", "app"]
 
@@ -312,6 +316,37 @@ class ServingReplica:
         except PlatformError as exc:
             return _platform_error(exc)
         return JSONResponse({"pushed": rows, "feature_view": body.view(), "to": body.to})
+
+    @app.post(
+        "/v1/events/{source}",
+        response_model=EventsResponse,
+        responses={**_ERRORS, 404: {"model": ErrorResponse, "description": "No stream source of this name is registered."}},
+    )
+    async def ingest_events(self, source: Annotated[str, Path(max_length=100)], body: EventsRequest) -> Response:
+        """Append a batch of events of stream source ``source`` to the event bus (role
+        ``write_features``). Every event is checked against the source's definition first; a
+        bad one is a 422 naming its row and field, and nothing of the batch is appended. A 200
+        means every event is durable on the bus; processors apply it online within a second."""
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, lambda: self.parts.features.ingest(source, body.events))
+        except NotFoundError as exc:
+            return _error(404, "unknown_source", str(exc))
+        except EventBusUnavailable as exc:
+            error_id = uuid.uuid4().hex[:16]
+            log.warning("event bus unavailable %s: %s", error_id, exc)
+            return _error(503, "event_bus_unavailable", f"the event bus did not confirm the events; send the same batch again (error {error_id})", error_id=error_id)
+        except PlatformError as exc:
+            return _platform_error(exc)
+        return JSONResponse(
+            {
+                "source": result.source,
+                "accepted": result.count,
+                "first_position": result.first_position,
+                "last_position": result.last_position,
+                "first_known_at": result.first_known_at.isoformat(),
+                "last_known_at": result.last_known_at.isoformat(),
+            }
+        )
 
     @app.post(
         "/v1/decisions",

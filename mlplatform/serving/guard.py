@@ -14,7 +14,8 @@
   ========================  ==================  =============================================
   ``decide``                ``/v1/decisions``   checkout
   ``read_features``         ``/get-online-features``  models, analysts' tools
-  ``write_features``        ``/push``           feature pipelines
+  ``write_features``        ``/push``,          feature pipelines, event producers
+                            ``/v1/events/…``
   ``operate``               ``/v1/internal/…``  operators
   ========================  ==================  =============================================
 
@@ -43,6 +44,7 @@ ROUTE_ROLES: dict[str, str] = {
     "/v1/decisions": "decide",
     "/get-online-features": "read_features",
     "/push": "write_features",
+    "/v1/events/": "write_features",
     "/v1/internal/": "operate",
 }
 

@@ -28,6 +28,8 @@ __all__ = [
     "DecisionRequest",
     "DecisionResponse",
     "ErrorResponse",
+    "EventsRequest",
+    "EventsResponse",
     "FeatureRequest",
     "FeatureResponse",
     "HealthResponse",
@@ -195,3 +197,25 @@ class PushRequest(BaseModel):
 
     def view(self) -> str:
         return self.push_source_name if self.push_source_name is not None else str(self.feature_view)
+
+
+class EventsRequest(BaseModel):
+    """A batch of events of one stream source (``POST /v1/events/{source}``): each event holds
+    the source's event id field, its event time field (ISO 8601) and its schema fields; they
+    are checked against the source's definition, and a bad one refuses the whole batch."""
+
+    model_config = ConfigDict(**_STRICT)
+
+    events: Annotated[list[dict[Annotated[str, Field(max_length=100)], Any]], Field(min_length=1, max_length=10_000)]
+
+
+class EventsResponse(BaseModel):
+    """What the event bus accepted: every event of the batch, durable on the bus (see
+    ``mlplatform.streams``), with its stream positions and when the bus accepted them."""
+
+    source: str
+    accepted: int
+    first_position: int
+    last_position: int
+    first_known_at: datetime
+    last_known_at: datetime
