@@ -84,7 +84,7 @@ class Sender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def batch(self, size=20):
+    def batch(self, size=10):
         now = datetime.now(UTC)
         rows = []
         for _ in range(size):
@@ -106,7 +106,7 @@ class Sender:
             self.accepted.update({r["event_id"]: r for r in rows})
             return
 
-    def start(self, every_s=0.03):
+    def start(self, every_s=0.05):
         def run():
             while not self._stop.is_set():
                 self.send(self.batch())
