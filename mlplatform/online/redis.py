@@ -8,6 +8,8 @@ Key layout (``P`` = key prefix, ``proj`` = project, ``view`` = view name)::
     P:{proj:view}:gens             HASH    generation -> writing | published | dead
     P:{proj:view}:seq              STRING  generation counter (INCR)
     P:{proj:view:<key>}            HASH    generation -> "<event µs>|<created µs>|<features JSON>"
+    P:events:{proj:view:<key>}           HASH  a real-time view's recent events of one key
+    P:events:{proj:view:<key>}:by_time   ZSET  their event times (the event state: ``redis_events``)
 
 ``<key>`` is the encoded join key (a JSON list, e.g. ``[42]`` or ``[42,"m-7"]``). The ``{…}``
 hash tags put a view's three bookkeeping keys in one slot, so begin/publish/abort are single
@@ -38,10 +40,13 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from mlplatform.errors import ConflictError, DependencyError, StorageError
+from mlplatform.online import redis_events
 from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable, OnlineView
+from mlplatform.online.events import EncodedEvent, EventState
 
 __all__ = ["RedisOnlineStore"]
 
@@ -135,8 +140,9 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
-class RedisOnlineStore(OnlineStore):
-    """Online store on Redis or Redis Cluster; see the module doc for keys and timeouts.
+class RedisOnlineStore(OnlineStore, EventState):
+    """Online store on Redis or Redis Cluster; see the module doc for keys and timeouts. Also
+    keeps real-time views' events (``EventState``).
 
     Args:
         url: ``redis://host:port/db``, ``rediss://…`` or ``unix://…`` (no password in it).
@@ -190,6 +196,14 @@ class RedisOnlineStore(OnlineStore):
 
     def _entity_pattern(self, view: str) -> str:
         return _glob_escape(f"{self.key_prefix}:{{{self.project}:{view}:") + "*"
+
+    # Event keys start "P:events:{", so the entity pattern above (and its cleanup) never matches them.
+    def _events_keys(self, view: str, key: str) -> tuple[str, str]:
+        events = f"{self.key_prefix}:events:{{{self.project}:{view}:{key}}}"
+        return events, f"{events}:by_time"
+
+    def _events_pattern(self, view: str) -> str:
+        return _glob_escape(f"{self.key_prefix}:events:{{{self.project}:{view}:") + "*"
 
     # ----------------------------------------------------------------------- connection
     def _client(self, role: str) -> Any:
@@ -409,3 +423,25 @@ class RedisOnlineStore(OnlineStore):
             event, created, values = payload.split("|", 2)
             out.append((int(event), int(created), values))
         return out
+
+    # ---------------------------------------------------------------------- event state
+    def apply_events(self, view: str, events: Sequence[EncodedEvent], *, now_us: int, retention_us: int) -> int:
+        if not events:
+            return 0
+        return self._call(
+            "apply events",
+            lambda: redis_events.apply(
+                self._client("write"), self._eval, partial(self._events_keys, view), events,
+                now_us=now_us, retention_us=retention_us,
+            ),
+        )
+
+    def fetch_events(self, view: str, keys: Sequence[str], *, after_us: int) -> list[list[EncodedEvent]]:
+        if not keys:
+            return []
+        return self._read(
+            "event fetch", lambda client: redis_events.fetch(client, partial(self._events_keys, view), keys, after_us=after_us)
+        )
+
+    def drop_events(self, view: str) -> None:
+        self._call("drop events", lambda: redis_events.drop(self._client("write"), self._events_pattern(view)))

@@ -8,6 +8,8 @@ Layout::
     mlp_pointers(view PRIMARY KEY, generation)                  the generation readers see
     mlp_rows_<id>(k PRIMARY KEY, e, c, v) WITHOUT ROWID          one table per generation:
                                                                  encoded key, event µs, created µs, JSON
+    mlp_events(view, k, event_id, ...)                           real-time views' raw events
+                                                                 (the event state, see ``sqlite_events``)
 
 Generation ids come from an AUTOINCREMENT column, so an id is never reused: a writer still
 holding a dead generation's id can only fail, never write into someone else's table.
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from mlplatform.errors import ConflictError, StorageError
+from mlplatform.online import sqlite_events
 from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable, OnlineView
+from mlplatform.online.events import EncodedEvent, EventState
 
 __all__ = ["SqliteOnlineStore"]
 
@@ -45,7 +49,8 @@ CREATE TABLE IF NOT EXISTS mlp_generations (
 );
 CREATE INDEX IF NOT EXISTS mlp_generations_view ON mlp_generations (view, state);
 CREATE TABLE IF NOT EXISTS mlp_pointers (view TEXT PRIMARY KEY, generation INTEGER NOT NULL);
-"""
+""" + sqlite_events.SCHEMA
+_TABLES = ("mlp_generations", "mlp_pointers", "mlp_events")
 _WRITE_CHUNK = 5000
 _IN_CHUNK = 500  # SQLite's default limit on bound parameters is far above this
 
@@ -64,9 +69,10 @@ def _upsert_sql(generation: int | str) -> str:
     )
 
 
-class SqliteOnlineStore(OnlineStore):
+class SqliteOnlineStore(OnlineStore, EventState):
     """Online store in one SQLite file (WAL mode), safe for many reading processes and one
-    writer at a time; see the module doc for the layout.
+    writer at a time; see the module doc for the layout. Also keeps real-time views' events
+    (``EventState``).
 
     Args:
         path: the database file; its folder is created if needed.
@@ -97,8 +103,11 @@ class SqliteOnlineStore(OnlineStore):
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        have = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'mlp_pointers'").fetchone()[0]
-        if not have:  # creating takes the write lock: only when the schema is missing
+        have = conn.execute(
+            f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({','.join('?' * len(_TABLES))})", _TABLES
+        ).fetchone()[0]
+        # Creating takes the write lock: only when the schema is missing (or older than this code).
+        if have < len(_TABLES):
             conn.executescript(_SCHEMA)
         self._conn, self._pid = conn, os.getpid()
         return conn
@@ -241,6 +250,31 @@ class SqliteOnlineStore(OnlineStore):
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise OnlineStoreUnavailable(f"online store {self.path!r} cannot be read: {exc}") from None
+
+    # ---------------------------------------------------------------------- event state
+    def apply_events(self, view: str, events: Sequence[EncodedEvent], *, now_us: int, retention_us: int) -> int:
+        """See ``EventState.apply_events``; one write transaction for the whole call, which also
+        trims every key of ``view`` (not only the touched ones), see ``sqlite_events``.
+
+        Raises:
+            StorageError: the file cannot be written (as for every write to this store), e.g.
+                another writer held it past ``busy_timeout``; nothing was applied.
+        """
+        if not events:
+            return 0
+        with self._write_txn() as conn:
+            return sqlite_events.apply(conn, view, events, now_us=now_us, retention_us=retention_us)
+
+    def fetch_events(self, view: str, keys: Sequence[str], *, after_us: int) -> list[list[EncodedEvent]]:
+        with self._lock:
+            try:
+                return sqlite_events.fetch(self._connection(), view, keys, after_us=after_us)
+            except sqlite3.Error as exc:
+                raise OnlineStoreUnavailable(f"online store {self.path!r} cannot be read: {exc}") from None
+
+    def drop_events(self, view: str) -> None:
+        with self._write_txn() as conn:
+            sqlite_events.drop(conn, view)
 
 
 class _WriteTxn:
