@@ -242,6 +242,23 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     print(Platform.from_config(args.config).features.ingest(args.source, rows))
 
 
+def cmd_consistency(args: argparse.Namespace) -> None:
+    from datetime import UTC, datetime
+
+    from mlplatform.timestamps import parse_instant
+
+    workload = _workload(args)
+    platform = _platform(workload)
+    since = parse_instant(args.since, "--since") if args.since else None
+    report = platform.features.consistency(args.service, since=since, sample=args.sample)
+    where = f"reports/consistency/{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    written = report.write(platform.storage, where)
+    for r in report.per_feature.itertuples():
+        print(f"  {r.ref:<48} {r.exact_match_rate:8.2%} exact  ({r.compared:,} compared, {r.missing_online} missing online, {r.extra_online} extra online)")
+    verdict = f"flagged: {', '.join(report.flagged)}" if report.flagged else "every feature matches exactly"
+    print(f"consistency of {report.decisions:,} decisions on {args.service}: {verdict} -> {written['summary']}")
+
+
 def cmd_stream(args: argparse.Namespace) -> None:
     from mlplatform.jobs.console import quiet_ray
     from mlplatform.platform import Platform
@@ -381,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a registered stream source, e.g. checkouts")
     p.add_argument("file", help="events as Parquet (.parquet) or JSON lines (.jsonl, .ndjson, .json), one event per row")
     p.add_argument("--config", default="configs/local.yaml", help="platform config (storage root, event bus)")
+
+    p = add("consistency", cmd_consistency, "Compare logged decisions' features with their offline values (training/serving skew).")
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("--service", required=True, help="the feature service the decisions were scored with, e.g. underwriting_v1")
+    p.add_argument("--since", help="only decisions made at or after this time (default: all logged)")
+    p.add_argument("--sample", type=int, default=1000, help="compare at most this many decisions (default 1000)")
 
     p = add("stream", cmd_stream, "Run the stream processors (event bus -> online state, offline log) until Ctrl-C.")
     p.add_argument("--source", action="append", help="a stream source to process (repeatable); default all registered")

@@ -69,6 +69,7 @@ class Platform:
             ray=self.ray,
             bus=self.bus,
             streams=self.config.streams,
+            decisions=lambda since: self.serving.decisions(since),
         )
 
     @cached_property

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from mlplatform.config import FeaturesConfig, RedisStreamsConfig, SqliteStreamsConfig
     from mlplatform.features.ingest import IngestResult
     from mlplatform.features.backfill import BackfillResult
+    from mlplatform.features.consistency import ConsistencyReport
     from mlplatform.features.materialize import MaterializeResult
     from mlplatform.features.online_lookup import OnlineResponse
     from mlplatform.features.push import PushMode
@@ -72,6 +73,8 @@ class FeatureStore:
             that run on Ray (backfill, training sets, materialize, stream processors).
         bus: the event bus that ``ingest`` appends to and the stream processors read.
         streams: the ``streams`` config section (how many processors, batch size, flushes).
+        decisions: reads the logged decisions since a time (serving's decision log), for
+            ``consistency``.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class FeatureStore:
         ray: Callable[[], Any],
         bus: EventBus | None = None,
         streams: SqliteStreamsConfig | RedisStreamsConfig | None = None,
+        decisions: Callable[[datetime | None], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
@@ -92,6 +96,7 @@ class FeatureStore:
         self.ray = ray
         self.bus = bus
         self.streams = streams
+        self.decisions = decisions
         self.registry = FeatureRegistry(storage)
 
     # ---------------------------------------------------------------- definitions
@@ -318,3 +323,34 @@ class FeatureStore:
         if self.bus is None:
             raise ConfigError("this feature store was built without an event bus; build it with Platform")
         return self.bus
+
+    # ---------------------------------------------------------------- consistency
+    def consistency(
+        self,
+        feature_service: FeatureService | str,
+        *,
+        records: Sequence[Mapping[str, Any]] | None = None,
+        since: datetime | None = None,
+        sample: int | None = 1000,
+        seed: int = 0,
+    ) -> ConsistencyReport:
+        """Training/serving skew on logged decisions: the served feature values against the
+        same features recomputed offline as known at each decision's time.
+
+            report = platform.features.consistency("underwriting_v1")
+            report.flagged, report.per_feature, report.write(platform.storage, "reports/consistency/x")
+
+        Args:
+            feature_service: the service (or its name) the decisions were scored with.
+            records: decision records; default the decision log (since ``since``).
+            sample: compare at most this many decisions (None: all).
+
+        See ``mlplatform.features.consistency`` for what is compared and reported.
+        """
+        from mlplatform.features.consistency import consistency_report
+
+        if records is None:
+            if self.decisions is None:
+                raise ConfigError("this feature store was built without access to the decision log; pass records, or build it with Platform")
+            records = self.decisions(since)
+        return consistency_report(self, records, feature_service, sample=sample, seed=seed)

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import NotFoundError, PlatformError, ServingError
@@ -343,6 +344,14 @@ class Serving:
         from mlplatform.serving.decisions.lookup import find_decision
 
         return find_decision(self.storage, decision_id, spool_dir=self.spool_dir())
+
+    def decisions(self, since: datetime | None = None) -> list[dict[str, Any]]:
+        """Every logged decision (since ``since``): the compacted log and this node's spool;
+        see ``mlplatform.serving.decisions.lookup.read_decisions``."""
+        from mlplatform.serving.decisions.lookup import read_decisions
+
+        spool = self.spool_dir()
+        return read_decisions(self.storage, spool_dir=spool if os.path.isdir(spool) else None, since=since)
 
     def compact_log(self) -> Any:
         """Compact this node's spool into ``decisions/log`` now (replicas also do it every

@@ -1,10 +1,11 @@
-"""Looking a logged decision up by its id: in a node's spool, then in ``decisions/log``
-(``find_decision``)."""
+"""Reading logged decisions: one by its id (``find_decision``), or all of them since a time
+(``read_decisions``), from a node's spool and the compacted ``decisions/log``."""
 
 from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import NotFoundError
@@ -15,7 +16,7 @@ from mlplatform.storage.datasets import DatasetStore
 if TYPE_CHECKING:
     from mlplatform.storage.blobs import Storage
 
-__all__ = ["find_decision"]
+__all__ = ["find_decision", "read_decisions"]
 
 
 def find_decision(storage: Storage, decision_id: str, *, spool_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -64,6 +65,47 @@ def find_decision(storage: Storage, decision_id: str, *, spool_dir: str | os.Pat
                 return found.slice(found.num_rows - 1, 1).to_pylist()[0]
     where = f"the spool {spool_dir!r} nor " if spool_dir is not None else ""
     raise NotFoundError(f"decision {decision_id!r} is in neither {where}{storage.uri(DATASET)!r}")
+
+
+def read_decisions(
+    storage: Storage, *, spool_dir: str | os.PathLike[str] | None = None, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Every logged decision (created at or after ``since``, if given): the compacted log, then
+    this node's spool; where a decision has two records (the second amends the first), the
+    later one. Records in ``created_at`` order.
+
+        records = read_decisions(platform.storage, spool_dir=platform.serving.spool_dir())
+
+    Reads the whole log: for audits and reports, not for a hot path.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    datasets = DatasetStore(storage)
+    if datasets.exists(DATASET):
+        import pyarrow.dataset as pads
+
+        paths = datasets.file_paths(datasets.get(DATASET))
+        if paths:
+            table = pads.dataset(paths, schema=record_schema(), format="parquet", filesystem=storage.arrow_fs).to_table()
+            for record in table.to_pylist():
+                found[record["decision_id"]] = record
+    if spool_dir is not None:
+        spool_dir = os.fspath(spool_dir)
+        claims = os.path.join(spool_dir, CLAIMS)
+        for folder in (*(os.path.join(claims, c) for c in _listdir(claims)), spool_dir):
+            for name in _listdir(folder):
+                if not SEGMENT_NAME.match(name):
+                    continue
+                try:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        records = parse_lines(f.read())[0]
+                except FileNotFoundError:
+                    continue  # compacted meanwhile: read above, or by the next call
+                for record in records:
+                    found[record["decision_id"]] = record
+    out = list(found.values())
+    if since is not None:
+        out = [r for r in out if datetime.fromisoformat(r["created_at"]) >= since]
+    return sorted(out, key=lambda r: r["created_at"])
 
 
 def _listdir(path: str) -> list[str]:
