@@ -32,6 +32,7 @@ from mlplatform.features import (
     OnDemandFeatureView,
     ParquetSource,
     RequestSource,
+    StreamSource,
     on_demand_feature_view,
 )
 from mlplatform.platform import Platform
@@ -61,6 +62,7 @@ __all__ = [
     "RequestSource",
     "ServingError",
     "StorageError",
+    "StreamSource",
     "TrainingError",
     "load_config",
     "on_demand_feature_view",

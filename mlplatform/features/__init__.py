@@ -9,6 +9,7 @@ from mlplatform.features.definitions import (
     OnDemandFeatureView,
     ParquetSource,
     RequestSource,
+    StreamSource,
     on_demand_feature_view,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "OnDemandFeatureView",
     "ParquetSource",
     "RequestSource",
+    "StreamSource",
     "on_demand_feature_view",
 ]
