@@ -1,5 +1,6 @@
 """The synthetic BNPL data set: determinism, exact schemas, and facts that agree with each other
-(the ledger, the events and the labels), checked against independent pandas recomputations."""
+(the ledger, the events, the event streams and the labels), checked against independent pandas
+recomputations."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from workloads.underwriting.features import checkouts, repayments
 from workloads.underwriting.generate import (
     DEFAULT_DPD,
     GRACE,
+    KNOWN_AFTER_DECISION,
     OUTCOME_HORIZON,
     DataConfig,
     generate_merchants,
@@ -32,6 +35,10 @@ EXPECTED_SCHEMAS = {
         ("application_id", "string"), ("applicant_id", "int64"), ("merchant_id", "int64"),
         ("merchant_category", "string"), ("amount", "double"), ("currency", "string"), ("term", "int64"),
         ("installment_period_days", "int64"), ("application_ts", TS),
+    ],
+    "checkout_events": [
+        ("event_id", "string"), ("application_id", "string"), ("applicant_id", "int64"), ("merchant_id", "int64"),
+        ("amount", "double"), ("checkout_ts", TS), ("known_ts", TS),
     ],
     "installments": [
         ("application_id", "string"), ("applicant_id", "int64"), ("merchant_id", "int64"),
@@ -86,7 +93,7 @@ def test_same_config_gives_identical_tables(tables):
 
 def test_other_seed_gives_other_data(tables):
     other = _all(CONFIG.model_copy(update={"seed": 4}))
-    for name in ("applicants", "merchants", "applications", "installments", "repayment_events", "outcomes"):
+    for name in ("applicants", "merchants", "applications", "checkout_events", "installments", "repayment_events", "outcomes"):
         assert not tables[name].equals(other[name]), name
 
 
@@ -104,11 +111,13 @@ def test_shards_partition_applicants(tables):
         ids = set(shard["applicants"]["applicant_id"].to_pylist())
         assert ids and not ids & seen
         seen |= ids
-        for name in ("applications", "installments", "repayment_events", "outcomes"):
+        for name in ("applications", "checkout_events", "installments", "repayment_events", "outcomes"):
             assert set(shard[name]["applicant_id"].to_pylist()) <= ids, name
     app_ids = tables["applications"]["application_id"].to_pylist()
     assert len(app_ids) == len(set(app_ids)) == CONFIG.applications
-    assert len(tables["repayment_events"]["event_id"].unique()) == tables["repayment_events"].num_rows
+    for stream in ("checkout_events", "repayment_events"):
+        ids = tables[stream]["event_id"]
+        assert ids.null_count == 0 and len(ids.unique()) == tables[stream].num_rows, stream
 
 
 def test_shard_out_of_range():
@@ -213,6 +222,30 @@ def test_events_never_known_after_end_nor_before_they_happen(frames):
     assert (ev["known_ts"] <= END).all()
     assert (ev["known_ts"] >= ev["event_ts"]).all()
     assert set(ev["event_type"]) == {"origination", "payment", "missed", "delinquency"}
+    checkout = frames["checkout_events"]
+    assert (checkout["known_ts"] <= END).all()
+    assert (checkout["known_ts"] >= checkout["checkout_ts"]).all()
+
+
+def test_stream_events_are_known_within_the_allowed_lateness(frames):
+    """Every event reaches its stream in time to count: none would be dropped as late."""
+    for source, table in [(checkouts, "checkout_events"), (repayments, "repayment_events")]:
+        ev = frames[table]
+        lag = ev["known_ts"] - ev[source.timestamp_field]
+        assert (lag >= pd.Timedelta(0)).all() and (lag <= source.allowed_lateness).all(), source.name
+        assert ev[source.event_id_field].is_unique, source.name
+        names = {f.name for f in source.schema_} | {source.event_id_field, source.timestamp_field, "known_ts"}
+        assert names <= set(ev.columns), source.name
+
+
+def test_checkout_events_are_the_applications_known_after_their_decision(frames):
+    apps = frames["applications"].set_index("application_id")
+    checkout = frames["checkout_events"].set_index("application_id").loc[apps.index]
+    assert len(frames["checkout_events"]) == len(apps)
+    assert (checkout["event_id"] == checkout.index + "-checkout").all()
+    assert (checkout[["applicant_id", "merchant_id", "amount"]] == apps[["applicant_id", "merchant_id", "amount"]]).all().all()
+    assert (checkout["checkout_ts"] == apps["application_ts"]).all()
+    assert (checkout["known_ts"] == apps["application_ts"] + KNOWN_AFTER_DECISION).all()
 
 
 def test_events_agree_with_the_ledger(frames):
@@ -221,7 +254,9 @@ def test_events_agree_with_the_ledger(frames):
     apps = frames["applications"]
 
     orig = ev[ev["event_type"] == "origination"].set_index("application_id").loc[apps["application_id"]]
-    assert (orig["known_ts"].values == apps["application_ts"].values).all()
+    assert (orig["event_ts"].values == apps["application_ts"].values).all()
+    # booked once decided: a decision (or a training row) at the checkout's time does not see it
+    assert (orig["known_ts"].values == (apps["application_ts"] + KNOWN_AFTER_DECISION).values).all()
     assert (orig["loan_amount"].values == apps["amount"].values).all()
     assert (orig["is_loan"] == 1).all() and ev.loc[ev["event_type"] != "origination", "loan_amount"].isna().all()
 
@@ -237,10 +272,11 @@ def test_events_agree_with_the_ledger(frames):
     missed = ev[ev["event_type"] == "missed"]
     ledger_missed = inst[inst["status"] == "missed"]
     assert len(missed) == len(ledger_missed) == missed["is_missed"].sum()
-    assert (missed["known_ts"] == missed["event_ts"] + GRACE).all()
+    # declared missed when the grace period ends unpaid, and known then
+    assert (missed["known_ts"] == missed["event_ts"]).all()
     assert (missed["days_past_due"] == GRACE.days).all()
     assert set(zip(missed["application_id"], missed["event_ts"])) == set(
-        zip(ledger_missed["application_id"], ledger_missed["due_ts"])
+        zip(ledger_missed["application_id"], ledger_missed["due_ts"] + GRACE)
     )
 
     for days in (30, 60, 90):
@@ -273,3 +309,37 @@ def test_repayment_history_predicts_default(frames):
     )  # fmt: skip
     rates = prior.groupby(prior["prior_miss"].fillna(0))["default"].mean()
     assert rates[1] > 2 * rates[0]
+
+
+def _seen_at_checkout(apps: pd.DataFrame, events: pd.DataFrame, time: str, window: pd.Timedelta) -> pd.Series:
+    """Per application: the applicant's events a real-time feature counts at the checkout:
+    event time in (t - window, t] and known by t (a brute-force join on the applicant)."""
+    events = events[["applicant_id", time, "known_ts"]]
+    pairs = apps[["application_id", "applicant_id", "application_ts"]].merge(events, on="applicant_id")
+    t = pairs["application_ts"]
+    inside = (pairs[time] > t - window) & (pairs[time] <= t) & (pairs["known_ts"] <= t)
+    counts = pairs[inside].groupby("application_id").size()
+    return counts.reindex(apps["application_id"], fill_value=0).set_axis(apps.index)
+
+
+def test_loan_stacking_and_a_fresh_missed_installment_raise_default(frames):
+    """The hidden model gives the real-time signals real weight: checkouts in the 24 hours
+    before, and an installment missed in the 7 days before, as the features see them."""
+    out = frames["outcomes"]
+    apps = out[out["label_known"]].reset_index(drop=True)
+    ev = frames["repayment_events"]
+    stacked = _seen_at_checkout(apps, frames["checkout_events"], "checkout_ts", pd.Timedelta(hours=24))
+    fresh = _seen_at_checkout(apps, ev[ev["event_type"] == "missed"], "event_ts", pd.Timedelta(days=7))
+    recent = _seen_at_checkout(apps, ev[ev["event_type"] == "missed"], "event_ts", pd.Timedelta(days=30))
+    # an application's own checkout and origination are known a second after it: never seen
+    assert stacked.max() < 10 and 0.03 < (stacked > 0).mean() < 0.25
+    rate = apps.groupby(stacked > 0)["default"].mean()
+    assert rate[True] > 1.4 * rate[False], rate
+    assert 0.01 < (fresh > 0).mean() < 0.15
+    rate = apps.groupby(fresh > 0)["default"].mean()
+    assert rate[True] > 3 * rate[False], rate
+    # fresher than the 30-day history says: among applicants with a miss in the last 30 days,
+    # one in the last 7 days is worse
+    month = apps[recent > 0]
+    rate = month.groupby(fresh[recent > 0] > 0)["default"].mean()
+    assert rate[True] > 1.3 * rate[False], rate

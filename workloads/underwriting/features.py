@@ -3,6 +3,15 @@
 Applied with ``platform.features.apply(underwriting.features.DEFINITIONS)`` (``mlp apply``).
 Every feature carries a ``reason``: the customer-facing text used when it pushes a decision
 toward decline (adverse-action notices).
+
+Two kinds of history:
+
+- **daily** views (``applicant_history``, ``merchant_risk``, ``merchant_activity``) backfilled
+  from the raw tables and materialized once a day;
+- **real-time** views on the ``checkouts`` and ``repayments`` streams (``applicant_checkouts``,
+  ``recent_repayments``), exact at the second: loan stacking (checkouts at any merchant in the
+  last hour and 24 hours) and a missed installment in the last 7 days change a decision as soon
+  as their event reaches the bus. Their ``last_k`` lists feed ``live_activity_features``.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from mlplatform.features import (
     Field,
     ParquetSource,
     RequestSource,
+    StreamSource,
     on_demand_feature_view,
 )
 
@@ -39,6 +49,33 @@ applications = ParquetSource(
     dataset="raw/underwriting/applications",
     timestamp_field="application_ts",
     description="Checkout applications.",
+)
+
+checkouts = StreamSource(
+    name="checkouts",
+    dataset="events/underwriting/checkouts",
+    timestamp_field="checkout_ts",
+    schema=[
+        Field(name="application_id", dtype="string", description="The checkout's application."),
+        Field(name="applicant_id", dtype="int64", description="Who checked out."),
+        Field(name="merchant_id", dtype="int64", description="Where."),
+        Field(name="amount", dtype="float64", description="Order amount."),
+    ],
+    description="Checkouts at every merchant as they happen (sent once decided).",
+)
+repayments = StreamSource(
+    name="repayments",
+    dataset="events/underwriting/repayments",
+    timestamp_field="event_ts",
+    schema=[
+        Field(name="application_id", dtype="string", description="The loan."),
+        Field(name="applicant_id", dtype="int64", description="The borrower."),
+        Field(name="event_type", dtype="string", description="origination, payment, missed or delinquency."),
+        Field(name="is_late", dtype="int64", description="1 for a payment after its due time."),
+        Field(name="is_missed", dtype="int64", description="1 for an installment unpaid when its grace period ended."),
+        Field(name="days_past_due", dtype="int64", description="Days past due the event records."),
+    ],
+    description="Originations, payments, missed installments and delinquencies as they happen.",
 )
 
 _WINDOWS = {"30d": "30 days", "90d": "90 days", "365d": "12 months"}
@@ -131,6 +168,61 @@ merchant_activity = FeatureView(
     owner="credit-risk",
 )
 
+applicant_checkouts = FeatureView(
+    name="applicant_checkouts",
+    entities=[applicant],
+    source=checkouts,
+    aggregations=[
+        Aggregation(
+            name="checkouts_1h", function="count", window="1h",
+            description="The applicant's checkouts at any merchant in the last hour (this one not included).",
+            reason="Several applications in the last hour",
+        ),
+        Aggregation(
+            name="checkouts_24h", function="count", window="24h",
+            description="The applicant's checkouts at any merchant in the last 24 hours: loan stacking.",
+            reason="Several loans taken in the last 24 hours",
+        ),
+        Aggregation(
+            name="checkout_amount_24h", column="amount", function="sum", window="24h",
+            description="Amount of the applicant's checkouts in the last 24 hours.",
+            reason="Amount borrowed in the last 24 hours is high",
+        ),
+        Aggregation(
+            name="recent_checkout_amounts", column="amount", function="last_k", k=5, window="30d",
+            description="Amounts of the applicant's last 5 checkouts in the last 30 days, oldest first.",
+            reason="Order amount is high compared with your recent purchases",
+        ),
+    ],
+    description="The applicant's checkouts, exact at the second.",
+    owner="credit-risk",
+)
+
+recent_repayments = FeatureView(
+    name="recent_repayments",
+    entities=[applicant],
+    source=repayments,
+    aggregations=[
+        Aggregation(
+            name="missed_installments_7d", column="is_missed", function="sum", window="7d",
+            description="Installments declared missed in the last 7 days.",
+            reason="Missed payments in the last 7 days",
+        ),
+        Aggregation(
+            name="late_payments_7d", column="is_late", function="sum", window="7d",
+            description="Payments made after their due time in the last 7 days.",
+            reason="Late payments in the last 7 days",
+        ),
+        Aggregation(
+            name="recent_days_past_due", column="days_past_due", function="last_k", k=3, window="30d",
+            description="Days past due of the applicant's last 3 repayment events in the last 30 days, oldest first.",
+            reason="A recent payment was past due",
+        ),
+    ],
+    description="The applicant's repayment events of the last days, exact at the second.",
+    owner="credit-risk",
+)
+
 checkout = RequestSource(
     name="checkout",
     schema=[
@@ -170,9 +262,53 @@ def checkout_features(inputs: dict[str, list]) -> dict[str, list]:
     }
 
 
+@on_demand_feature_view(
+    sources=[checkout, applicant_checkouts, recent_repayments],
+    schema=[
+        Field(
+            name="amount_to_recent_checkouts",
+            dtype="float64",
+            description="Order amount divided by the mean of the applicant's last 5 checkouts in 30 days (null without any).",
+            reason="Order amount is high compared with your recent purchases",
+        ),
+        Field(
+            name="worst_recent_days_past_due",
+            dtype="float64",
+            description="Most days past due among the applicant's last 3 repayment events in 30 days (null without any).",
+            reason="A recent payment was past due",
+        ),
+    ],
+    mode="python",
+)
+def live_activity_features(inputs: dict[str, list]) -> dict[str, list]:
+    """Request-time features from the real-time views' recent values (``last_k`` lists)."""
+    # A list arrives as a Python list online and as a numpy array from a training set's batch.
+    amounts = [None if a is None else float(a) for a in inputs["amount"]]
+    recent = [[] if r is None else [float(v) for v in r] for r in inputs["recent_checkout_amounts"]]
+    days = [[] if r is None else [float(v) for v in r] for r in inputs["recent_days_past_due"]]
+    return {
+        "amount_to_recent_checkouts": [
+            a * len(r) / sum(r) if a is not None and r and sum(r) > 0 else None for a, r in zip(amounts, recent, strict=True)
+        ],
+        "worst_recent_days_past_due": [max(d) if d else None for d in days],
+    }
+
+
+#: The real-time features the model uses (the ``last_k`` lists reach it through
+#: ``live_activity_features``: a model takes numbers).
+REALTIME_FEATURES = [
+    "applicant_checkouts:checkouts_1h",
+    "applicant_checkouts:checkouts_24h",
+    "applicant_checkouts:checkout_amount_24h",
+    "recent_repayments:missed_installments_7d",
+    "recent_repayments:late_payments_7d",
+]
+
 underwriting_v1 = FeatureService(
     name="underwriting_v1",
-    features=[applicant_history, merchant_risk, merchant_activity, checkout_features],
+    features=[
+        applicant_history, merchant_risk, merchant_activity, checkout_features, *REALTIME_FEATURES, live_activity_features,
+    ],
     description="Features of the checkout underwriting model.",
     owner="credit-risk",
 )
@@ -183,10 +319,15 @@ DEFINITIONS = [
     repayment_events,
     loan_outcomes,
     applications,
+    checkouts,
+    repayments,
     applicant_history,
     merchant_risk,
     merchant_activity,
+    applicant_checkouts,
+    recent_repayments,
     checkout,
     checkout_features,
+    live_activity_features,
     underwriting_v1,
 ]

@@ -1,5 +1,6 @@
 """Deterministic synthetic buy-now-pay-later data: applicants, merchants, loans, the repayment
-ledger, repayment events stamped with when each fact became known, and default outcomes.
+ledger, the checkout and repayment event streams (event ids, stamped with when each fact became
+known), and default outcomes.
 
     config = DataConfig(applications=1_000_000, seed=7)
     versions = generate(platform, config)    # Ray Data: each shard writes its own Parquet files
@@ -30,7 +31,16 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workloads.underwriting.population import _CAT_NAMES, _MEAN_LOANS, CATEGORIES, _draw_block, _merchant_model
-from workloads.underwriting.tables import DEFAULT_DPD, GRACE, OUTCOME_HORIZON, SCHEMAS, SHARD_TABLES, TABLES, _tables
+from workloads.underwriting.tables import (
+    DEFAULT_DPD,
+    GRACE,
+    KNOWN_AFTER_DECISION,
+    OUTCOME_HORIZON,
+    SCHEMAS,
+    SHARD_TABLES,
+    TABLES,
+    _tables,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ __all__ = [
     "CATEGORIES",
     "DEFAULT_DPD",
     "GRACE",
+    "KNOWN_AFTER_DECISION",
     "OUTCOME_HORIZON",
     "SCHEMAS",
     "TABLES",
@@ -147,8 +158,8 @@ def generate_merchants(config: DataConfig) -> pa.Table:
 
 
 def generate_shard(config: DataConfig, shard: int) -> dict[str, pa.Table]:
-    """Tables ``applicants``, ``applications``, ``installments``, ``repayment_events`` and
-    ``outcomes`` for the applicants of ``shard`` (0 <= shard < ``shard_count(config)``).
+    """Tables ``applicants``, ``applications``, ``checkout_events``, ``installments``,
+    ``repayment_events`` and ``outcomes`` for the applicants of ``shard`` (0 <= shard < ``shard_count(config)``).
 
     Pure: no Ray, no I/O. Shards partition the applicants (and so everything else); the
     concatenation of every shard is the data set, whatever the number of shards.

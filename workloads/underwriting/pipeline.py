@@ -1,7 +1,11 @@
 """The underwriting main job as steps (``mlp run configs/underwriting.yaml``).
 
-    generate → apply → backfill (each view) → training set → train → promote → materialize
-    → deploy → decide
+    generate → apply → event log (each stream source) → backfill (each daily view)
+    → training set → train → promote → materialize → online events → deploy → decide
+
+``event log`` writes the generated stream history into each stream source's offline log, which
+training sets read for the real-time views; ``online events`` loads the log's recent events
+into the online store before the decision service and its stream processors start.
 
 Each step with inputs is skipped when they are unchanged and its output is still there (the
 library's :class:`~mlplatform.jobs.steps.StepRunner` decides), so re-running the job resumes
@@ -20,14 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from mlplatform.jobs.feature_steps import apply_step, backfill_step, materialize_step
 from mlplatform.jobs.steps import Done, Step, StepRunner
 from mlplatform.platform import Platform
-from workloads.underwriting.generate import DataConfig
+from workloads.underwriting.generate import TABLES, DataConfig
 from workloads.underwriting.model import ModelConfig
 from workloads.underwriting.serve import ServeConfig
 from workloads.underwriting.training_set import TrainingSetConfig
 
 log = logging.getLogger(__name__)
 RAW_PREFIX = "raw/underwriting"
-TABLES = ("applicants", "merchants", "applications", "installments", "repayment_events", "outcomes")
 
 
 class Config(BaseModel):
@@ -78,10 +81,65 @@ def generate_step(platform: Platform, data: DataConfig, *, prefix: str = RAW_PRE
     return Step("generate", run, target=target, inputs=lambda: inputs, reuse=reuse)
 
 
+def event_log_step(platform: Platform, source: str, *, prefix: str = RAW_PREFIX) -> Step:
+    """Make stream source ``source``'s offline log its generated history (the table
+    ``STREAM_TABLES[source]`` under ``prefix``), unless the log already holds that table's
+    version as imported for this definition of the source (value: the number of events)."""
+    from workloads.underwriting import event_history
+
+    features, storage, datasets = platform.features, platform.storage, platform.datasets
+    table = f"{prefix}/{event_history.STREAM_TABLES[source]}"
+
+    def inputs() -> dict[str, Any]:
+        return {"source": features.get_stream_source(source).version, "table": {table: datasets.get(table).version}}
+
+    def run() -> Done:
+        stream = features.get_stream_source(source)
+        version, events, keys = event_history.import_history(storage, datasets, stream, table)
+        return Done(
+            summary=f"{events:,} events from {table} v{version.version}",
+            where=storage.uri(stream.dataset),
+            output={"parts": keys, "events": events},
+            value=events,
+        )
+
+    def reuse(output: Any) -> Done | None:
+        if not isinstance(output, dict) or not all(storage.exists(k) for k in output.get("parts") or [None]):
+            return None
+        return Done(where=storage.uri(features.get_stream_source(source).dataset), value=output.get("events"))
+
+    return Step("event log", run, target=source, inputs=inputs, reuse=reuse)
+
+
+def event_log_steps(platform: Platform) -> Iterator[Step]:
+    """One event-log step per registered stream source the data has a table for."""
+    from workloads.underwriting.event_history import STREAM_TABLES
+
+    for source in platform.features.list_stream_sources():
+        if source.name in STREAM_TABLES:
+            yield event_log_step(platform, source.name)
+
+
 def backfill_steps(platform: Platform, config: Config) -> Iterator[Step]:
-    """One backfill step per registered view over the data period."""
+    """One backfill step per registered daily view over the data period (a real-time view
+    has nothing to backfill: it is computed from its stream's log at any time)."""
     for view in platform.features.list_feature_views():
-        yield backfill_step(platform.features, platform.datasets, view.name, config.data.start, config.data.end)
+        if not view.is_realtime:
+            yield backfill_step(platform.features, platform.datasets, view.name, config.data.start, config.data.end)
+
+
+def online_events_step(platform: Platform) -> Step:
+    """Rebuild every real-time view's online event state from its log (always runs: it
+    applies the events within a view's retention of now, which moves)."""
+    from workloads.underwriting.event_history import load_online
+
+    def run() -> Done:
+        views = [v for v in platform.features.list_feature_views() if v.is_realtime]
+        held = {v.name: load_online(platform.features, v) for v in views}
+        summary = ", ".join(f"{name} {n:,}" for name, n in held.items()) or "no real-time views"
+        return Done(summary=summary, rows=sum(held.values()))
+
+    return Step("online events", run)
 
 
 def training_set_step(platform: Platform, config: Config) -> Step:
@@ -210,11 +268,13 @@ def steps(platform: Platform, config: Config) -> Iterator[Step]:
     platform.storage.check_reachable()
     yield generate_step(platform, config.data)
     yield apply_step(platform.features, definitions())
+    yield from event_log_steps(platform)
     yield from backfill_steps(platform, config)
     yield training_set_step(platform, config)
     yield train_step(platform, config)
     yield promote_step(platform, config)
     yield materialize_step(platform.features, config.data.end)
+    yield online_events_step(platform)
     if config.serve.deploy:
         yield from serve_steps(platform, config)
 
@@ -226,8 +286,13 @@ def generate_data(platform: Platform, config: Config) -> None:
 
 
 def backfill_views(platform: Platform, config: Config) -> None:
-    """Every view's backfill step over the data period (each skipped when up to date)."""
+    """Every daily view's backfill step over the data period (each skipped when up to date)."""
     StepRunner(platform.storage).run_all(backfill_steps(platform, config))
+
+
+def import_event_history(platform: Platform) -> None:
+    """Every stream source's event-log step (each skipped when up to date)."""
+    StepRunner(platform.storage).run_all(event_log_steps(platform))
 
 
 def run(platform: Platform, config: Config) -> dict[str, Any]:

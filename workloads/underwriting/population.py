@@ -5,7 +5,18 @@ loans, and when each installment is really paid. Nothing here is written as is;
 Hidden drivers (never written): each applicant has a latent risk and each merchant a latent
 risk; an installment's lateness rises with both, with the order amount relative to the
 applicant's own typical amount, with longer plans, and with the applicant's recent
-delinquency (persistence, decaying over ~90 days). No protected attributes or proxies exist.
+delinquency (persistence, decaying over ~90 days). Two signals a lender can see live raise the
+risk of every installment of a loan as well:
+
+- **loan stacking**: the applicant's other checkouts in the 24 hours before this one (riskier
+  applicants stack more: a share of their loans follows the previous one within hours, at
+  another merchant);
+- **a fresh missed installment**: installments of the applicant declared missed (unpaid at
+  due + grace) in the 7 days before the checkout.
+
+Both are counted exactly as the real-time features see them at the checkout (an event known
+by then, in the window before it), so a model can learn them. No protected attributes or
+proxies exist.
 
 All the randomness is drawn here, in a fixed order: the merchants from
 ``SeedSequence(seed, spawn_key=(0,))`` (``_merchant_model``), and each block of applications
@@ -24,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:
     from workloads.underwriting.generate import DataConfig
 
-__all__ = ["CATEGORIES", "CHANNELS"]
+__all__ = ["CATEGORIES", "CHANNELS", "KNOWN_AFTER_DECISION"]
 
 # category: (median order amount, risk offset, share of merchants)
 CATEGORIES = {
@@ -43,7 +54,7 @@ _CHANNEL_RISK = np.array([0.1, -0.05, -0.1])
 
 # The installment model: L = score + logistic noise; L < 0 on time, < _T_MISSED late within
 # grace, < _T_SEVERE missed and cured within 60 days, else 60+ days late or never paid.
-_MU = -3.6
+_MU = -3.8
 _B_APPLICANT = 1.7
 _B_MERCHANT = 0.6
 _B_AMOUNT = 0.9
@@ -54,6 +65,24 @@ _STATE_DECAY_DAYS = 90.0
 _T_MISSED, _T_SEVERE = 0.8, 2.0
 _NEVER_PAID = 0.6  # share of severe installments never paid
 _MEAN_LOANS = 4.5  # loans per applicant
+# Loan stacking: a loan follows the applicant's previous one after an exponential gap (mean
+# _STACK_GAP_H hours) with probability _STACK_P * 2 * sigmoid(applicant risk), not after a repeat
+# visit to the same merchant; each other checkout in the 24 hours before adds _B_STACK (at most
+# _STACK_CAP of them count). Each installment declared missed in the 7 days before the checkout
+# adds _B_FRESH_MISS (at most _FRESH_MISS_CAP count).
+_STACK_P = 0.08
+_STACK_GAP_H = 3.0
+_STACK_WINDOW = 24 * 3_600 * 1_000_000
+_B_STACK = 0.5
+_STACK_CAP = 3
+_FRESH_MISS_WINDOW = 7 * 86_400 * 1_000_000
+_B_FRESH_MISS = 1.1
+_FRESH_MISS_CAP = 2
+_MISS_MEMORY = 8  # missed installments remembered per applicant (the window holds fewer)
+#: A checkout's own event reaches the bus this long after the checkout (after the decision),
+#: so neither the decision nor a training row at the checkout's time sees it.
+KNOWN_AFTER_DECISION = timedelta(seconds=1)
+_KNOWN_US = KNOWN_AFTER_DECISION // timedelta(microseconds=1)
 
 _US = 1_000_000
 _DAY = 86_400 * _US
@@ -116,11 +145,13 @@ def _draw_block(config: DataConfig, block: int, n: int, a: int) -> dict[str, np.
     window = np.minimum(active_s, span_s - 1 - first_s)[owner]
     ts = start + (first_s[owner] + (u * window).astype(np.int64)) * _US
     ts = ts[np.lexsort((ts, owner))]
+    ts, stacked_on = _stack(ts, owner, first, risk, rng, latest=start + (span_s - 1) * _US)
     # merchant: by popularity among those already onboarded, often the previous loan's again
+    # (but a stacked loan is taken elsewhere)
     open_ = np.searchsorted(merchants["onboarded"], ts, side="right")
     cw = merchants["cum_weight"]
     pick = np.minimum(np.searchsorted(cw, rng.random(a) * cw[open_ - 1], side="right"), open_ - 1)
-    repeat = (rng.random(a) < 0.35) & ~first
+    repeat = (rng.random(a) < 0.35) & ~first & ~stacked_on
     merchant = pick[np.maximum.accumulate(np.where(repeat, 0, np.arange(a)))]
     category = merchants["category"][merchant]
     deviation = 0.6 * rng.standard_normal(a)  # log(amount / the applicant's typical amount)
@@ -133,18 +164,65 @@ def _draw_block(config: DataConfig, block: int, n: int, a: int) -> dict[str, np.
     return {
         "risk": risk, "channel": channel, "signup": start + signup_s * _US,
         "owner": owner, "ts": ts, "merchant": merchant, "amount": amount, "deviation": deviation,
-        "term": term, "noise": noise,
+        "term": term, "noise": noise, "stacked": _recent_checkouts(ts, owner),
     }  # fmt: skip
 
 
+def _stack(
+    ts: np.ndarray, owner: np.ndarray, first: np.ndarray, risk: np.ndarray, rng: np.random.Generator, *, latest: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Move some loans to within hours of the applicant's previous one (loan stacking).
+
+    ``ts`` is sorted by (owner, time) and ``first`` marks each owner's first loan. Returns the
+    new times, again sorted within each owner (none after ``latest``, the last checkout time
+    whose event is known by the data's end), and which loans were moved."""
+    a = len(ts)
+    moved = (rng.random(a) < _STACK_P * 2 * _sigmoid(risk)[owner]) & ~first
+    gap = np.where(moved, (rng.exponential(_STACK_GAP_H * 3_600, a) * _US).astype(np.int64), 0)
+    # a run of moved loans follows the last unmoved one, each after its own gap
+    anchor = np.maximum.accumulate(np.where(moved, 0, np.arange(a)))
+    waited = np.cumsum(gap)
+    new = np.minimum(ts[anchor] + waited - waited[anchor], latest)
+    order = np.lexsort((new, owner))
+    return new[order], moved[order]
+
+
+def _recent_checkouts(ts: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Per loan (sorted by owner, time): the owner's other checkouts a real-time feature sees
+    at this one's time ``t``: checkout time in ``(t - 24h, t]`` and known (1 s later) by ``t``."""
+    # owners are contiguous: offset each owner's times so one sorted array serves every owner
+    spread = (ts.max() - ts.min() + 2 * _STACK_WINDOW) if len(ts) else 0
+    key = (owner - owner.min() if len(owner) else owner) * spread + ts
+    known = np.searchsorted(key, key - _KNOWN_US, side="right")  # known by t
+    since = np.searchsorted(key, key - _STACK_WINDOW, side="right")  # after t - 24h
+    return np.maximum(known - since, 0)
+
+
 def _simulate(
-    score: np.ndarray, owner: np.ndarray, due: np.ndarray, noise: np.ndarray, n_applicants: int
+    score: np.ndarray,
+    owner: np.ndarray,
+    due: np.ndarray,
+    noise: np.ndarray,
+    n_applicants: int,
+    *,
+    loan: np.ndarray,
+    checkout: np.ndarray,
+    grace: int,
 ) -> np.ndarray:
     """Outcome tier (0 on time, 1 late, 2 missed, 3 severe) of each installment, walking each
-    applicant's installments in due order so that recent delinquency raises the next risk."""
+    applicant's installments in due order so that recent delinquency raises the next risk.
+
+    ``loan`` is each installment's loan and ``checkout`` each loan's time: a loan's installments
+    also get ``_B_FRESH_MISS`` per installment of the applicant declared missed (tier >= 2, at
+    due + ``grace``) in the 7 days before its checkout. Those were due before the checkout, so
+    before any of the loan's installments: they are decided by the time the loan's first
+    installment is, where the count is taken once for the whole loan."""
     tier = np.empty(len(score), dtype=np.int64)
     if not len(score):
         return tier
+    fresh = np.full(len(checkout), -1, dtype=np.int64)  # per loan, once its first installment comes
+    missed_at = np.full((n_applicants, _MISS_MEMORY), np.iinfo(np.int64).min // 2)  # a ring per applicant
+    slot = np.zeros(n_applicants, dtype=np.int64)
     order = np.lexsort((due, owner))
     sorted_owner = owner[order]
     starts = np.flatnonzero(np.r_[True, sorted_owner[1:] != sorted_owner[:-1]])
@@ -158,11 +236,19 @@ def _simulate(
         idx = by_rank[bounds[r] : bounds[r + 1]]
         who = owner[idx]
         recent = state[who] * np.exp(-(due[idx] - last_due[who]) / (_STATE_DECAY_DAYS * _DAY)) if r else 0.0
-        latent = score[idx] + _GAMMA * recent + logistic[idx]
+        loans = loan[idx]
+        new = fresh[loans] < 0
+        at = checkout[loans[new]][:, None]
+        seen = missed_at[who[new]]
+        fresh[loans[new]] = ((seen > at - _FRESH_MISS_WINDOW) & (seen <= at)).sum(axis=1)
+        latent = score[idx] + _GAMMA * recent + _B_FRESH_MISS * np.minimum(fresh[loans], _FRESH_MISS_CAP) + logistic[idx]
         t = (latent >= 0).astype(np.int64) + (latent >= _T_MISSED) + (latent >= _T_SEVERE)
         tier[idx] = t
         state[who] = np.maximum(recent, _STATE_BUMP[t])
         last_due[who] = due[idx]
+        hit = t >= 2
+        missed_at[who[hit], slot[who[hit]] % _MISS_MEMORY] = due[idx[hit]] + grace
+        slot[who[hit]] += 1
     return tier
 
 
@@ -187,9 +273,12 @@ def _repayment_delays(
         + _B_AMOUNT * d["deviation"]
         + _B_LONG_PLAN * (term > 4)
         + _CHANNEL_RISK[d["channel"]][owner]
+        + _B_STACK * np.minimum(d["stacked"], _STACK_CAP)
     )
     noise = d["noise"]
-    tier = _simulate(score[loan], owner[loan], due, noise[:, 0], len(d["risk"]))
+    tier = _simulate(
+        score[loan], owner[loan], due, noise[:, 0], len(d["risk"]), loan=loan, checkout=d["ts"], grace=grace
+    )
     u, v = noise[:, 1], noise[:, 2]
     wait = -np.log1p(-u)  # a unit exponential
     delay = np.choose(

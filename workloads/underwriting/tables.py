@@ -11,9 +11,18 @@ Tables (all timestamps ``timestamp[us, tz=UTC]``; exact schemas in ``SCHEMAS``):
   not happened yet (``paid_ts`` null). ``status`` is ``on_time`` (paid by the due time),
   ``late`` (paid less than ``GRACE`` after it), ``missed`` (unpaid at due + ``GRACE``, whether
   paid later or not) or ``pending`` (unpaid, and its grace period had not ended at ``end``).
+- ``checkout_events``: the checkout stream, one event per application: ``event_id``
+  (``<application_id>-checkout``), applicant, merchant and amount, ``checkout_ts`` = the
+  application's time and ``known_ts`` one second later (``KNOWN_AFTER_DECISION``: the bus
+  accepts a checkout's event after its decision, so neither that decision nor a training row
+  at the application's time sees its own checkout).
 - ``repayment_events``: one row per fact with ``event_ts`` (when it happened) and ``known_ts``
   (when the lender knew it); never a fact known after ``end``. Point-in-time features come
-  from here.
+  from here, and it is also the repayment stream (``event_id`` unique): an ``origination`` at
+  the checkout, known one second later like the checkout; a ``payment`` when paid (``is_late``
+  when after the due time); ``missed`` when an installment's grace period ends unpaid (due +
+  ``GRACE``); a ``delinquency`` when it reaches 30, 60 and 90 days past due. Each of the last
+  three is known as it happens.
 - ``outcomes``: per loan, ``default`` = 1 when an installment with ``due_ts + 60d <=
   application_ts + 120d`` reached 60 days past due (unpaid then, or paid 60+ days late).
   ``label_ts`` = ``application_ts + 120d``; ``label_known`` = ``label_ts <= end``. Where the
@@ -32,12 +41,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workloads.underwriting.population import _CAT_NAMES, _DAY, CHANNELS, _merchant_model, _repayment_delays, _us
+from workloads.underwriting.population import (
+    _CAT_NAMES,
+    _DAY,
+    CHANNELS,
+    KNOWN_AFTER_DECISION,
+    _merchant_model,
+    _repayment_delays,
+    _us,
+)
 
 if TYPE_CHECKING:
     from workloads.underwriting.generate import DataConfig
 
-__all__ = ["DEFAULT_DPD", "DELINQUENCY_DPD", "GRACE", "OUTCOME_HORIZON", "SCHEMAS", "SHARD_TABLES", "TABLES"]
+__all__ = [
+    "DEFAULT_DPD",
+    "DELINQUENCY_DPD",
+    "GRACE",
+    "KNOWN_AFTER_DECISION",
+    "OUTCOME_HORIZON",
+    "SCHEMAS",
+    "SHARD_TABLES",
+    "TABLES",
+]
 
 DEFAULT_DPD = 60  # days past due that make a loan a default
 OUTCOME_HORIZON = timedelta(days=120)  # the default must happen this soon after origination
@@ -55,6 +81,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("amount", _F64), ("currency", _STR), ("term", _I64), ("installment_period_days", _I64),
         ("application_ts", _TS),
     ]),
+    "checkout_events": pa.schema([
+        ("event_id", _STR), ("application_id", _STR), ("applicant_id", _I64), ("merchant_id", _I64),
+        ("amount", _F64), ("checkout_ts", _TS), ("known_ts", _TS),
+    ]),
     "installments": pa.schema([
         ("application_id", _STR), ("applicant_id", _I64), ("merchant_id", _I64), ("installment_no", _I64),
         ("due_ts", _TS), ("amount_due", _F64), ("paid_ts", _TS), ("days_past_due", _I64), ("status", _STR),
@@ -70,9 +100,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
 }  # fmt: skip
 TABLES = tuple(SCHEMAS)
-SHARD_TABLES = ("applicants", "applications", "installments", "repayment_events", "outcomes")
+SHARD_TABLES = ("applicants", "applications", "checkout_events", "installments", "repayment_events", "outcomes")
 
 
+_KNOWN_US = KNOWN_AFTER_DECISION // timedelta(microseconds=1)
 _STATUS = pa.array(["on_time", "late", "missed", "pending"])
 _EVENT_TYPES = pa.array(["origination", "payment", "missed", "delinquency", "delinquency", "delinquency"])
 _MAX_TERM = 12
@@ -113,9 +144,10 @@ def _event_rows(
     sorted by applicant, known_ts, event_ts, loan, installment, code (codes index ``_EVENT_TYPES``)."""
     n_loans = len(app_ts)
     zeros = np.zeros(n_loans, np.int64)
-    kinds = [(np.arange(n_loans), zeros, 0, app_ts, app_ts, zeros)]
+    kinds = [(np.arange(n_loans), zeros, 0, app_ts, app_ts + _KNOWN_US, zeros)]
     kinds.append((loan[~unpaid], no[~unpaid], 1, paid[~unpaid], paid[~unpaid], dpd[~unpaid]))
-    kinds.append((loan[missed], no[missed], 2, due[missed], due[missed] + grace, np.full(missed.sum(), grace // _DAY)))
+    declared = due[missed] + grace  # an installment is missed when its grace period ends unpaid
+    kinds.append((loan[missed], no[missed], 2, declared, declared, np.full(missed.sum(), grace // _DAY)))
     for code, days in enumerate(DELINQUENCY_DPD, start=3):
         m = reached(days)
         at = due[m] + days * _DAY
@@ -181,6 +213,11 @@ def _tables(
             "currency": pa.array([config.currency]).take(np.zeros(n_loans, np.int64)),
             "term": term.astype(np.int64), "installment_period_days": period.astype(np.int64),
             "application_ts": app_ts,
+        }),
+        "checkout_events": _table("checkout_events", {
+            "event_id": pc.binary_join_element_wise(app_id, "-checkout", ""), "application_id": app_id,
+            "applicant_id": loan_applicant, "merchant_id": merchant_id, "amount": d["amount"],
+            "checkout_ts": app_ts, "known_ts": app_ts + _KNOWN_US,
         }),
         "installments": _table("installments", {
             "application_id": app_id.take(loan), "applicant_id": loan_applicant[loan],

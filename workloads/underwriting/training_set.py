@@ -96,19 +96,31 @@ def build(platform: Platform, config: TrainingSetConfig, data_end: datetime) -> 
 
 def build_inputs(platform: Platform, config: TrainingSetConfig, cutoff: datetime) -> dict:
     """What the snapshot is a function of: its config, the feature definitions and the exact
-    versions of the raw and offline data it reads. Equal inputs = the same rows."""
-    from mlplatform.features.store import offline_dataset
+    versions of the raw and offline data it reads. Equal inputs = the same rows.
 
-    refs = platform.features.resolve_features(config.feature_service)
+    A real-time view reads its stream's offline log: the generated history (the version of the
+    table the ``event log`` step imported) and whatever was ingested live since. Live events
+    cannot change a row: a row at ``t`` sees only events the bus accepted by ``t``, and every
+    row is an application of the data, so before its end, which is before the bus accepted
+    any live event (``end`` is today or earlier).
+    """
+    from mlplatform.features.store import offline_dataset
+    from workloads.underwriting.event_history import STREAM_TABLES
+
+    features = platform.features
+    refs = features.resolve_features(config.feature_service)
     views = sorted({ref.split(":")[0] for ref in refs})
+    used = [v for v in features.list_feature_views() if v.name in views]
+    streams = sorted({v.source.name for v in used if v.is_realtime})
     inputs = {
         "config": config.model_dump(mode="json"),
         "cutoff": cutoff.isoformat(),
-        "definitions": {v: platform.features.registry.resolve_view(v).version for v in views},
+        "definitions": {v: features.registry.resolve_view(v).version for v in views},
         "data": {
             name: platform.datasets.get(name).version
             for name in [f"{RAW}/applications", f"{RAW}/outcomes"]
-            + [offline_dataset(v.name) for v in platform.features.list_feature_views() if v.name in views]
+            + [offline_dataset(v.name) for v in used if not v.is_realtime]
+            + [f"{RAW}/{STREAM_TABLES[s]}" for s in streams]
         },
     }
     return inputs
