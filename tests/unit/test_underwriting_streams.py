@@ -1,6 +1,7 @@
 """The underwriting workload's streams without Ray: the generated history as the offline log
 holds it, the real-time views' values on it against a brute-force count, the request-time
-features from ``last_k`` lists (online lists and training-set arrays alike)."""
+features from ``last_k`` lists (online lists and training-set arrays alike), and the
+counterfactual the live event chooses its applicant with."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from workloads.underwriting.features import (
     repayments,
     underwriting_v1,
 )
-from workloads.underwriting.generate import DataConfig, generate_shard
+from workloads.underwriting.generate import GRACE, DataConfig, generate_shard
+from workloads.underwriting.live_event import DAYS, INPUTS, MISSED, with_missed_installment
 
 CONFIG = DataConfig(applications=3_000, merchants=30, seed=5, shards=1)
 
@@ -92,7 +94,7 @@ def test_realtime_values_on_the_history_equal_a_brute_force_count(shard, logs):
     month = _brute(rows, repayment_log, "event_ts", timedelta(days=30))
     assert got["missed_installments_7d"] == [float(e["is_missed"].sum()) for e in week]
     assert got["late_payments_7d"] == [float(e["is_late"].sum()) for e in week]
-    assert got["recent_days_past_due"] == [e["days_past_due"].tolist()[-3:] for e in month]
+    assert got[DAYS] == [e["days_past_due"].tolist()[-3:] for e in month]
     assert sum(v > 0 for v in got["missed_installments_7d"]) > 10
     # an application never sees its own checkout or origination (known a second later)
     assert all(e["application_id"].ne(a).all() for e, a in zip(day, rows["application_id"], strict=True))
@@ -105,11 +107,22 @@ def test_live_activity_features_from_lists_and_arrays_alike():
         "recent_checkout_amounts": [[100.0, 200.0], np.array([100.0, 200.0]), [50.0], []],
         "recent_days_past_due": [[0, 5], np.array([0, 5]), None, np.array([], dtype=np.int64)],
     }
-    inputs = [f.name for source in live_activity_features.sources for f in getattr(source, "features", source.schema_)]
-    rows.update({name: [0] * 4 for name in inputs if name not in rows})
+    rows.update({name: [0] * 4 for name in INPUTS if name not in rows})
     out = live_activity_features.transform_rows(rows, 4)
     assert out["amount_to_recent_checkouts"] == [2.0, 2.0, None, None]
     assert out["worst_recent_days_past_due"] == [5.0, 5.0, None, None]
+
+
+def test_a_missed_installment_counts_as_the_views_count_it():
+    row = {name: 0 for name in INPUTS}
+    row.update(amount=200.0, term=4, recent_checkout_amounts=[100.0], recent_days_past_due=[0, 3, 1], **{MISSED: 0.0})
+    after = with_missed_installment(row)
+    assert after[MISSED] == 1.0 and row[MISSED] == 0.0
+    assert after[DAYS] == [3, 1, GRACE.days]  # the newest of the last 3
+    assert after["worst_recent_days_past_due"] == float(GRACE.days)
+    assert after["amount_to_recent_checkouts"] == 2.0
+    empty = with_missed_installment({**row, DAYS: [], MISSED: None})
+    assert empty[MISSED] == 1 and empty[DAYS] == [GRACE.days]
 
 
 def test_every_model_feature_has_a_reason_and_is_a_number():

@@ -2,10 +2,12 @@
 
     generate → apply → event log (each stream source) → backfill (each daily view)
     → training set → train → promote → materialize → online events → deploy → decide
+    → live event
 
 ``event log`` writes the generated stream history into each stream source's offline log, which
 training sets read for the real-time views; ``online events`` loads the log's recent events
-into the online store before the decision service and its stream processors start.
+into the online store before the decision service and its stream processors start;
+``live event`` ends the job with one fresh event that changes a decision.
 
 Each step with inputs is skipped when they are unchanged and its output is still there (the
 library's :class:`~mlplatform.jobs.steps.StepRunner` decides), so re-running the job resumes
@@ -258,9 +260,17 @@ def serve_steps(platform: Platform, config: Config) -> Iterator[Step]:
         declined = sum(d.get("decision") == "decline" for d in decisions)
         return Done(summary=f"{len(decisions)} sample decisions, {declined} declined", value=decisions)
 
+    def live_event() -> Done:
+        from workloads.underwriting import live_event
+
+        shown = live_event.run(platform, live["app"], config.model.name)
+        return Done(summary=shown.summary(), value=shown)
+
     yield Step("deploy", deploy)
     if config.serve.sample_decisions:
         yield Step("decide", decide)
+    if config.serve.live_event:
+        yield Step("live event", live_event)
 
 
 def steps(platform: Platform, config: Config) -> Iterator[Step]:
@@ -297,7 +307,8 @@ def import_event_history(platform: Platform) -> None:
 
 def run(platform: Platform, config: Config) -> dict[str, Any]:
     """Run every step; returns what the steps produced: ``apply`` (the ``ApplyResult``),
-    ``training_set``, ``model``, ``deployed`` (None without ``serve.deploy``) and ``decisions``."""
+    ``training_set``, ``model``, ``deployed`` (None without ``serve.deploy``), ``decisions`` and
+    ``live_event`` (the ``LiveEvent``, or None)."""
     results = StepRunner(platform.storage).run_all(steps(platform, config))
     return {
         "apply": results["apply"],
@@ -305,4 +316,5 @@ def run(platform: Platform, config: Config) -> dict[str, Any]:
         "model": results["train"],
         "deployed": results.get("deploy"),
         "decisions": results.get("decide") or [],
+        "live_event": results.get("live event"),
     }
