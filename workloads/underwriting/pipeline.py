@@ -106,7 +106,8 @@ def event_log_step(platform: Platform, source: str, *, prefix: str = RAW_PREFIX)
         )
 
     def reuse(output: Any) -> Done | None:
-        if not isinstance(output, dict) or not all(storage.exists(k) for k in output.get("parts") or [None]):
+        parts = output.get("parts") if isinstance(output, dict) else None
+        if not isinstance(parts, list) or not all(storage.exists(k) for k in parts):
             return None
         return Done(where=storage.uri(features.get_stream_source(source).dataset), value=output.get("events"))
 
