@@ -247,8 +247,10 @@ class OnDemandFeatureView(DefinitionBase):
     def input_columns(self) -> list[str]:
         cols: list[str] = []
         for src in self.sources:
-            cols.extend(f.name for f in src.features if isinstance(src, FeatureView))
-            cols.extend(f.name for f in src.schema_ if isinstance(src, RequestSource))
+            if isinstance(src, FeatureView):
+                cols.extend(f.name for f in src.features)
+            else:
+                cols.extend(f.name for f in src.schema_)
         return cols
 
     def spec(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ SORT_KEYS = {
     "applications": ["application_id"],
     "installments": ["application_id", "installment_no"],
     "repayment_events": ["event_id"],
+    "checkout_events": ["event_id"],
     "outcomes": ["application_id"],
 }
 

@@ -163,7 +163,12 @@ def test_get_and_list_each_kind(platform):
     platform.features.apply(DEFINITIONS)
     features = platform.features
     assert [e.name for e in features.list_entities()] == ["applicant", "merchant"]
-    assert [v.name for v in features.list_feature_views()] == ["applicant_history", "merchant_activity", "merchant_risk"]
+    assert [v.name for v in features.list_feature_views()] == [
+        "applicant_checkouts", "applicant_history", "merchant_activity", "merchant_risk", "recent_repayments"
+    ]
+    assert [s.name for s in features.list_stream_sources()] == ["checkouts", "repayments"]
+    inputs = features.get_on_demand_feature_view("checkout_features").input_columns  # request fields, then view features
+    assert inputs[:2] == ["amount", "term"] and "avg_loan_amount_365d" in inputs
     assert [s.name for s in features.list_feature_services()] == ["underwriting_v1"]
     assert [r.name for r in features.list_request_sources()] == ["checkout"]
     assert [s.name for s in features.list_sources()] == ["applications", "loan_outcomes", "repayment_events"]
