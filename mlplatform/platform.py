@@ -140,9 +140,13 @@ class Platform:
         return self._started_ray
 
     def close(self) -> None:
-        """Shut down the local Ray this Platform started (never a cluster it joined)."""
+        """Shut down the local Ray this Platform started (never a cluster it joined), after
+        the stream processors it deployed logged what they applied."""
         if self._started_ray:
             import ray
+
+            if "serving" in self.__dict__:  # built (a cached_property): it may have processors running
+                self.serving.stop_stream_processors()
 
             ray.shutdown()
             self._started_ray = False

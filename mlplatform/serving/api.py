@@ -319,10 +319,16 @@ class Serving:
             serve.delete(APP_NAME)
         except Exception as exc:  # Serve not running: nothing to delete
             log.debug("serve.delete(%r): %r", APP_NAME, exc)
+        self.stop_stream_processors()
+        self._deployed = None
+
+    def stop_stream_processors(self) -> None:
+        """Stop the stream processors ``deploy`` started, each after it logged and acknowledged
+        what it applied (a processor killed instead loses nothing: its unacknowledged events
+        are applied again when processors next run, but the offline log lags until then)."""
         if self._processors is not None:
             self._processors.stop()
             self._processors = None
-        self._deployed = None
 
     # ---------------------------------------------------------------------- decisions
     def default_spool_dir(self) -> str:

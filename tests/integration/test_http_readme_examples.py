@@ -53,3 +53,26 @@ def test_the_readme_curl_examples_work_as_written(served):
     assert features["metadata"]["feature_names"][:2] == ["applicant_id", "merchant_id"], features
     assert all(len(r["values"]) == 1 for r in features["results"])
     assert isinstance(openapi, str) and openapi.startswith('{"openapi":"3.')
+
+
+def test_the_readme_event_example_is_accepted_and_applied(served):
+    """The real-time section's curl posts a missed installment: accepted by the bus, then applied
+    online by the processors the deployment started."""
+    import time
+
+    platform, deployed, _ = served
+    text = README.read_text()
+    section = text[text.index("## Real-time features") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    env = {**os.environ, "MLP_API_KEY": KEY, "MLP_URL": deployed.url}
+    run = subprocess.run(["bash", "-c", "set -e\n" + block], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    (answer,) = _documents(run.stdout)
+    assert answer["source"] == "repayments" and answer["accepted"] == 1, answer
+    deadline = time.monotonic() + 30
+    while True:
+        got = platform.features.get_online_features(["recent_repayments:missed_installments_7d"], {"applicant_id": [42]}).to_dict()
+        if got["missed_installments_7d"][0] >= 1:
+            break
+        assert time.monotonic() < deadline, "the posted event never reached the online state"
+        time.sleep(0.1)
