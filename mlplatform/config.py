@@ -228,8 +228,9 @@ class _StreamsBase(_Model):
         default="30s",
         description="Events pending this long for a consumer are taken over by another (the first is presumed dead).",
     )
-    processor_cpus: Annotated[float, Field(gt=0, le=64)] = Field(
-        default=0.5, description="CPUs Ray reserves for each processor actor."
+    processor_cpus: Annotated[float, Field(ge=0, le=64)] = Field(
+        default=0.5,
+        description="CPUs Ray reserves for each processor actor (0: none, as for Serve's proxies; the actor still runs).",
     )
 
     @model_validator(mode="after")

@@ -157,16 +157,16 @@ def deploy_served(tmp_path_factory) -> Served:
         # A loaded CI machine can take far longer than production's 50 ms; the fallback test
         # stops Redis instead, which fails fast.
         "serving": {"port": free_port(), "deadline": "3s", "api_key_env": KEY_ENV, "api_key_roles": ROLES, "api_key_digests_env": DIGESTS_ENV},
-        # replicas (2 x 0.45) and the processors deploy starts (one per stream source, 2 x 0.05)
-        # leave exactly one of the session's two CPUs to the Ray Data tasks of the modules that
-        # run while the application is up (a task needs a whole CPU: 0.9 free would hang them)
-        "streams": {"processor_cpus": 0.05, "block": "100ms", "flush_interval": "200ms", "claim_idle": "2s"},
+        # the processors deploy starts reserve no CPU, so the replicas (2 x 0.5) leave exactly one
+        # of the session's two CPUs to the Ray Data tasks of the modules that run while the
+        # application is up (a task needs a whole CPU: 0.9 free would hang them)
+        "streams": {"processor_cpus": 0, "block": "100ms", "flush_interval": "200ms", "claim_idle": "2s"},
     })
     platform.features.apply(DEFINITIONS)
     version = register(platform, seed=1)
     platform.models.set_alias("underwriting", "production", version)
     started = time.monotonic()
-    deployed = platform.serving.deploy("underwriting", policy=POLICY, num_replicas=2, replica_cpus=0.45)
+    deployed = platform.serving.deploy("underwriting", policy=POLICY, num_replicas=2, replica_cpus=0.5)
     print(f"deployed in {time.monotonic() - started:.1f}s via {deployed.ingress}")
     return Served(platform, deployed, redis_proc, old_env)
 

@@ -61,7 +61,7 @@ def ratio_view(udf) -> OnDemandFeatureView:
 
 service = FeatureService(name="checkout_v1", features=["profile:income", "profile:segment", "loan_activity:loans_24h",
                                                       "loan_activity:borrowed_24h", "ratios:amount_to_income"])
-STREAMS = {"processors": 1, "batch_size": 50, "block": "100ms", "flush_interval": "200ms", "claim_idle": "2s", "processor_cpus": 0.05}
+STREAMS = {"processors": 1, "batch_size": 50, "block": "100ms", "flush_interval": "200ms", "claim_idle": "2s", "processor_cpus": 0}
 
 
 def decide(platform: Platform, applicant_id: int, amount: float) -> dict:

@@ -50,7 +50,7 @@ view = FeatureView(
 )
 REFS = [f"{view.name}:{a.feature_name}" for a in view.aggregations]
 NAMES = [a.feature_name for a in view.aggregations]
-STREAMS = {"processors": 2, "batch_size": 16, "block": "100ms", "flush_interval": "200ms", "claim_idle": "2s", "processor_cpus": 0.05}
+STREAMS = {"processors": 2, "batch_size": 16, "block": "100ms", "flush_interval": "200ms", "claim_idle": "2s", "processor_cpus": 0}
 
 
 def oracle(copies: list[dict], key: int, t: int) -> dict:

@@ -59,7 +59,7 @@ STREAMS = {
     "flush_interval": "300ms",
     "flush_events": 200,
     "claim_idle": "2s",
-    "processor_cpus": 0.1,
+    "processor_cpus": 0,
 }
 
 
