@@ -54,7 +54,7 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
 
 def _name(proc: psutil.Process) -> str:
     try:
-        return " ".join(proc.cmdline())[:120] or proc.name()
+        return " ".join(proc.cmdline()) or proc.name()  # whole: a long checkout path must not cut the names checked
     except psutil.Error:
         return "?"
 
@@ -139,7 +139,7 @@ def test_local_deployment_listens_on_loopback_only_and_keeps_haproxy_private(tmp
 
         # -- TCP listeners: loopback only, except the ingress itself (serving.host is loopback here).
         listeners = _listeners(root)
-        report = "\n".join(f"  {a}:{p} pid={pid} {cmd}" for a, p, pid, cmd in sorted(listeners))
+        report = "\n".join(f"  {a}:{p} pid={pid} {cmd[:160]}" for a, p, pid, cmd in sorted(listeners))
         print(f"listening sockets of the local deployment:\n{report}")
         exposed = [entry for entry in listeners if not _is_loopback(entry[0])]
         per_replica: dict[int, int] = {}
