@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,14 +102,18 @@ class SqliteOnlineStore(OnlineStore, EventState):
             return self._conn
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        have = conn.execute(
-            f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({','.join('?' * len(_TABLES))})", _TABLES
-        ).fetchone()[0]
-        # Creating takes the write lock: only when the schema is missing (or older than this code).
-        if have < len(_TABLES):
-            conn.executescript(_SCHEMA)
+
+        def prepare() -> None:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            have = conn.execute(
+                f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ({','.join('?' * len(_TABLES))})", _TABLES
+            ).fetchone()[0]
+            # Creating takes the write lock: only when the schema is missing (or older than this code).
+            if have < len(_TABLES):
+                conn.executescript(_SCHEMA)
+
+        _while_locked(prepare, self.busy_timeout)
         self._conn, self._pid = conn, os.getpid()
         return conn
 
@@ -306,6 +311,23 @@ class _WriteTxn:
             self.store._lock.release()
         if isinstance(exc, sqlite3.Error):
             raise StorageError(f"online store {self.store.path!r} cannot be written: {exc}") from exc
+
+
+def _while_locked(step: Any, timeout_s: float) -> None:
+    """Run ``step``, again while SQLite answers "database is locked" (up to ``timeout_s``):
+    switching a new file to WAL and creating the schema can be refused at once, without the
+    busy handler, when other connections open the same new file at the same moment."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 def _create_table(conn: sqlite3.Connection, gen: int) -> None:
