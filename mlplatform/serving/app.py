@@ -13,11 +13,11 @@ role, see ``mlplatform.serving.guard``):
 ``GET  /openapi.json``         any key         the OpenAPI document of every route
 =============================  ==============  ================================================
 
-Errors are JSON (``schemas.ErrorResponse``): 401/403 for a missing key or role, 413 for a
-body too large, 422 naming each bad field (and, for an on-demand feature, the request field
-its function failed on), 409 for a conflicting or still-running copy of a decision, 503 when
-a store or the decision log is unavailable. No error body holds a URL, path or address.
-Anything else is a bug: it answers 500 with an ``error_id`` that is logged with the traceback.
+Errors are JSON (see ``mlplatform.serving.http``, which holds the FastAPI app and its error
+handlers; merged feature lookups and push frames are in ``mlplatform.serving.feature_batches``):
+401/403 for a missing key or role, 413 for a body too large, 422 naming each bad field (and,
+for an on-demand feature, the request field its function failed on), 409 for a conflicting or
+still-running copy of a decision, 503 when a store or the decision log is unavailable.
 
 Everything runs in the ingress replica's process: there is no second deployment to call, so
 a decision costs no inter-replica hop (on two cores a hop costs more than the whole
@@ -57,7 +57,6 @@ log, even if the replica is SIGKILLed right after.
 """
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -71,14 +70,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Path, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Path
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from mlplatform.errors import DataError, DefinitionError, NotFoundError, PlatformError
-from mlplatform.online.base import OnlineStoreUnavailable
+from mlplatform.errors import NotFoundError, PlatformError
+from mlplatform.serving.feature_batches import lookup_many, push_frame
 from mlplatform.serving.guard import Guard
+from mlplatform.serving.http import ERROR_RESPONSES, app, error_response, platform_error_response
 from mlplatform.serving.idempotency import IdempotencyUnavailable, is_pending, pending_marker
 from mlplatform.serving.schemas import (
     DecisionRequest,
@@ -130,79 +129,6 @@ class AppSettings:
     # No extra wait for company before an fsync: records that arrive while one runs share the
     # next, so batches form under load anyway, and a lone decision is not held back.
     group_commit_ms: float = 0.0
-
-
-# ----------------------------------------------------------------------------- the app
-app = FastAPI(
-    title="mlplatform serving",
-    summary="Checkout decisions, online features (Feast-compatible) and pushes.",
-    version="1",
-    docs_url=None,
-    redoc_url=None,
-    openapi_url="/openapi.json",
-)
-app.add_middleware(Guard)
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or wrong X-API-Key."},
-    403: {"model": ErrorResponse, "description": "The key lacks the route's role."},
-    413: {"model": ErrorResponse, "description": "The body is too large."},
-    422: {"model": ErrorResponse, "description": "The request is invalid; the message names each bad field."},
-    503: {"model": ErrorResponse, "description": "A store or the decision log is unavailable; retry."},
-}
-# URLs and absolute paths never reach a client: a store's error may name its address.
-_SECRET_LOOKING = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(?<![\w.])/(?:[\w.@-]+/)+[\w.@-]*")
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = []
-    for err in exc.errors():
-        loc = list(err.get("loc", ()))
-        loc = ".".join(str(p) for p in (loc[1:] if loc[:1] == ["body"] else loc)) or "body"
-        shown = _short(err.get("input"))
-        msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        problems.append({"field": loc, "message": msg, "type": err.get("type")})
-        if err.get("type") not in ("missing", "json_invalid"):
-            problems[-1]["message"] = f"{msg} (got {shown})"
-    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-    return JSONResponse({"error": "invalid_request", "message": summary, "problems": problems}, status_code=422)
-
-
-@app.exception_handler(Exception)
-async def _bug(request: Request, exc: Exception) -> JSONResponse:
-    """Anything that escapes a route is a bug: log it with an id the client can quote."""
-    error_id = uuid.uuid4().hex[:16]
-    log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
-    message = f"internal error {error_id}: the server failed on this request; it is logged under this id"
-    return JSONResponse({"error": "internal_error", "message": message, "error_id": error_id}, status_code=500)
-
-
-def _short(value: Any) -> str:
-    try:
-        shown = repr(value)
-    except Exception:  # a value whose repr fails (e.g. an int too long to print)
-        shown = f"<{type(value).__name__}>"
-    return shown if len(shown) <= 80 else shown[:77] + "..."
-
-
-def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": kind, "message": _SECRET_LOOKING.sub("<redacted>", message), **extra}, status_code=status)
-
-
-def _platform_error(exc: Exception) -> JSONResponse:
-    """The HTTP answer to a ``PlatformError``: 422 for bad input, 503 for a store that failed
-    (its detail, which may hold an address, goes to the log under an error id, not to the
-    client). Anything else is a bug and is raised (the 500 handler answers it)."""
-    if isinstance(exc, (DataError, DefinitionError)) or (isinstance(exc, NotFoundError) and "registered" in str(exc)):
-        return _error(422, "invalid_request", str(exc))
-    if isinstance(exc, PlatformError):
-        error_id = uuid.uuid4().hex[:16]
-        log.warning("unavailable %s: %s", error_id, exc)
-        if isinstance(exc, OnlineStoreUnavailable):
-            return _error(503, "feature_store_unavailable", f"the online feature store did not answer; retry (error {error_id})", error_id=error_id)
-        return _error(503, "unavailable", f"a store this request needs is unavailable; retry (error {error_id})", error_id=error_id)
-    raise exc
 
 
 class ServingReplica:
@@ -274,7 +200,7 @@ class ServingReplica:
         model = self._model_ref()
         return {"status": "ok" if model else "degraded", "model": model, "replica": self.replica_id}
 
-    @app.get("/v1/internal/replica", responses=_ERRORS)
+    @app.get("/v1/internal/replica", responses=ERROR_RESPONSES)
     async def replica(self) -> dict[str, Any]:
         """This replica's process, model, batching and phase timings (role ``operate``)."""
         return {
@@ -290,37 +216,37 @@ class ServingReplica:
             },
         }
 
-    @app.post("/get-online-features", response_model=FeatureResponse, responses=_ERRORS)
+    @app.post("/get-online-features", response_model=FeatureResponse, responses=ERROR_RESPONSES)
     async def get_online_features(self, body: FeatureRequest) -> Response:
         """Feast's online lookup: the current values of ``features`` (or a ``feature_service``)
         for column-wise ``entities`` (role ``read_features``)."""
         started = time.perf_counter()
         result = await self._features_batch(body)
         if isinstance(result, Exception):
-            return _platform_error(result)
+            return platform_error_response(result)
         self.metrics.feature_server_seconds.observe(time.perf_counter() - started)
         return Response(result, media_type="application/json")
 
-    @app.post("/push", response_model=PushResponse, responses=_ERRORS)
+    @app.post("/push", response_model=PushResponse, responses=ERROR_RESPONSES)
     async def push(self, body: PushRequest) -> Response:
         """Feast's push: rows of one feature view to the online store, the offline store or both
         (role ``write_features``). Event times must lie between ``features.min_event_time`` and
         the server clock plus ``features.max_future_skew``; nothing of a refused push is written."""
 
         def run() -> int:
-            frame = _push_frame(self.catalog, body.view(), body.df)
+            frame = push_frame(self.catalog, body.view(), body.df)
             return self.parts.features.push(body.view(), frame, to=body.to)
 
         try:
             rows = await asyncio.get_running_loop().run_in_executor(None, run)
         except PlatformError as exc:
-            return _platform_error(exc)
+            return platform_error_response(exc)
         return JSONResponse({"pushed": rows, "feature_view": body.view(), "to": body.to})
 
     @app.post(
         "/v1/events/{source}",
         response_model=EventsResponse,
-        responses={**_ERRORS, 404: {"model": ErrorResponse, "description": "No stream source of this name is registered."}},
+        responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse, "description": "No stream source of this name is registered."}},
     )
     async def ingest_events(self, source: Annotated[str, Path(max_length=100)], body: EventsRequest) -> Response:
         """Append a batch of events of stream source ``source`` to the event bus (role
@@ -330,13 +256,13 @@ class ServingReplica:
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, lambda: self.parts.features.ingest(source, body.events))
         except NotFoundError as exc:
-            return _error(404, "unknown_source", str(exc))
+            return error_response(404, "unknown_source", str(exc))
         except EventBusUnavailable as exc:
             error_id = uuid.uuid4().hex[:16]
             log.warning("event bus unavailable %s: %s", error_id, exc)
-            return _error(503, "event_bus_unavailable", f"the event bus did not confirm the events; send the same batch again (error {error_id})", error_id=error_id)
+            return error_response(503, "event_bus_unavailable", f"the event bus did not confirm the events; send the same batch again (error {error_id})", error_id=error_id)
         except PlatformError as exc:
-            return _platform_error(exc)
+            return platform_error_response(exc)
         return JSONResponse(
             {
                 "source": result.source,
@@ -351,7 +277,7 @@ class ServingReplica:
     @app.post(
         "/v1/decisions",
         response_model=DecisionResponse,
-        responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "The application_id was decided for a different request, or a copy is still being decided."}},
+        responses={**ERROR_RESPONSES, 409: {"model": ErrorResponse, "description": "The application_id was decided for a different request, or a copy is still being decided."}},
     )
     async def decide(self, body: DecisionRequest) -> Response:
         """Decide a checkout application (role ``decide``); a retry with the same
@@ -369,7 +295,7 @@ class ServingReplica:
         if running is not None:  # a copy is being decided in this replica: its answer is ours
             answer = await asyncio.shield(running)
             if answer is None:
-                return _error(503, "decision_unavailable", "an identical request being decided failed; retry the same request")
+                return error_response(503, "decision_unavailable", "an identical request being decided failed; retry the same request")
             return self._replayed(answer, job)
         skew = (body.timestamp - datetime.now(UTC)).total_seconds()
         if abs(skew) > self.settings.max_clock_skew_s:
@@ -396,14 +322,14 @@ class ServingReplica:
                 "confirmed; retry the same request later (a new checkout gets a decision now: send it with a new "
                 "application_id and the current time)"
             )
-            return _error(503, "decision_unconfirmed", message), None
+            return error_response(503, "decision_unconfirmed", message), None
         if outcome.stored is not None:
             return self._replayed(outcome.stored, job), outcome.stored
         if outcome.wait:
             stored = await self._wait_for_answer(job)
             if stored is None:
                 message = "a copy of this application is still being decided by another replica; retry the same request shortly"
-                return _error(409, "decision_in_progress", message), None
+                return error_response(409, "decision_in_progress", message), None
             return self._replayed(stored, job), stored
         decided = time.perf_counter()
         try:
@@ -411,7 +337,7 @@ class ServingReplica:
         except Exception as exc:  # not durable: the decision must not be given
             log.error("decision %s not logged: %r", outcome.record["decision_id"], exc)
             self.metrics.log_failures.inc()
-            return _error(503, "decision_log_unavailable", "the decision could not be recorded; retry the same request"), None
+            return error_response(503, "decision_log_unavailable", "the decision could not be recorded; retry the same request"), None
         logged = time.perf_counter()
         application_id = job.request.application_id
         winner = None
@@ -646,73 +572,3 @@ ServingApp = serve.deployment(name="mlplatform", max_ongoing_requests=64, gracef
 )
 
 
-def lookup_many(catalog: Any, bodies: list[FeatureRequest]) -> list[bytes | Exception]:
-    """Answer several ``/get-online-features`` bodies: those asking for the same features with
-    the same entity columns in one ``get_online_features`` call (rows concatenated, results
-    split back), the rest one by one. A merged call that fails is retried body by body, so each
-    body gets its own answer or error. Returns JSON bytes or the ``PlatformError`` per body."""
-    from mlplatform.features.online_lookup import get_online_features
-
-    out: list[bytes | Exception | None] = [None] * len(bodies)
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, body in enumerate(bodies):
-        target = body.target()
-        lengths = {len(v) for v in body.entities.values()}
-        key = (target if isinstance(target, str) else tuple(target), body.full_feature_names, tuple(body.entities))
-        groups.setdefault(key if len(lengths) == 1 else ("single", i), []).append(i)
-
-    def one(i: int) -> bytes | Exception:
-        body = bodies[i]
-        try:
-            response = get_online_features(catalog, body.target(), body.entities, full_feature_names=body.full_feature_names)
-        except Exception as exc:  # this body's answer: a PlatformError is a 4xx/503, anything else a 500
-            return exc
-        return _encode_response(response.to_json_dict())
-
-    for key, members in groups.items():
-        if len(members) > 1:
-            first = bodies[members[0]]
-            entities = {k: [v for i in members for v in bodies[i].entities[k]] for k in first.entities}
-            try:
-                response = get_online_features(catalog, first.target(), entities, full_feature_names=first.full_feature_names)
-            except Exception:
-                response = None  # someone's rows are bad: find out whose, one by one
-            if response is not None:
-                doc = response.to_json_dict()
-                start = 0
-                for i in members:
-                    n = len(next(iter(bodies[i].entities.values())))
-                    part = {
-                        "metadata": doc["metadata"],
-                        "results": [{k: r[k][start : start + n] for k in ("values", "statuses", "event_timestamps")} for r in doc["results"]],
-                    }
-                    out[i] = _encode_response(part)
-                    start += n
-                continue
-        for i in members:
-            out[i] = one(i)
-    return out  # type: ignore[return-value]
-
-
-def _encode_response(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def _push_frame(catalog: Any, view_name: str, df: dict[str, list[Any]]) -> Any:
-    """The pushed columns as a DataFrame, timestamps parsed from ISO 8601 text (checked, so a
-    bad one is a DataError naming its column and row)."""
-    import pandas as pd
-
-    from mlplatform.features.values import check_values
-
-    lengths = {c: len(v) for c, v in df.items()}
-    if len(set(lengths.values())) != 1:
-        raise DataError(f"push: every df column must have one length, got {lengths}")
-    view = catalog.resolve_view(view_name)
-    stamps = {"event_timestamp"} | {f.name for f in getattr(view, "features", ()) if f.dtype == "timestamp"}
-    columns = {}
-    for name, values in df.items():
-        if name in stamps:
-            values = check_values(name, values, "timestamp", where=f"push to view {view_name!r}: column")
-        columns[name] = pd.Series(values, dtype=object)
-    return pd.DataFrame(columns)
