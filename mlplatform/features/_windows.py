@@ -20,7 +20,8 @@ event becomes an interval ``[lo, hi)`` of candidate numbers. Then, with no per-e
   a node keeps the max of the events cut into it; the value at candidate ``p`` is the max
   over the nodes on the path to leaf ``p``, one per level.
 
-This module turns events into those intervals and the results back into rows; the interval
+This module checks the inputs, drives the phases and turns the values back into rows. The
+events become those intervals in :mod:`mlplatform.features._candidates`; the interval
 queries themselves are in :mod:`mlplatform.features._intervals`.
 
 Cost: O(n log n) for n events, memory a few dozen arrays of n. The underwriting
@@ -36,18 +37,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mlplatform.errors import DataError
-from mlplatform.features._intervals import Intervals, count_holding, running_sums, segment_cover, stab
+from mlplatform.features._candidates import Candidates, events_in_range, number_candidates, plain_array
+from mlplatform.features._intervals import count_holding, running_sums, segment_cover, stab
 from mlplatform.features.definitions import Aggregation
-from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP, UTC_MICROS, micros_and_valid
+from mlplatform.timestamps import CREATED_TIMESTAMP, EVENT_TIMESTAMP, UTC_MICROS
 
 __all__ = ["event_time_range", "boundary_indices", "window_aggregate"]
 
 _US = dt.timedelta(microseconds=1)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_INT64_BUDGET = 1 << 62
 
 
 def _micros_of(value: dt.datetime | dt.timedelta) -> int:
@@ -141,13 +141,7 @@ def window_aggregate(
         DataError: a column is missing or not numeric, or ``start >= end``.
     """
     join_keys = list(join_keys)
-    needed = [*join_keys, event_ts, *([created_ts] if created_ts else [])]
-    needed += [a.column for a in aggregations if a.column is not None]
-    missing = [c for c in dict.fromkeys(needed) if c not in events.column_names]
-    if missing:
-        raise DataError(f"source column {missing[0]!r} is missing; the events have columns {events.column_names}")
-    if not aggregations:
-        raise DataError("window_aggregate needs at least one aggregation")
+    _check_columns(events, join_keys, event_ts, created_ts, aggregations)
     start_us, end_us = _micros_of(start), _micros_of(end)
     if start_us >= end_us:
         raise DataError(f"backfill start {start!r} must be before end {end!r}")
@@ -157,72 +151,48 @@ def window_aggregate(
     key_types = [events.schema.field(k).type for k in join_keys]
     if span <= 0 or events.num_rows == 0:
         return _empty(join_keys, key_types, aggregations)
-
-    # ---- per-event times, in boundary indices
-    event, event_ok = micros_and_valid(events.column(event_ts))
-    if created_ts:
-        created, created_ok = micros_and_valid(events.column(created_ts))
-        known = np.where(created_ok, np.maximum(event, created), event)
-    else:
-        known = event
-    code, code_ok = _factorize(events, join_keys)
     windows = sorted({_micros_of(a.window) for a in aggregations})
-    longest = windows[-1]
-    keep = event_ok & code_ok & (event > k0 * cad - longest) & (known <= k_last * cad)
-    rows = np.flatnonzero(keep)
-    if rows.size == 0:
+    kept = events_in_range(events, join_keys, event_ts, created_ts, windows, cad=cad, k0=k0, k_last=k_last)
+    if kept is None:
         return _empty(join_keys, key_types, aggregations)
-    event, known, code = event[rows], known[rows], code[rows]
-    first_row, ent = _densify(code)
-    n_ent = first_row.size
-    enter = np.maximum(_ceil_div(known, cad), k0) - k0  # relative to k0, in 0..span
-    exits = {w: _ceil_div(event + w, cad) - k0 for w in windows}  # relative, may pass span
+    candidates = number_candidates(kept, windows, span)
+    values = _values_at_candidates(events, aggregations, kept.rows, candidates)
+    emit = _changes(values, candidates)
+    boundary = (candidates.boundary_of[emit] + k0) * cad
+    key_rows = kept.rows[kept.first_row[candidates.cand_ent[emit]]]
+    return _output(events, join_keys, aggregations, values, emit, key_rows, boundary, _micros_of(availability_delay))
 
-    # ---- candidate boundaries per entity: k0 itself, every enter, every exit in range.
-    # Candidates are numbered globally in (entity, boundary) order; an entity's candidates
-    # are contiguous, its first one being k0.
-    width = span + 2  # relative boundary 0..span, and span+1 = "after the range"
-    if n_ent * width >= _INT64_BUDGET:
-        raise DataError(f"range of {span} boundaries is too long for one backfill bucket; split the range")
-    base = ent * width
-    active = {w: enter < ex for w, ex in exits.items()}
-    any_active = np.logical_or.reduce(list(active.values()))
-    enter_rows = np.flatnonzero(any_active)
-    inside = {w: np.flatnonzero(active[w] & (ex <= span)) for w, ex in exits.items()}
-    keys = np.concatenate(
-        [np.arange(n_ent, dtype=np.int64) * width, (base + enter)[enter_rows]]
-        + [(base + exits[w])[inside[w]] for w in windows]
-    )
-    number = _number(keys)  # global candidate number of each key
-    ent_start = number[:n_ent]
-    q = int(number.max()) + 1
-    ent_end = np.append(ent_start[1:], q)
-    cand_ent = np.repeat(np.arange(n_ent, dtype=np.int64), ent_end - ent_start)
-    boundary_of = np.empty(q, dtype=np.int64)
-    boundary_of[number] = keys % width
-    enter_at = np.full(rows.size, -1, dtype=np.int64)
-    enter_at[enter_rows] = number[n_ent : n_ent + enter_rows.size]
 
-    # ---- per window: every active event as an interval [lo, hi) of candidate numbers
-    # (an exit after the range is numbered as the entity's end: the next entity's start)
-    intervals: dict[int, Intervals] = {}
-    at = n_ent + enter_rows.size
-    for w in windows:
-        idx = np.flatnonzero(active[w])
-        hi = ent_end[ent]
-        closes = np.zeros(rows.size, dtype=bool)
-        hi[inside[w]] = number[at : at + inside[w].size]
-        closes[inside[w]] = True
-        at += inside[w].size
-        intervals[w] = Intervals(idx, enter_at[idx], hi[idx], closes[idx])
-    pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+def _check_columns(
+    events: pa.Table,
+    join_keys: list[str],
+    event_ts: str,
+    created_ts: str | None,
+    aggregations: Sequence[Aggregation],
+) -> None:
+    """Raise :class:`DataError` unless the events have every column the view reads and it has an aggregation."""
+    needed = [*join_keys, event_ts, *([created_ts] if created_ts else [])]
+    needed += [a.column for a in aggregations if a.column is not None]
+    missing = [c for c in dict.fromkeys(needed) if c not in events.column_names]
+    if missing:
+        raise DataError(f"source column {missing[0]!r} is missing; the events have columns {events.column_names}")
+    if not aggregations:
+        raise DataError("window_aggregate needs at least one aggregation")
 
-    # ---- per aggregation: the value at every candidate
+
+def _values_at_candidates(
+    events: pa.Table, aggregations: Sequence[Aggregation], rows: np.ndarray, candidates: Candidates
+) -> dict[str, np.ndarray]:
+    """Every aggregation's value at every candidate, by feature name: int64 counts, float64 (NaN for null) otherwise."""
+    intervals, q = candidates.intervals, candidates.q
     values: dict[str, np.ndarray] = {}
+    # Aggregations of one window and column share their queries: a mean is a sum and a count,
+    # and every non-count needs the count to tell an empty window.
     cache: dict[tuple[Any, ...], np.ndarray] = {}
+    pieces: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     columns = {a.column: _values(events.column(a.column), rows) for a in aggregations if a.column is not None}
     summed = list(dict.fromkeys((_micros_of(a.window), a.column) for a in aggregations if a.function in ("sum", "mean")))
-    sums = running_sums([(intervals[w], columns[c][0]) for w, c in summed], cand_ent, q)
+    sums = running_sums([(intervals[w], columns[c][0]) for w, c in summed], candidates.cand_ent, q)
     cache.update({("sum", w, c): total for (w, c), total in zip(summed, sums)})
 
     def query(kind: str, w: int, column: str | None) -> np.ndarray:
@@ -259,9 +229,12 @@ def window_aggregate(
         else:
             extreme = query(agg.function, w, agg.column)
             values[agg.feature_name] = np.where(empty, np.nan, extreme)
+    return values
 
-    # ---- keep candidates whose values differ from the entity's previous candidate
-    changed = np.zeros(q, dtype=bool)
+
+def _changes(values: dict[str, np.ndarray], candidates: Candidates) -> np.ndarray:
+    """The candidates to emit: those where some value differs from the entity's previous candidate (NaN equals NaN)."""
+    changed = np.zeros(candidates.q, dtype=bool)
     for v in values.values():
         if v.dtype.kind == "f":
             nan = np.isnan(v)
@@ -269,14 +242,24 @@ def window_aggregate(
         else:
             diff = v[1:] != v[:-1]
         changed[1:] |= diff
-    changed[ent_start] = False  # k0: the baseline, computed to compare with, never emitted
-    emit = np.flatnonzero(changed)
+    changed[candidates.ent_start] = False  # k0: the baseline, computed to compare with, never emitted
+    return np.flatnonzero(changed)
 
-    boundary = (boundary_of[emit] + k0) * cad
-    key_rows = pa.array(rows[first_row[cand_ent[emit]]])
-    out: dict[str, Any] = {k: _plain(events.column(k)).take(key_rows) for k in join_keys}
+
+def _output(
+    events: pa.Table,
+    join_keys: list[str],
+    aggregations: Sequence[Aggregation],
+    values: dict[str, np.ndarray],
+    emit: np.ndarray,
+    key_rows: np.ndarray,
+    boundary: np.ndarray,
+    delay: int,
+) -> pa.Table:
+    """The emitted rows: the keys of source rows ``key_rows``, ``T = boundary`` (µs), ``T + delay``, the values at ``emit``."""
+    out: dict[str, Any] = {k: plain_array(events.column(k)).take(pa.array(key_rows)) for k in join_keys}
     out[EVENT_TIMESTAMP] = pa.array(boundary, pa.int64()).cast(UTC_MICROS)
-    out[CREATED_TIMESTAMP] = pa.array(boundary + _micros_of(availability_delay), pa.int64()).cast(UTC_MICROS)
+    out[CREATED_TIMESTAMP] = pa.array(boundary + delay, pa.int64()).cast(UTC_MICROS)
     for agg in aggregations:
         v = values[agg.feature_name][emit]
         if agg.function == "count":
@@ -286,67 +269,9 @@ def window_aggregate(
     return pa.table(out)
 
 
-def _number(keys: np.ndarray) -> np.ndarray:
-    """Dense rank of each key among the distinct keys (equal keys, equal numbers)."""
-    order = np.argsort(keys)
-    ordered = keys[order]
-    new = np.empty(ordered.size, dtype=bool)
-    new[:1] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
-    number = np.empty(keys.size, dtype=np.int64)
-    number[order] = np.cumsum(new) - 1
-    return number
-
-
-# ------------------------------------------------------------------------------ helpers
-def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
-    return -((-a) // b)
-
-
-def _plain(column: pa.ChunkedArray) -> pa.Array:
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_dictionary(column.type):
-        column = column.cast(column.type.value_type)
-    return column
-
-
-def _factorize(table: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """An int64 code per row, equal iff all keys are equal, and whether no key is null."""
-    code = np.zeros(table.num_rows, dtype=np.int64)
-    ok = np.ones(table.num_rows, dtype=bool)
-    card = 1
-    for name in keys:
-        column = _plain(table.column(name))
-        if not (pa.types.is_integer(column.type) or pa.types.is_string(column.type)
-                or pa.types.is_large_string(column.type) or pa.types.is_binary(column.type)):
-            raise DataError(f"join key {name!r} must be integers or strings, got {column.type}")
-        encoded = column.dictionary_encode()
-        indices = encoded.indices
-        if indices.null_count:
-            ok &= indices.is_valid().to_numpy(zero_copy_only=False)
-            indices = pc.fill_null(indices, 0)
-        c = indices.to_numpy().astype(np.int64)
-        n = max(len(encoded.dictionary), 1)
-        if card * n >= _INT64_BUDGET:
-            _, code = np.unique(code, return_inverse=True)
-            card = int(code.max()) + 1
-        code = code * n + c
-        card *= n
-    return code, ok
-
-
-def _densify(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense entity numbers ``0..n-1`` in order of first appearance, and each one's first row."""
-    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    renumber = np.empty_like(order)
-    renumber[order] = np.arange(order.size)
-    return first[order], renumber[inverse.reshape(-1)]
-
-
 def _values(column: pa.ChunkedArray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """float64 values (NaN where null or NaN) of ``rows`` and their non-null mask (None: no nulls)."""
-    column = _plain(column)
+    column = plain_array(column)
     typ = column.type
     if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
             or pa.types.is_decimal(typ) or pa.types.is_null(typ)):
