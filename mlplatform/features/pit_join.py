@@ -127,78 +127,146 @@ def point_in_time_join(
         raise DataError(f"num_partitions must be at least 1, got {num_partitions}")
     plans, empty_entities = _plan_views(entities, views, entity_ts, full_feature_names, include_event_timestamps)
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     remote_tasks()  # define the remote functions once, before threads use them
-    groups = list(_group_by_keys(plans))
-    keys_of = {p.view.name: tuple(g[0].view.join_keys) for g in groups for p in g}
-    entity_prepare = Prepare(entity_ts=entity_ts)
-
-    def feature_input(p: _ViewPlan) -> Iterator[Block]:
-        return dataset_blocks(p.view.features.select_columns(p.read_columns))
-
-    def feature_prepare(p: _ViewPlan) -> Prepare:
-        return Prepare(event_ts=p.view.event_ts, created_ts=p.view.created_ts, join_keys=keys_of[p.view.name])
-
-    # Every input is read at the same time, each by its own Ray Data execution driven from its
-    # own thread: a read is mostly waiting, and reading one after another adds up the latency.
-    with ThreadPoolExecutor(max_workers=len(plans) + 1, thread_name_prefix="pit-join-read") as pool:
-        if num_partitions is not None:
-            # N is known: partition each block as soon as it has been read.
-            n_fixed = num_partitions
-            entity_first = pool.submit(shuffle, dataset_blocks(entities), keys_of[plans[0].view.name], n_fixed, entity_prepare)
-            feature_parts = {
-                p.view.name: pool.submit(shuffle, feature_input(p), keys_of[p.view.name], n_fixed, feature_prepare(p))
-                for p in plans
-            }
-        else:
-            # Sizing N needs the sizes: read the inputs first (into the object store, not here).
-            entity_read = pool.submit(list, dataset_blocks(entities))
-            feature_read = {p.view.name: pool.submit(list, feature_input(p)) for p in plans}
-
-        # The driver drops each ref as soon as the tasks that need it are submitted, so Ray can
-        # free every input block once it has been partitioned, and every bucket once joined.
-        current: list[Any] | None = None  # entity rows as object refs, after the previous shuffle
-        entity_bytes = 0
-        for group in groups:
-            keys = keys_of[group[0].view.name]
-            if num_partitions is not None:
-                n = n_fixed
-                if current is None:
-                    entity_parts = entity_first.result()
-                    del entity_first
-                else:
-                    entity_parts = shuffle((Block(ref, None, 0) for ref in current), keys, n, entity_prepare)
-                feature_sides = [feature_parts.pop(p.view.name).result() for p in group]
-            else:
-                feature_blocks = [feature_read.pop(p.view.name).result() for p in group]
-                if current is None:
-                    source = entity_read.result()
-                    del entity_read
-                    entity_bytes = sum(b.size_bytes for b in source)
-                else:
-                    source = [Block(ref, None, 0) for ref in current]
-                total = entity_bytes + sum(b.size_bytes for blocks in feature_blocks for b in blocks)
-                n = max(cpus, math.ceil(total / TARGET_BUCKET_BYTES))
-                entity_parts = shuffle(source, keys, n, entity_prepare)
-                feature_sides = [shuffle(b, keys, n, feature_prepare(p)) for p, b in zip(group, feature_blocks)]
-                del source, feature_blocks
-            parts = [entity_parts, *feature_sides]
-            del entity_parts, feature_sides
-            spec = BucketSpec(
-                entity_ts=entity_ts,
-                as_known_at=as_known_at,
-                views=tuple(p.kernel_args for p in group),
-                part_counts=tuple(len(side[0]) for side in parts),
-                empty_entities=empty_entities,
-                empty_features=tuple(p.empty_features for p in group),
-            )
-            join_bucket = remote_tasks().join_bucket
-            current = [
-                join_bucket.remote(spec, *[ref for side in parts for ref in side[bucket]]) for bucket in range(n)
-            ]
-            del parts
+    join = _Join(entities, plans, entity_ts=entity_ts, as_known_at=as_known_at, empty_entities=empty_entities)
+    if num_partitions is not None:
+        current = _join_partitioning_while_reading(join, num_partitions)
+    else:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        current = _join_sized_after_reading(join, cpus)
     assert current is not None
     return ray.data.from_arrow_refs(current)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the shuffles: two strategies, one per way of choosing N. Both drop each ref as soon
+# as the tasks that need it are submitted, so Ray can free every input block once it has been
+# partitioned, and every bucket once joined.
+
+
+def _join_partitioning_while_reading(join: _Join, n: int) -> list[Any] | None:
+    """Join into ``n`` buckets per shuffle, partitioning every block as soon as it has been read.
+
+    Each view's shuffle starts with its read; the entity rows are shuffled with the first
+    group's and, for each later group, the previous group's joined buckets are shuffled again.
+
+    Returns:
+        The refs of the last group's joined buckets (None only without groups).
+    """
+    with join.reader_pool() as pool:
+        first_keys = join.keys_of[join.plans[0].view.name]
+        entity_first = pool.submit(shuffle, dataset_blocks(join.entities), first_keys, n, join.entity_prepare)
+        feature_parts = {
+            p.view.name: pool.submit(shuffle, join.feature_input(p), join.keys_of[p.view.name], n, join.feature_prepare(p))
+            for p in join.plans
+        }
+
+        current: list[Any] | None = None  # entity rows as object refs, after the previous shuffle
+        for group in join.groups:
+            keys = join.keys_of[group[0].view.name]
+            if current is None:
+                entity_parts = entity_first.result()
+                del entity_first
+            else:
+                entity_parts = shuffle((Block(ref, None, 0) for ref in current), keys, n, join.entity_prepare)
+            feature_sides = [feature_parts.pop(p.view.name).result() for p in group]
+            parts = [entity_parts, *feature_sides]
+            del entity_parts, feature_sides
+            current = join.join_buckets(group, parts, n)
+            del parts
+    return current
+
+
+def _join_sized_after_reading(join: _Join, cpus: int) -> list[Any] | None:
+    """Read every input first, then join each group into N buckets sized from the data.
+
+    N is about one bucket per ``TARGET_BUCKET_BYTES`` of the group's entity and feature
+    blocks, and at least ``cpus``. Later groups shuffle the previous group's joined buckets,
+    whose size is taken to be that of the entity input.
+
+    Returns:
+        The refs of the last group's joined buckets (None only without groups).
+    """
+    with join.reader_pool() as pool:
+        # Sizing N needs the sizes: read the inputs first (into the object store, not here).
+        entity_read = pool.submit(list, dataset_blocks(join.entities))
+        feature_read = {p.view.name: pool.submit(list, join.feature_input(p)) for p in join.plans}
+
+        current: list[Any] | None = None  # entity rows as object refs, after the previous shuffle
+        entity_bytes = 0
+        for group in join.groups:
+            keys = join.keys_of[group[0].view.name]
+            feature_blocks = [feature_read.pop(p.view.name).result() for p in group]
+            if current is None:
+                source = entity_read.result()
+                del entity_read
+                entity_bytes = sum(b.size_bytes for b in source)
+            else:
+                source = [Block(ref, None, 0) for ref in current]
+            total = entity_bytes + sum(b.size_bytes for blocks in feature_blocks for b in blocks)
+            n = max(cpus, math.ceil(total / TARGET_BUCKET_BYTES))
+            entity_parts = shuffle(source, keys, n, join.entity_prepare)
+            feature_sides = [shuffle(b, keys, n, join.feature_prepare(p)) for p, b in zip(group, feature_blocks)]
+            del source, feature_blocks
+            parts = [entity_parts, *feature_sides]
+            del entity_parts, feature_sides
+            current = join.join_buckets(group, parts, n)
+            del parts
+    return current
+
+
+class _Join:
+    """One join's inputs and the steps both strategies share: the groups of views that share a
+    shuffle, what each input reads and how its blocks are prepared, and the per-bucket joins."""
+
+    def __init__(
+        self,
+        entities: ray.data.Dataset,
+        plans: list[_ViewPlan],
+        *,
+        entity_ts: str,
+        as_known_at: bool,
+        empty_entities: pa.Table,
+    ) -> None:
+        self.entities = entities
+        self.plans = plans
+        self.groups = list(_group_by_keys(plans))
+        self.keys_of = {p.view.name: tuple(g[0].view.join_keys) for g in self.groups for p in g}
+        self.entity_ts = entity_ts
+        self.as_known_at = as_known_at
+        self.empty_entities = empty_entities
+        self.entity_prepare = Prepare(entity_ts=entity_ts)
+
+    def reader_pool(self) -> ThreadPoolExecutor:
+        """A thread per input (every view and the entities), to read them all at once."""
+        # Every input is read at the same time, each by its own Ray Data execution driven from its
+        # own thread: a read is mostly waiting, and reading one after another adds up the latency.
+        return ThreadPoolExecutor(max_workers=len(self.plans) + 1, thread_name_prefix="pit-join-read")
+
+    def feature_input(self, p: _ViewPlan) -> Iterator[Block]:
+        """The blocks of view ``p``'s feature rows, only the columns the join reads."""
+        return dataset_blocks(p.view.features.select_columns(p.read_columns))
+
+    def feature_prepare(self, p: _ViewPlan) -> Prepare:
+        """How the partition tasks prepare view ``p``'s feature blocks."""
+        return Prepare(event_ts=p.view.event_ts, created_ts=p.view.created_ts, join_keys=self.keys_of[p.view.name])
+
+    def join_buckets(self, group: list[_ViewPlan], parts: list[list[list[Any]]], n: int) -> list[Any]:
+        """Submit one join task per bucket; returns their refs, the entity rows with ``group``'s features.
+
+        ``parts`` holds the shuffled entity side, then each view's of ``group``, each as
+        refs indexed ``[bucket][task]``.
+        """
+        spec = BucketSpec(
+            entity_ts=self.entity_ts,
+            as_known_at=self.as_known_at,
+            views=tuple(p.kernel_args for p in group),
+            part_counts=tuple(len(side[0]) for side in parts),
+            empty_entities=self.empty_entities,
+            empty_features=tuple(p.empty_features for p in group),
+        )
+        join_bucket = remote_tasks().join_bucket
+        return [join_bucket.remote(spec, *[ref for side in parts for ref in side[bucket]]) for bucket in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
