@@ -1,5 +1,6 @@
-"""Models: the registry (versions, aliases, lineage, checksummed safe artifacts) and the
-reason codes that explain a score (``mlplatform.models.reasons``)."""
+"""Models: the registry (versions, aliases, lineage, checksummed safe artifacts), the flavors
+that turn a version into a predictor (``mlplatform.models.flavors``) and the reason codes
+that explain a score (``mlplatform.models.reasons``)."""
 
 from mlplatform.models.registry import LoadedModel, ModelRegistry, ModelVersion
 

@@ -5,6 +5,8 @@
     platform.models.set_alias("pd", "production", mv.version)
     loaded = platform.models.load("pd", alias="production")   # checksums verified
     loaded.model.predict(X)
+    mv, predictor = platform.models.load_predictor("fraud", alias="production", device="cuda")
+    predictor.predict({"event_type": ..., ...})["probability"]
 
 Layout under the storage root::
 
@@ -32,16 +34,18 @@ import subprocess
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
-from functools import cache
 from datetime import UTC, date, datetime
+from functools import cache
 from importlib import metadata
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import ConflictError, ModelError, NotFoundError
-from mlplatform.models.artifacts import MODEL_FILES, Flavor, check_flavor, deserialize, serialize
+from mlplatform.models.artifacts import deserialize
+from mlplatform.models.flavors import get_flavor
 
 if TYPE_CHECKING:
+    from mlplatform.models.flavors import Predictor
     from mlplatform.storage import Storage
 
 __all__ = ["LoadedModel", "ModelRegistry", "ModelVersion", "complete_lineage", "library_versions"]
@@ -60,8 +64,11 @@ class ModelVersion:
     """One registered version: what it is, where its bytes are and where it came from.
 
     ``artifacts`` maps each stored file to its sha256; ``model_file`` names the one holding
-    the model. ``uri`` is the folder the artifacts live in. ``aliases`` are the aliases that
-    pointed at this version when it was read.
+    the model. ``flavor_config`` is what the flavor needs besides the files to build a
+    predictor (for ``torch``: ``class``, ``config``, ``signature``, ``transform``; ``{}`` for
+    ``lightgbm``, for torch weights registered without one, and in records written before
+    flavors had configs). ``uri`` is the folder the artifacts live in. ``aliases`` are the
+    aliases that pointed at this version when it was read.
     """
 
     name: str
@@ -77,6 +84,7 @@ class ModelVersion:
     uri: str
     aliases: tuple[str, ...] = ()
     artifact_prefix: str = field(default="", repr=False)
+    flavor_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], *, uri: str, aliases: tuple[str, ...] = ()) -> ModelVersion:
@@ -94,6 +102,7 @@ class ModelVersion:
             uri=uri,
             aliases=aliases,
             artifact_prefix=record["artifact_prefix"],
+            flavor_config=record.get("flavor_config") or {},
         )
 
 
@@ -121,13 +130,14 @@ class ModelRegistry:
         self,
         name: str,
         *,
-        flavor: Flavor,
+        flavor: str,
         model: Any,
         lineage: Mapping[str, Any],
         metrics: Mapping[str, Any],
         params: Mapping[str, Any],
         files: Mapping[str, bytes] | None = None,
         description: str = "",
+        flavor_config: Mapping[str, Any] | None = None,
     ) -> ModelVersion:
         """Store ``model`` and its files, then publish them as the next version of ``name``.
 
@@ -138,6 +148,14 @@ class ModelRegistry:
         Args:
             flavor: ``"lightgbm"`` (a Booster, stored as LightGBM's text model) or ``"torch"``
                 (an ``nn.Module`` or state dict, stored as safetensors). Never pickle.
+            flavor_config: what the flavor needs to build a predictor, stored in the version
+                record (``ModelVersion.flavor_config``). ``lightgbm``: none. ``torch``:
+                ``{"class": "pkg.module:Class", "config": {...}, "signature": {"inputs": [...],
+                "outputs": [...]}, "transform": "sigmoid" | "none"}`` — ``class`` defaults to the
+                module's own class, ``config`` to ``{}``, ``transform`` to ``"none"``; the
+                class is built from the config and the weights must fit it (see
+                ``mlplatform.models.flavors.torch``). A torch model registered without one is
+                weights only: ``load`` returns its state dict, ``load_predictor`` refuses it.
             lineage: where the model came from. ``training_set`` may be a ``TrainingSetSnapshot``
                 or its dict; from it ``feature_versions`` and ``data_time_range`` are filled in
                 when not given. ``code_version`` (``git rev-parse HEAD`` of the working
@@ -153,15 +171,16 @@ class ModelRegistry:
             many processes register at once.
 
         Raises:
-            ModelError: bad name, flavor, model or file name.
+            ModelError: bad name, flavor, model, flavor_config or file name.
         """
         _check_name(name)
-        check_flavor(flavor)
-        model_file = MODEL_FILES[flavor]
-        blobs = {model_file: serialize(flavor, model)}
+        chosen = get_flavor(flavor)
+        model_file = chosen.model_file
+        saved = chosen.save(model, flavor_config)
+        blobs = dict(saved.files)
         for fname, data in (files or {}).items():
-            if not _NAME.match(fname) or fname == model_file:
-                raise ModelError(f"bad file name {fname!r}: use a plain name like 'model_card.md', not {model_file!r}")
+            if not isinstance(fname, str) or not _NAME.match(fname) or fname in saved.files:
+                raise ModelError(f"bad file name {fname!r}: use a plain name like 'model_card.md', not one of {sorted(saved.files)}")
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise ModelError(f"file {fname!r} must be bytes, got {type(data).__name__}")
             blobs[fname] = bytes(data)
@@ -177,6 +196,7 @@ class ModelRegistry:
             "name": name,
             "version": None,
             "flavor": flavor,
+            "flavor_config": _jsonable(saved.config),
             "model_file": model_file,
             "artifact_prefix": prefix,
             "artifacts": artifacts,
@@ -278,11 +298,46 @@ class ModelRegistry:
             NotFoundError: as for ``get``, or an artifact is missing.
         """
         mv = self.get(name, version=version, alias=alias)
-        data = {f: self.storage.read_artifact(f"{mv.artifact_prefix}/{f}", sha) for f, sha in mv.artifacts.items()}
+        data = self._verified_files(mv)
         model = deserialize(mv.flavor, data.pop(mv.model_file))
         return LoadedModel(version=mv, model=model, files=data)
 
+    def load_predictor(
+        self,
+        name: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        device: str = "cpu",
+        precision: str = "fp32",
+    ) -> tuple[ModelVersion, Predictor]:
+        """A version and a predictor built from it by its flavor, every artifact's sha256 verified.
+
+            mv, predictor = platform.models.load_predictor("fraud", alias="production")
+            predictor.signature.inputs            # (TensorSpec(name, datatype, shape), ...)
+            predictor.predict({...})["probability"]
+
+        The same predictor serves online scoring, batch scoring and replay. ``device``
+        (``"cpu"``, ``"cuda"``, ``"cuda:1"``…) and ``precision`` (``"fp32"``, ``"bf16"``) apply
+        to torch models; LightGBM runs on the CPU.
+
+        Raises:
+            IntegrityError: an artifact's bytes changed since registration; nothing is loaded.
+            NotFoundError: as for ``get``, or an artifact is missing.
+            ModelError: the flavor cannot build a predictor from the version (a torch version
+                holding weights only, a file that is not in the flavor's format — never
+                unpickled —, a device that is not available…).
+        """
+        mv = self.get(name, version=version, alias=alias)
+        files = self._verified_files(mv)
+        predictor = get_flavor(mv.flavor).load(files, mv.flavor_config, device=device, precision=precision)
+        return mv, predictor
+
     # ---------------------------------------------------------------------- internals
+    def _verified_files(self, mv: ModelVersion) -> dict[str, bytes]:
+        """Every artifact of ``mv`` by file name, each checked against its recorded sha256."""
+        return {f: self.storage.read_artifact(f"{mv.artifact_prefix}/{f}", sha) for f, sha in mv.artifacts.items()}
+
     def _record_key(self, name: str, version: int) -> str:
         return f"{PREFIX}/{name}/versions/{version:08d}.json"
 

@@ -225,3 +225,39 @@ def test_concurrent_registrations_get_unique_gapless_versions(kind, request, tmp
         assert loaded.files["note.txt"] == f"{worker}-{i}".encode()
         seen.add((worker, i))
     assert seen == {(w, i) for w in range(8) for i in range(3)}
+
+
+def test_versions_record_their_flavor_config_and_load_predictors(platform, booster):
+    """load_predictor reads through the same checksums as load, on every backend, and the
+    record's flavor_config is what the flavor needs to rebuild the model."""
+    net = torch.nn.Linear(3, 1)
+    config = {
+        "class": "torch.nn:Linear",
+        "config": {"in_features": 3, "out_features": 1},
+        "signature": {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3]}],
+                      "outputs": [{"name": "probability", "datatype": "FP64", "shape": [-1, 1]}]},
+        "transform": "sigmoid",
+    }  # fmt: skip
+    mv = platform.models.register("net", flavor="torch", model=net, flavor_config=config, lineage={}, metrics={}, params={})
+    assert mv.flavor_config == config == platform.models.get("net").flavor_config
+    got, predictor = platform.models.load_predictor("net", version=1)
+    assert got == mv
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.sigmoid(net(torch.from_numpy(x)).double()).numpy()
+    np.testing.assert_array_equal(predictor.predict({"input": x})["probability"], want)
+
+    platform.models.register("pd", flavor="lightgbm", model=booster, lineage={}, metrics={}, params={})
+    platform.models.set_alias("pd", "production", 1)
+    mv, predictor = platform.models.load_predictor("pd", alias="production")
+    assert mv.flavor_config == {} and [s.name for s in predictor.signature.inputs] == booster.feature_name()
+    X = np.random.default_rng(1).normal(size=(6, 3))
+    out = predictor.predict({name: X[:, j] for j, name in enumerate(booster.feature_name())})["probability"]
+    np.testing.assert_array_equal(out, booster.predict(X))
+
+    key = f"{mv.artifact_prefix}/model.txt"
+    original = platform.storage.read_bytes(key)
+    platform.storage.write_bytes(key, original.replace(b"1", b"2", 1))
+    with pytest.raises(IntegrityError, match="refusing to load"):
+        platform.models.load_predictor("pd", alias="production")
+    platform.storage.write_bytes(key, original)

@@ -6,8 +6,10 @@
     outputs = predictor.predict({"amount": np.array([120.0, 80.0]), …})   # named arrays in and out
 
 One interface serves online scoring, batch scoring and replay, so a model scores the same
-wherever it runs. A flavor is one module holding one class that implements ``Flavor``; a new
-one (ONNX, say) is a new module in this package and one line in ``FLAVORS``.
+wherever it runs; ``ModelRegistry.load_predictor(name, version=…, alias=…, device=…,
+precision=…)`` does the above with every artifact's sha256 verified. A flavor is one module
+holding one class that implements ``Flavor``; a new one (ONNX, say) is a new module in this
+package and one line in ``FLAVORS``.
 
 Tensors are named numpy arrays whose first axis is the batch. Their datatypes are the Open
 Inference Protocol's (``BOOL``, ``INT8`` … ``INT64``, ``UINT8`` … ``UINT64``, ``FP16``,
