@@ -6,6 +6,8 @@ logit (risk of default) for the application being scored.
     logits = model(**inputs)                       # inputs: sequences.to_tensors(batch) minus "label"
     data = serialize("torch", model)               # mlplatform.models.artifacts: safetensors
     same = model_from_bytes(config, data)          # no pickle anywhere
+    platform.models.register("fraud", flavor="torch", model=model, flavor_config=flavor_config(config), ...)
+    mv, predictor = platform.models.load_predictor("fraud")   # probability = sigmoid(logit), float64
 
 Tokens. Each of the ``K`` history positions is ``embed(event_type) + embed(category) +
 W·[log_amount / 8, log1p(days_before) / 6, days_past_due / 30]``; the application being scored
@@ -21,6 +23,7 @@ through a linear head.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,9 +31,13 @@ from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 from torch import nn
 
+from mlplatform.models.flavors.base import Signature, TensorSpec
 from workloads.fraud.sequences import CATEGORIES, CURRENT_APPLICATION, EVENT_TYPES
 
-__all__ = ["FraudTransformer", "TransformerConfig", "flops_per_sample", "model_from_bytes"]
+__all__ = ["MODEL_CLASS", "FraudTransformer", "TransformerConfig", "flavor_config", "flops_per_sample", "model_from_bytes", "signature"]
+
+#: The model class by import path, as the registry's torch flavor imports it.
+MODEL_CLASS = "workloads.fraud.model:FraudTransformer"
 
 # Fixed input scales: the numeric features land near [0, 1] for typical values, so one
 # initialisation suits them all; they are part of the model, so serving cannot forget them.
@@ -84,6 +91,15 @@ def flops_per_sample(config: TransformerConfig, *, training: bool = True) -> flo
 class FraudTransformer(nn.Module):
     """Encoder over ``K`` history tokens plus the current application; one logit per row."""
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FraudTransformer:
+        """The model built from ``TransformerConfig.to_json()`` (how the torch flavor builds it).
+
+        Raises:
+            pydantic.ValidationError: the config is not a valid ``TransformerConfig``.
+        """
+        return cls(TransformerConfig(**config))
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
@@ -136,6 +152,36 @@ class FraudTransformer(nn.Module):
         weights = keep.to(hidden.dtype)[..., None]
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
         return self.head(pooled).squeeze(-1)
+
+
+def signature(config: TransformerConfig) -> Signature:
+    """What the model takes and gives, as the registry records it: the inputs of ``forward``
+    with the dtypes ``sequences.to_tensors`` produces (histories ``[-1, K]``, the current
+    application ``[-1]``) and one output, ``probability`` (FP64, the sigmoid of the logit)."""
+    k = config.max_events
+    history = [("event_type", "INT64"), ("category", "INT64"), ("log_amount", "FP32"), ("days_before", "FP32"),
+               ("days_past_due", "FP32"), ("mask", "BOOL")]  # fmt: skip
+    return Signature(
+        inputs=(
+            *(TensorSpec(name, datatype, (-1, k)) for name, datatype in history),
+            TensorSpec("app_category", "INT64", (-1,)),
+            TensorSpec("app_log_amount", "FP32", (-1,)),
+        ),
+        outputs=(TensorSpec("probability", "FP64", (-1,)),),
+    )
+
+
+def flavor_config(config: TransformerConfig) -> dict[str, Any]:
+    """The registry's torch ``flavor_config`` for a model of this shape: the class by import
+    path, the config as JSON, the signature and the sigmoid that turns the logit into a
+    probability of default."""
+    sig = signature(config)
+    return {
+        "class": MODEL_CLASS,
+        "config": config.to_json(),
+        "signature": {"inputs": [s.to_json() for s in sig.inputs], "outputs": [s.to_json() for s in sig.outputs]},
+        "transform": "sigmoid",
+    }
 
 
 def model_from_bytes(config: TransformerConfig, data: bytes) -> FraudTransformer:

@@ -6,9 +6,11 @@
 underwriting workload's data under the same storage root is left alone); ``sequences``
 builds the point-in-time behaviour sequences with Ray Data; ``train`` trains the transformer
 data-parallel with Ray Train (checkpoints under the storage root); ``evaluate`` scores the
-validation and test splits with the trained weights on Ray Data; ``register`` stores the
-weights in the model registry (flavor ``torch``: safetensors, never pickle) with the
-figures as metrics and the run's lineage. Each step is skipped when it is up to date.
+validation and test splits with the trained weights on Ray Data, through the torch flavor's
+predictor (the path serving takes); ``register`` stores the weights in the model registry
+(flavor ``torch``: safetensors, never pickle) with the model's class, config and signature
+(``model.flavor_config``), the figures as metrics and the run's lineage. Each step is skipped
+when it is up to date.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlplatform.jobs.steps import Done, Step
+from workloads.fraud.online import online_steps
 from workloads.fraud.sequences import DATASET, SequenceConfig
 from workloads.fraud.spec import FraudSpec
 from workloads.underwriting.generate import DataConfig
@@ -174,6 +177,7 @@ def model_steps(platform: Platform, config: Config) -> Iterator[Step]:
 
     def register() -> Done:
         from mlplatform.models.artifacts import deserialize
+        from workloads.fraud.model import flavor_config
 
         trained_output = _need(state, "trained", "train")
         weights = deserialize("torch", storage.read_bytes(trained_output["weights"]))
@@ -181,11 +185,11 @@ def model_steps(platform: Platform, config: Config) -> Iterator[Step]:
             config.model_name,
             flavor="torch",
             model=weights,
+            flavor_config=flavor_config(spec.model),
             lineage={
                 "training_set": {"name": spec.dataset, "version": trained_output["dataset_version"]},
                 "run_uri": storage.uri(trained_output["run"]),
                 "checkpoint_uri": storage.uri(trained_output["checkpoint"]),
-                "model_class": "workloads.fraud.model:FraudTransformer",
             },
             metrics={**_need(state, "metrics", "evaluate"), "samples_per_s": trained_output["samples_per_s"]},
             params=spec.model_dump(mode="json"),
@@ -214,6 +218,8 @@ def steps(platform: Platform, config: Config) -> Iterator[Step]:
     platform.storage.check_reachable()
     yield generate_step(platform, config.data, prefix=config.sequences.source, target=config.sequences.source)
     yield sequences_step(platform, config)
+    # the model's input served: the same events in the streams' logs and the online event state
+    yield from online_steps(platform, prefix=config.sequences.source)
     yield from model_steps(platform, config)
 
 
@@ -257,21 +263,24 @@ def _score_columns() -> list[str]:
 
 
 def _score(batch: pa.Table, *, config: Any, weights: bytes, batch_size: int) -> pa.Table:
-    """Probability of default for each row of a batch (a Ray Data task)."""
+    """Probability of default for each row of a batch (a Ray Data task), by the torch
+    flavor's predictor built from the flavor config ``register`` records: the path serving
+    takes, so the figures are those of the model as it will be served."""
+    import numpy as np
     import pyarrow as pa
-    import torch
 
-    from workloads.fraud.model import model_from_bytes
+    from mlplatform.models.flavors import get_flavor
+    from workloads.fraud.model import flavor_config
     from workloads.fraud.sequences import to_tensors
 
-    model = model_from_bytes(config, weights)
-    scores = []
-    with torch.no_grad():
-        for start in range(0, batch.num_rows, batch_size):
-            inputs = to_tensors(batch.slice(start, batch_size))
-            inputs.pop("label", None)
-            scores.append(torch.sigmoid(model(**inputs).double()))
-    score = torch.cat(scores).numpy() if scores else []
+    flavor = get_flavor("torch")
+    predictor = flavor.load({flavor.model_file: weights}, flavor_config(config))
+    scores = [np.empty(0)]
+    for start in range(0, batch.num_rows, batch_size):
+        inputs = to_tensors(batch.slice(start, batch_size))
+        inputs.pop("label", None)
+        scores.append(predictor.predict({name: tensor.numpy() for name, tensor in inputs.items()})["probability"])
+    score = np.concatenate(scores)
     return pa.table({"split": batch.column("split"), "default": batch.column("default"), "score": pa.array(score)})
 
 
