@@ -44,15 +44,15 @@ def main() -> None:
     from mlplatform.serving.idempotency import open_idempotency_store, pending_marker
     from mlplatform.decision_policy import DecisionPolicy
     from mlplatform.serving.schemas import DecisionRequest
-    from mlplatform.serving.scoring import ModelWatcher
+    from mlplatform.serving.scoring import ModelWatcher, scorer_loader
 
     root = Path(tempfile.mkdtemp(prefix="mlp-decision-cost-"))
     os.environ.setdefault("MLP_BENCH_KEY", bench.KEY)
     platform = bench.build_platform(root, None)
     bench.train(platform)
     catalog = FeatureCatalog(platform.features)
-    watcher = ModelWatcher(platform.models, catalog, "underwriting", aliases=("production",), default_service="underwriting_v1",
-                           available_inputs=set(DecisionRequest.model_fields), poll_s=60.0)
+    load = scorer_loader(platform.models, catalog, "underwriting", "underwriting_v1", set(DecisionRequest.model_fields))
+    watcher = ModelWatcher(platform.models, "underwriting", load=load, aliases=("production",), poll_s=60.0)
     watcher.poll()
     idempotency = open_idempotency_store(platform.config, catalog.online_store)
     engine = DecisionEngine(watcher=watcher, catalog=catalog, policy=DecisionPolicy.model_validate({}))

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveInt, T
 from mlplatform._duration import Duration
 from mlplatform.errors import ConfigError
 from mlplatform.decision_policy import DecisionPolicy
+from mlplatform.served_models import ServedModelConfig, unique_models
 
 __all__ = [
     "ROLES",
@@ -197,8 +198,8 @@ OnlineStoreConfig = Annotated[
 ]
 
 
-Role = Literal["decide", "read_features", "write_features", "operate"]
-ROLES: tuple[str, ...] = ("decide", "read_features", "write_features", "operate")
+Role = Literal["decide", "predict", "read_features", "write_features", "operate"]
+ROLES: tuple[str, ...] = ("decide", "predict", "read_features", "write_features", "operate")
 
 
 def _redis_url(value: str) -> str:
@@ -318,9 +319,9 @@ class ServingConfig(_Model):
     )
     api_key_env: str = Field(default="MLP_API_KEY", min_length=1, description="Env var that holds plain API keys (comma-separated).")
     api_key_roles: tuple[Role, ...] = Field(
-        default=("decide", "read_features"),
+        default=("decide", "predict", "read_features"),
         min_length=1,
-        description="Roles of the keys in api_key_env: decide, read_features, write_features, operate.",
+        description="Roles of the keys in api_key_env: decide, predict, read_features, write_features, operate.",
     )
     api_key_digests_env: str = Field(
         default="MLP_API_KEY_DIGESTS",
@@ -336,6 +337,15 @@ class ServingConfig(_Model):
     policy: DecisionPolicy = Field(
         default_factory=DecisionPolicy, description="Decision thresholds, limits and fallback (see mlplatform.decision_policy)."
     )
+    models: tuple[ServedModelConfig, ...] = Field(
+        default=(),
+        description="Models served on the Open Inference Protocol and /v1/models routes (see mlplatform.served_models).",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, value: tuple[ServedModelConfig, ...]) -> tuple[ServedModelConfig, ...]:
+        return unique_models(value)
 
 
 class PlatformConfig(_Model):

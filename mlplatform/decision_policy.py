@@ -18,7 +18,14 @@ Configured as ``serving.policy`` in the platform config (YAML), or passed to
 2. **Score**: probability of default ``p`` < ``approve_below`` approves; ``p >= decline_at``
    declines (with the model's reason codes); in between is ``review``. With
    ``approve_below == decline_at`` there is no review band.
-3. **Fallback** (features or model unavailable, deadline exceeded): the knockouts, then
+3. **Other models** (``model_rules``, e.g. a fraud model), each with its own score and
+   thresholds: a score at or above ``decline_at`` declines, with the rule's own reason first;
+   at or above ``review_at`` an approve becomes a review, with the rule's reason. A rule only
+   makes a decision stricter: it never approves what the score or a knockout did not. When
+   the rule's model gives no score (unavailable, failed, or past its own deadline) the rule
+   does what ``on_unavailable`` says: ``ignore`` (decide without it) or ``review`` (an approve
+   becomes a review, with reason ``<code>_unavailable``).
+4. **Fallback** (features or the decision model unavailable, deadline exceeded): the knockouts, then
    ``approve`` if ``fallback_approve_up_to`` is set and the amount is at most that, else
    ``fallback_decision``. Deterministic: the same application always gets the same fallback.
 """
@@ -29,7 +36,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["Decision", "DecisionPolicy", "PolicyReason"]
+__all__ = ["Decision", "DecisionPolicy", "ModelRule", "PolicyReason"]
 
 Decision = Literal["approve", "decline", "review"]
 
@@ -39,6 +46,44 @@ class PolicyReason(NamedTuple):
 
     code: str
     text: str
+
+
+class ModelRule(BaseModel):
+    """A served model the policy consults beside the decision model (rule 3), e.g. fraud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", description="A model of serving.models.")
+    output: str = Field(default="probability", min_length=1, max_length=128, description="The output read as the score.")
+    review_at: float | None = Field(default=None, ge=0.0, le=1.0, description="An approve becomes a review at or above this score.")
+    decline_at: float | None = Field(default=None, ge=0.0, le=1.0, description="Decline at or above this score.")
+    code: str = Field(default="fraud_risk", pattern=r"^[a-z][a-z0-9_]{0,62}$", description="The reason code this rule gives.")
+    text: str = Field(
+        default="We could not verify this purchase", min_length=1, max_length=200, description="The reason text shown to the customer."
+    )
+    on_unavailable: Literal["ignore", "review"] = Field(
+        default="ignore", description="Without a score (model down, failed, past its deadline): decide without it, or review an approve."
+    )
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> ModelRule:
+        if self.review_at is None and self.decline_at is None:
+            raise ValueError("give review_at, decline_at or both (a rule without a threshold does nothing)")
+        if self.review_at is not None and self.decline_at is not None and self.review_at > self.decline_at:
+            raise ValueError(f"review_at ({self.review_at}) must not exceed decline_at ({self.decline_at})")
+        return self
+
+    def apply(self, decision: Decision, score: float | None) -> tuple[Decision, PolicyReason | None]:
+        """The decision after this rule, and the reason it adds (None: unchanged)."""
+        if score is None:
+            if self.on_unavailable == "review" and decision == "approve":
+                return "review", PolicyReason(f"{self.code}_unavailable", "We could not complete our checks on this purchase")
+            return decision, None
+        if self.decline_at is not None and score >= self.decline_at:
+            return "decline", PolicyReason(self.code, self.text)
+        if self.review_at is not None and score >= self.review_at and decision == "approve":
+            return "review", PolicyReason(self.code, self.text)
+        return decision, None
 
 
 class DecisionPolicy(BaseModel):
@@ -72,6 +117,10 @@ class DecisionPolicy(BaseModel):
         default=None,
         pattern=r"^[a-z][a-z0-9_-]{0,62}$",
         description="Also score with the model under this alias (e.g. candidate) and log it beside the decision.",
+    )
+
+    model_rules: tuple[ModelRule, ...] = Field(
+        default=(), description="Other served models the decision consults (e.g. fraud), each with thresholds and a reason."
     )
 
     @field_validator("currencies")

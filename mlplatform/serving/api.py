@@ -25,6 +25,7 @@ from mlplatform.decision_policy import DecisionPolicy
 
 if TYPE_CHECKING:
     from mlplatform.config import PlatformConfig
+    from mlplatform.served_models import ServedModelConfig
     from mlplatform.serving.ingress import IngressPlan
     from mlplatform.features.store import FeatureStore
     from mlplatform.models.registry import ModelRegistry
@@ -163,6 +164,10 @@ class Serving:
             raise ServingError("spool_dir is empty; give a directory on local disk, or None for the default")
         spool = os.path.abspath(os.fspath(spool_dir)) if spool_dir is not None else self.default_spool_dir()
 
+        served = self._served_models(model_name, feature_service)
+        unserved = [r.model for r in policy.model_rules if r.model not in {m.name for m in served}]
+        if unserved:
+            raise ServingError(f"the policy's model_rules name models {unserved} that serving.models does not list")
         plan = plan_ingress(config.serving.fast_ingress)
         ingress = self._start_serve(plan)
         settings = AppSettings(
@@ -176,8 +181,9 @@ class Serving:
             spool_dir=spool,
             deadline_s=config.serving.deadline.total_seconds(),
             batch_wait_s=batch_wait_ms / 1000.0,
+            models=tuple(m.model_dump(mode="json") for m in served),
         )
-        self._run_app(settings, num_replicas=num_replicas, replica_cpus=replica_cpus)
+        self._run_app(settings, served, num_replicas=num_replicas, replica_cpus=replica_cpus)
         url = _url(config.serving.host, config.serving.port)
         _wait_until_answering(url, ready_timeout_s)
         processors = 0
@@ -237,17 +243,28 @@ class Serving:
             log.warning("Serve's ingress is not ready yet (%s); deploying anyway and waiting for the URL", type(exc).__name__)
         return ingress
 
-    def _run_app(self, settings: Any, *, num_replicas: int, replica_cpus: float) -> None:
-        """Deploy (or update in place) the application with ``settings`` on ``num_replicas`` replicas."""
+    def _run_app(self, settings: Any, served: tuple[ServedModelConfig, ...], *, num_replicas: int, replica_cpus: float) -> None:
+        """Deploy (or update in place) the application with ``settings`` on ``num_replicas``
+        replicas, and a deployment of its own for each served model that asks for one."""
         from ray import serve
 
         from mlplatform.serving.app import ServingApp
+        from mlplatform.serving.model_server.deployment import ModelDeployment, ModelSettings, deployment_options
 
+        handles = {
+            m.name: ModelDeployment.options(**deployment_options(m)).bind(
+                ModelSettings(
+                    config=settings.config, parts=settings.parts, model=m.model_dump(mode="json"), alias_poll_s=settings.alias_poll_s
+                )
+            )
+            for m in served
+            if m.deployment is not None
+        }
         application = ServingApp.options(
             num_replicas=num_replicas,
             ray_actor_options={"num_cpus": replica_cpus},
             logging_config={"enable_access_log": False},
-        ).bind(settings)
+        ).bind(settings, handles)
         try:
             serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
         except TimeoutError as exc:  # the app runs; the ingress is slow to report (see above)
@@ -274,6 +291,21 @@ class Serving:
         except PlatformError as exc:
             raise ServingError(f"cannot serve model {model_name!r}: {exc}") from None
         return version
+
+    def _served_models(self, model_name: str, feature_service: str) -> tuple[ServedModelConfig, ...]:
+        """``serving.models``, with the decision model added when not listed; each one's alias
+        must point at a version that loads here (so a bad model fails the deploy, not a replica)."""
+        from mlplatform.served_models import ServedModelConfig
+
+        served = tuple(self.config.serving.models)
+        if all(m.name != model_name for m in served):
+            served = (ServedModelConfig(name=model_name, feature_service=feature_service), *served)
+        for m in served:
+            try:
+                self.models.load_predictor(m.name, alias=m.alias)
+            except PlatformError as exc:
+                raise ServingError(f"cannot serve model {m.name!r} ({m.alias}): {exc}") from None
+        return served
 
     # ------------------------------------------------------------------------ inspect
     def status(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""The Ray Serve application: one FastAPI ingress deployment that serves features and decisions.
+"""The Ray Serve application: one FastAPI ingress deployment that serves features, models and decisions.
 
-Routes (all JSON; every route but ``/health`` needs an ``X-API-Key`` holding the route's
-role, see ``mlplatform.serving.guard``):
+Routes (all JSON; every route but ``/health`` and the V2 health routes needs an ``X-API-Key``
+holding the route's role, see ``mlplatform.serving.guard``):
 
 =============================  ==============  ================================================
 ``POST /v1/decisions``         decide          decide a checkout application (``schemas.DecisionRequest``)
@@ -11,6 +11,8 @@ role, see ``mlplatform.serving.guard``):
 ``GET  /health``               (none)          liveness and the model version this replica serves
 ``GET  /v1/internal/replica``  operate         this replica's process id, replica id and model
 ``GET  /openapi.json``         any key         the OpenAPI document of every route
+``/v2/…``, ``/v1/models/…``    predict         every served model: the Open Inference Protocol (V2)
+                                               and feature-aware predict (``model_server.routes``)
 =============================  ==============  ================================================
 
 Errors are JSON (see ``mlplatform.serving.http``, which holds the FastAPI app and its error
@@ -79,6 +81,7 @@ from mlplatform.serving.feature_batches import lookup_many, push_frame
 from mlplatform.serving.guard import Guard
 from mlplatform.serving.http import ERROR_RESPONSES, app, error_response, platform_error_response
 from mlplatform.serving.idempotency import IdempotencyUnavailable, is_pending, pending_marker
+from mlplatform.serving.model_server.routes import ModelRoutes
 from mlplatform.serving.schemas import (
     DecisionRequest,
     DecisionResponse,
@@ -129,23 +132,27 @@ class AppSettings:
     # No extra wait for company before an fsync: records that arrive while one runs share the
     # next, so batches form under load anyway, and a lone decision is not held back.
     group_commit_ms: float = 0.0
+    #: The ``serving.models`` entries served (as JSON), the decision model among them.
+    models: tuple[dict[str, Any], ...] = ()
 
 
-class ServingReplica:
+class ServingReplica(ModelRoutes):
     """One replica of the serving application (see the module docstring); deployed as
     ``ServingApp``. The class keeps its own module-level name so that it travels to replicas
     by reference (imported there with all of this module) rather than pickled by value with
     only the globals its methods name."""
 
-    def __init__(self, settings: AppSettings) -> None:
+    def __init__(self, settings: AppSettings, model_handles: dict[str, Any] | None = None) -> None:
+        from mlplatform.served_models import ServedModelConfig
         from mlplatform.serving.catalog import FeatureCatalog
+        from mlplatform.serving.model_server.served import ModelServer
         from mlplatform.serving.decisions.log import DecisionLog
         from mlplatform.serving.decisions.unconfirmed import UnconfirmedAnswers
         from mlplatform.serving.engine import DecisionEngine
         from mlplatform.serving.idempotency import open_idempotency_store
         from mlplatform.serving.metrics import ServingMetrics
         from mlplatform.decision_policy import DecisionPolicy
-        from mlplatform.serving.scoring import ModelWatcher
+        from mlplatform.serving.scoring import ModelWatcher, scorer_loader
 
         Guard.configure(settings.keys)
         self.settings = settings
@@ -153,21 +160,32 @@ class ServingReplica:
         self.catalog = FeatureCatalog(self.parts.features)
         policy = DecisionPolicy.model_validate(settings.policy)
         aliases = ("production", policy.shadow_alias) if policy.shadow_alias else ("production",)
-        self.watcher = ModelWatcher(
-            self.parts.models,
-            self.catalog,
-            settings.model_name,
-            aliases=aliases,
-            default_service=settings.feature_service,
-            available_inputs=set(DecisionRequest.model_fields),
-            poll_s=settings.alias_poll_s,
+        load = scorer_loader(
+            self.parts.models, self.catalog, settings.model_name, settings.feature_service, set(DecisionRequest.model_fields)
         )
+        self.watcher = ModelWatcher(self.parts.models, settings.model_name, load=load, aliases=aliases, poll_s=settings.alias_poll_s)
         self.watcher.poll()  # serve the current version from the first request
         self.watcher.start()
         self.idempotency = open_idempotency_store(self.parts.config, self.catalog.online_store)
         # With the Redis online store, idempotency keys and features share one server.
         self._store_shared = self.parts.config.online_store.type == "redis"
-        self.engine = DecisionEngine(watcher=self.watcher, catalog=self.catalog, policy=policy)
+        served = [ServedModelConfig.model_validate(m) for m in settings.models]
+        self.model_server = ModelServer.build(
+            served,
+            models=self.parts.models,
+            catalog=self.catalog,
+            handles=model_handles or {},
+            default_services={settings.model_name: settings.feature_service},
+            poll_s=settings.alias_poll_s,
+        )
+        deadlines = {m.name: (m.deadline.total_seconds() if m.deadline else settings.deadline_s) for m in served}
+        self.engine = DecisionEngine(
+            watcher=self.watcher,
+            catalog=self.catalog,
+            policy=policy,
+            rule_models={r.model: self.model_server.scorer(r.model) for r in policy.model_rules},
+            rule_deadlines_s=deadlines,
+        )
         context = serve.get_replica_context()
         self.replica_id = re.sub(r"[^A-Za-z0-9_.+=-]", "-", f"{context.deployment}-{context.replica_id.unique_id}")[:100]
         self.log = DecisionLog(
@@ -210,6 +228,7 @@ class ServingReplica:
             "spool_dir": self.settings.spool_dir,
             "failed_versions": self.watcher.failed(),
             "batches": {k: {"batches": b, "requests": r} for k, (b, r) in self.batches.items()},
+            "model_batches": {k: {"batches": b, "requests": r} for k, (b, r) in ((n, m.batches) for n, m in self.model_server.batchers.items())},
             "decision_phases_ms": {
                 name: round(total / max(1, self.phases[0]) * 1000, 3)
                 for name, total in zip(("decide", "log", "store_answer"), self.phases[1:])
@@ -560,6 +579,8 @@ class ServingReplica:
             self._stop.set()
         if hasattr(self, "watcher"):
             self.watcher.stop()
+        if hasattr(self, "model_server"):
+            self.model_server.stop()
         if hasattr(self, "log"):
             self.log.close()  # rolls the open segment so any compactor may take it
         for pool in ("_io", "_disk"):

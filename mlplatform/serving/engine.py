@@ -17,6 +17,12 @@ becomes that batch's fallback decision, marked with its cause:
 ``deadline_exceeded``          lookup + scoring did not finish within ``serving.deadline``
 ============================  ================================================================
 
+**Rule models** (``policy.model_rules``, e.g. fraud) are scored on threads of their own,
+started before the decision model's lookup, each bounded by its own deadline (and the
+decision's); a rule model that gives no score in time, or fails, leaves its rule to its
+``on_unavailable`` and is logged with its status. Their scores, versions, artifact hashes and
+inputs go to the record's ``rule_models``, so replay recomputes them too.
+
 Features are read as of the decision time (``created_at``), by the same ``get_online_features``
 the feature server and training sets' on-demand code use. The model sees them in its own
 ``feature_name()`` order, a missing value as NaN. The record written to the decision log
@@ -31,12 +37,17 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from mlplatform.online.base import OnlineStoreUnavailable
+from mlplatform.decision_policy import ModelRule
+from mlplatform.errors import ModelError, NotFoundError
 from mlplatform.features.online_lookup import get_online_features
+from mlplatform.online.base import OnlineStoreUnavailable
 
 if TYPE_CHECKING:
     from mlplatform.serving.catalog import FeatureCatalog
@@ -126,10 +137,21 @@ class DecisionEngine:
         watcher: ModelWatcher,
         catalog: FeatureCatalog,
         policy: DecisionPolicy,
+        rule_models: Mapping[str, Any] | None = None,
+        rule_deadlines_s: Mapping[str, float] | None = None,
     ) -> None:
         self.watcher = watcher
         self.catalog = catalog
         self.policy = policy
+        rule_models = dict(rule_models or {})
+        missing = [r.model for r in policy.model_rules if r.model not in rule_models]
+        if missing:
+            raise ModelError(f"the policy's model_rules name models {missing} that are not served (add them to serving.models)")
+        self.rule_models = rule_models
+        self.rule_deadlines_s = dict(rule_deadlines_s or {})
+        # Rule models score beside the decision model's lookup, on threads of their own, so a
+        # slow one costs the decision no more than its own deadline.
+        self._rules = ThreadPoolExecutor(max_workers=2 * len(policy.model_rules), thread_name_prefix="rule-models") if policy.model_rules else None
 
     # --------------------------------------------------------------------------- main
     def decide(self, jobs: list[Job], *, deadline_at: float | None = None) -> tuple[list[Outcome], Timings]:
@@ -149,6 +171,7 @@ class DecisionEngine:
             return self.fallback(jobs, "model_unavailable")
         now = datetime.now(UTC)
         started = time.perf_counter()
+        pending = self._start_rules(jobs, now, started)
         try:
             entities = {k: [getattr(j.request, k) for j in jobs] for k in scorer.inputs}
             response = get_online_features(self.catalog, list(scorer.refs), entities, now=now)
@@ -175,7 +198,8 @@ class DecisionEngine:
             timings.notes.append(repr(exc))
             return self.fallback(jobs, "scoring_failed", scorer=scorer)
         shadow = self._shadow(scorer, columns, len(jobs))
-        outcomes = self._scored(jobs, scorer, x, probabilities, rows, stamps, shadow, now)
+        rules = self._rule_results(pending, deadline_at)
+        outcomes = self._scored(jobs, scorer, x, probabilities, rows, stamps, shadow, now, rules)
         timings.scoring_s = time.perf_counter() - started
         if deadline_at is not None and time.perf_counter() > deadline_at:
             return self.fallback(jobs, "deadline_exceeded", scorer=scorer)
@@ -191,6 +215,7 @@ class DecisionEngine:
         stamps: list[dict[str, str | None]],
         shadow: list[dict[str, Any]] | None,
         now: datetime,
+        rules: list[RuleResult],
     ) -> list[Outcome]:
         """Policy per job; the reasons of every score-based decline in one ``ReasonCoder.explain_encoded`` call."""
         policy = self.policy
@@ -204,22 +229,60 @@ class DecisionEngine:
                 decisions.append("decline")
                 reasons.append([{"code": r.code, "text": r.text} for r in knocked])
                 continue
-            decisions.append(policy.by_score(probability))
-            reasons.append([])
-            if decisions[-1] == "decline":
+            decision = policy.by_score(probability)
+            if decision == "decline":
                 explain.append(i)
+            added = []
+            for result in rules:
+                decision, reason = result.rule.apply(decision, result.score(i))
+                if reason is not None:
+                    added.append({"code": reason.code, "text": reason.text})
+            decisions.append(decision)
+            reasons.append(added)
         if explain:
             explained = scorer.coder.explain_encoded(x[explain], [rows[i] for i in explain])
             for i, e in zip(explain, explained):
-                reasons[i] = [
+                room = max(0, policy.max_reasons - len(reasons[i]))
+                reasons[i] += [
                     {"code": r.feature, "text": r.text, "contribution": r.contribution, "value": r.value}
-                    for r in e.reasons[: policy.max_reasons]
+                    for r in e.reasons[:room]
                 ]
         return [
             self._outcome(job, decisions[i], probabilities[i], reasons[i], scorer, rows[i], stamps[i], None,
-                          shadow[i] if shadow else None, now)
+                          shadow[i] if shadow else None, now, [r.logged(i) for r in rules])
             for i, job in enumerate(jobs)
         ]
+
+    # ------------------------------------------------------------------- rule models
+    def _start_rules(self, jobs: list[Job], now: datetime, started: float) -> list[tuple[ModelRule, Future[Any], float]]:
+        """Submit every rule model's scoring of the batch; each gets its own deadline from ``started``."""
+        if self._rules is None:
+            return []
+        entities: dict[str, list[Any]] = {k: [getattr(j.request, k) for j in jobs] for k in type(jobs[0].request).model_fields}
+        entities["timestamp"] = [now] * len(jobs)  # features as of the decision, as for the decision model
+        pending = []
+        for rule in self.policy.model_rules:
+            budget = self.rule_deadlines_s.get(rule.model, 0.05)
+            model = self.rule_models[rule.model]
+            future = self._rules.submit(model.score_rows, entities, rule.output, budget)
+            pending.append((rule, future, started + budget))
+        return pending
+
+    def _rule_results(self, pending: list[tuple[ModelRule, Future[Any], float]], deadline_at: float | None) -> list[RuleResult]:
+        """Each rule model's scores, or why it has none (``deadline_exceeded``, ``model_unavailable``, ``scoring_failed``)."""
+        out = []
+        for rule, future, rule_deadline in pending:
+            until = rule_deadline if deadline_at is None else min(rule_deadline, deadline_at)
+            try:
+                out.append(RuleResult(rule, future.result(timeout=max(0.0, until - time.perf_counter()))))
+            except FutureTimeout:
+                out.append(RuleResult(rule, None, "deadline_exceeded"))
+            except NotFoundError:
+                out.append(RuleResult(rule, None, "model_unavailable"))
+            except Exception as exc:
+                log.warning("rule model %s failed on a batch: %r", rule.model, exc)
+                out.append(RuleResult(rule, None, "scoring_failed"))
+        return out
 
     def _shadow(self, production: Scorer, columns: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
         if len(self.watcher.aliases) < 2:
@@ -263,6 +326,7 @@ class DecisionEngine:
         fallback_reason: str | None,
         shadow: dict[str, Any] | None,
         now: datetime,
+        rule_models: list[dict[str, Any]] | None = None,
     ) -> Outcome:
         request = job.request
         decision_id = uuid.uuid4().hex
@@ -296,11 +360,32 @@ class DecisionEngine:
             "latency_ms": (time.perf_counter() - job.started) * 1000.0,
             "created_at": now.isoformat(),
             "shadow": _dumps_values(shadow) if shadow is not None else None,
+            "rule_models": _dumps_values(rule_models) if rule_models else None,
             "returned": True,
             "confirmed": True,
         }
         answer = f'{{"fingerprint":"{job.fingerprint}","response":{body}}}'
         return Outcome(body=body.encode(), record=record, answer=answer, decision=decision, fallback_reason=fallback_reason)
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """A rule model's scores for a batch (``scores`` None: ``status`` says why there are none)."""
+
+    rule: ModelRule
+    scores: Any  # ModelScores | None
+    status: str = "scored"
+
+    def score(self, i: int) -> float | None:
+        return None if self.scores is None else self.scores.scores[i]
+
+    def logged(self, i: int) -> dict[str, Any]:
+        """What the decision log keeps of row ``i``: enough for replay to recompute the score."""
+        doc: dict[str, Any] = {"model_name": self.rule.model, "output": self.rule.output, "status": self.status}
+        if self.scores is not None:
+            s = self.scores
+            doc.update(model_version=s.version, model_sha256=s.sha256, flavor=s.flavor, score=s.scores[i], inputs=s.inputs[i])
+        return doc
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -13,6 +13,8 @@
   role                      routes              who holds it
   ========================  ==================  =============================================
   ``decide``                ``/v1/decisions``   checkout
+  ``predict``               ``/v2/models/…``,   any model's scores (Open Inference Protocol,
+                            ``/v1/models/…``    and feature-aware predict)
   ``read_features``         ``/get-online-features``  models, analysts' tools
   ``write_features``        ``/push``,          feature pipelines, event producers
                             ``/v1/events/…``
@@ -21,7 +23,7 @@
 
   Any valid key may read the OpenAPI document (``/openapi.json``); other paths need a valid
   key too (and then get a 404), so nothing about the service answers an anonymous caller but
-  ``/health``.
+  ``/health`` and the V2 ``/v2/health/live`` and ``/v2/health/ready``.
 - Bodies are limited (413): 16 KiB for ``/v1/decisions`` (an application is ~300 bytes),
   4 MiB elsewhere (feature lookups, pushes). A declared ``Content-Length`` is checked before
   reading; a chunked body is read up to the limit, then handed on.
@@ -38,10 +40,14 @@ __all__ = ["DECISION_MAX_BYTES", "MAX_BODY_BYTES", "ROUTE_ROLES", "Guard", "role
 
 DECISION_MAX_BYTES = 16 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024
-_OPEN_PATHS = frozenset({"/health"})
+# Liveness and readiness are open, for load balancers and orchestrators (the V2 ones too).
+_OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
 #: The role each route needs: exact paths, then prefixes (ending in "/").
 ROUTE_ROLES: dict[str, str] = {
     "/v1/decisions": "decide",
+    "/v2": "predict",
+    "/v2/models/": "predict",
+    "/v1/models/": "predict",
     "/get-online-features": "read_features",
     "/push": "write_features",
     "/v1/events/": "write_features",

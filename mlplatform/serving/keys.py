@@ -6,7 +6,7 @@
 Three sources, all from the environment or a file, never from the YAML config:
 
 - ``serving.api_key_env`` (``MLP_API_KEY``): plain keys, comma-separated for rotation, each
-  holding ``serving.api_key_roles`` (by default ``decide`` and ``read_features``: what a
+  holding ``serving.api_key_roles`` (by default ``decide``, ``predict`` and ``read_features``: what a
   checkout caller needs). Convenient on one machine; the key lives in the deploying shell.
 - ``serving.api_key_digests_env`` (``MLP_API_KEY_DIGESTS``): entries ``role+role:sha256hex``,
   comma- or newline-separated: the key itself never has to be where ``deploy`` runs.

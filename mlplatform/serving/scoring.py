@@ -1,7 +1,8 @@
 """Models on the request path: a loaded version ready to score, and the alias watcher that
 rolls a running replica onto whatever version an alias points at.
 
-    watcher = ModelWatcher(platform.models, catalog, "underwriting", aliases=("production", "candidate"))
+    load = scorer_loader(platform.models, catalog, "underwriting", default_service="underwriting_v1")
+    watcher = ModelWatcher(platform.models, "underwriting", load=load, aliases=("production", "candidate"))
     watcher.start()                        # polls the alias documents every second
     scorer = watcher.current("production") # a Scorer, swapped atomically when the alias moves
     scorer.predict(scorer.matrix(rows))
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -32,9 +33,10 @@ if TYPE_CHECKING:
     from mlplatform.models.registry import ModelRegistry
     from mlplatform.serving.catalog import FeatureCatalog
 
-__all__ = ["ModelWatcher", "Scorer", "load_scorer"]
+__all__ = ["ModelWatcher", "Scorer", "load_scorer", "scorer_loader", "service_inputs"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def load_scorer(
             f"model {name} v{version} reads features {missing} that feature service {service!r} does not provide "
             f"(it provides {sorted(provided)})"
         )
-    inputs = _inputs(catalog, refs)
+    inputs = service_inputs(catalog, refs)
     if available_inputs is not None and any(i not in available_inputs for i in inputs):
         raise ModelError(
             f"feature service {service!r} of model {name} v{version} needs inputs {list(inputs)}; "
@@ -116,7 +118,19 @@ def load_scorer(
     return Scorer(name, mv.version, mv.artifacts[mv.model_file], booster, names, service, tuple(refs), inputs, coder)
 
 
-def _inputs(catalog: FeatureCatalog, refs: Sequence[str]) -> tuple[str, ...]:
+def scorer_loader(
+    models: ModelRegistry,
+    catalog: FeatureCatalog,
+    name: str,
+    default_service: str,
+    available_inputs: Collection[str] | None = None,
+) -> Callable[[int], Scorer]:
+    """``version → Scorer`` for a ``ModelWatcher`` of the decision model (see ``load_scorer``)."""
+    return lambda version: load_scorer(models, catalog, name, version, default_service, available_inputs)
+
+
+def service_inputs(catalog: FeatureCatalog, refs: Sequence[str]) -> tuple[str, ...]:
+    """The entity columns the features ``refs`` need: join keys, then request fields."""
     from mlplatform.features.definitions import FeatureView, RequestSource
 
     names: list[str] = []
@@ -133,44 +147,50 @@ def _inputs(catalog: FeatureCatalog, refs: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-class ModelWatcher:
-    """Keeps the scorer of each watched alias current (see the module docstring).
+class ModelWatcher(Generic[T]):
+    """Keeps what ``load`` made of each watched alias's version current (see the module docstring).
+
+        watcher = ModelWatcher(platform.models, "underwriting", load=scorer_loader(platform.models, catalog, "underwriting"))
 
     Args:
+        name: the registered model.
+        load: ``version → loaded`` (a ``Scorer``, a served predictor …); it may raise, and
+            then the version is reported in ``failed()`` and not tried again.
         aliases: the aliases to follow; the first is the one decisions use.
         poll_s: seconds between reads of the alias documents.
-        on_change: called ``(alias, scorer or None)`` after each swap (metrics, logs).
+        on_change: called ``(alias, loaded or None)`` after each swap (metrics, logs).
     """
 
     def __init__(
         self,
         models: ModelRegistry,
-        catalog: FeatureCatalog,
         name: str,
         *,
+        load: Callable[[int], T],
         aliases: Sequence[str] = ("production",),
-        default_service: str,
-        available_inputs: Collection[str] | None = None,
         poll_s: float = 1.0,
-        on_change: Callable[[str, Scorer | None], None] | None = None,
+        on_change: Callable[[str, T | None], None] | None = None,
     ) -> None:
         self.models = models
-        self.catalog = catalog
         self.name = name
+        self.load = load
         self.aliases = tuple(dict.fromkeys(aliases))
-        self.default_service = default_service
-        self.available_inputs = available_inputs
         self.poll_s = poll_s
         self.on_change = on_change
-        self._scorers: dict[str, Scorer | None] = {a: None for a in self.aliases}
+        self._current: dict[str, tuple[int, T] | None] = {a: None for a in self.aliases}
         self._failed: dict[int, str] = {}  # version -> why it could not be loaded (not retried)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
 
-    def current(self, alias: str) -> Scorer | None:
-        """The scorer ``alias`` points at now (None: unset, or not loadable)."""
-        return self._scorers.get(alias)
+    def current(self, alias: str) -> T | None:
+        """What ``alias`` points at now, loaded (None: unset, or not loadable)."""
+        held = self._current.get(alias)
+        return held[1] if held is not None else None
+
+    def current_version(self, alias: str) -> int | None:
+        held = self._current.get(alias)
+        return held[0] if held is not None else None
 
     def failed(self) -> dict[int, str]:
         return dict(self._failed)
@@ -183,34 +203,31 @@ class ModelWatcher:
             self.last_error = f"reading the aliases of {self.name!r}: {exc}"
             return False
         changed = False
-        loaded: dict[int, Scorer] = {s.version: s for s in self._scorers.values() if s is not None}
+        loaded: dict[int, T] = {held[0]: held[1] for held in self._current.values() if held is not None}
         for alias in self.aliases:
             version = targets.get(alias)
-            current = self._scorers.get(alias)
-            if (current.version if current else None) == version:
+            if self.current_version(alias) == version:
                 continue
             if version is None:
-                scorer = None
+                held = None
             elif version in loaded:
-                scorer = loaded[version]
+                held = (version, loaded[version])
             elif version in self._failed:
                 continue
             else:
                 try:
-                    scorer = load_scorer(
-                        self.models, self.catalog, self.name, version, self.default_service, self.available_inputs
-                    )
+                    held = (version, self.load(version))
                 except Exception as exc:  # a bad version must not stop the replica: keep serving the old one
                     self._failed[version] = f"{type(exc).__name__}: {exc}"
                     self.last_error = f"{self.name} v{version} ({alias}) not loaded: {exc}"
                     log.error("%s", self.last_error)
                     continue
-                loaded[version] = scorer
-            self._scorers = {**self._scorers, alias: scorer}  # one reference swap: readers see old or new
+                loaded[version] = held[1]
+            self._current = {**self._current, alias: held}  # one reference swap: readers see old or new
             changed = True
-            log.info("%s: alias %s now serves version %s", self.name, alias, scorer.version if scorer else None)
+            log.info("%s: alias %s now serves version %s", self.name, alias, version)
             if self.on_change is not None:
-                self.on_change(alias, scorer)
+                self.on_change(alias, held[1] if held else None)
         return changed
 
     def start(self) -> None:

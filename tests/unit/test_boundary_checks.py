@@ -123,7 +123,7 @@ def test_keys_come_from_the_environment_with_their_roles(monkeypatch, tmp_path):
     config = load_config({"serving": {"api_key_digests_file": str(keys_file)}})
     keys = dict(load_keys(config.serving))
     assert keys == {
-        _digest(plain): ("decide", "read_features"),
+        _digest(plain): ("decide", "predict", "read_features"),
         _digest(pusher): ("write_features",),
         _digest(operator): ("operate", "read_features"),
     }

@@ -46,6 +46,7 @@ def record(decision_id: str, **changes) -> dict:
         "latency_ms": 4.2,
         "created_at": datetime.now(UTC).isoformat(),
         "shadow": None,
+        "rule_models": None,
         "returned": True,
         "confirmed": True,
     }

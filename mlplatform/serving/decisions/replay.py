@@ -17,6 +17,12 @@ The decision service must log exactly this number as ``probability_of_default``.
 contributions)``: mathematically the same, but it differs from ``booster.predict`` in the last
 bits for most rows, so it is not the number to log.
 
+Every **rule model** the decision consulted (``rule_models`` in the record, e.g. fraud) is
+recomputed too, on CPU in fp32, from its logged input with its logged version (sha256
+checked the same way): ``ReplayResult.rule_models`` holds one ``ModelReplay`` each, and
+``identical`` holds only if every one of them is identical as well. A rule model that gave
+no score (past its deadline, unavailable) is listed with that status and nothing to compare.
+
 Fallback decisions were not scored by a model. They are replayed only when the caller passes
 the decision policy that was in force (``policy.fallback(amount=, currency=, term=)`` on the
 logged request); ``identical`` then says whether the fallback decision comes out the same.
@@ -35,6 +41,7 @@ import numpy as np
 
 from mlplatform.errors import DataError, IntegrityError, ModelError
 from mlplatform.models.encoding import encode_features
+from mlplatform.models.flavors.base import numpy_dtype
 from mlplatform.serving.decisions.lookup import find_decision
 
 if TYPE_CHECKING:
@@ -43,11 +50,24 @@ if TYPE_CHECKING:
     from mlplatform.models.registry import ModelRegistry
     from mlplatform.storage import Storage
 
-__all__ = ["ReplayResult", "replay", "score_features"]
+__all__ = ["ModelReplay", "ReplayResult", "replay", "score_features"]
 
 
 class FallbackPolicy(Protocol):
     def fallback(self, *, amount: float, currency: str, term: int) -> tuple[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ModelReplay:
+    """One rule model's score, logged and recomputed (``status`` other than ``scored``: the
+    decision had no score from it, so there is nothing to recompute)."""
+
+    model_name: str
+    model_version: int | None
+    status: str
+    logged_score: float | None = None
+    replayed_score: float | None = None
+    identical: bool = True
 
 
 @dataclass(frozen=True)
@@ -71,6 +91,7 @@ class ReplayResult:
     logged_decision: str | None = None
     replayed_decision: str | None = None
     note: str = ""
+    rule_models: tuple[ModelReplay, ...] = ()
 
 
 def replay(
@@ -136,7 +157,31 @@ def replay(
             f"takes {booster.feature_name()} (in this order)"
         )
     replayed = score_features(booster, json.loads(record["features"]))
-    return ReplayResult(**base, replayed_score=replayed, identical=logged is not None and replayed == logged)
+    rules = tuple(_replay_rule_model(models, decision_id, doc) for doc in json.loads(record.get("rule_models") or "null") or [])
+    identical = logged is not None and replayed == logged and all(r.identical for r in rules)
+    return ReplayResult(**base, replayed_score=replayed, identical=identical, rule_models=rules)
+
+
+def _replay_rule_model(models: ModelRegistry, decision_id: str, doc: Mapping[str, Any]) -> ModelReplay:
+    """Recompute one logged rule model's score from its logged input (CPU, fp32)."""
+    name, status = doc["model_name"], doc.get("status", "scored")
+    if status != "scored":
+        return ModelReplay(name, None, status)
+    version = int(doc["model_version"])
+    mv = models.get(name, version=version)
+    if mv.artifacts[mv.model_file] != doc.get("model_sha256"):
+        raise IntegrityError(
+            f"decision {decision_id!r} was scored by {name!r} v{version} with sha256 {str(doc.get('model_sha256'))[:12]}…, "
+            f"but the registry has {mv.artifacts[mv.model_file][:12]}…; refusing to replay"
+        )
+    _, predictor = models.load_predictor(name, version=version, device="cpu", precision="fp32")
+    logged_inputs = doc.get("inputs") or {}
+    try:
+        inputs = {t.name: np.asarray([logged_inputs[t.name]], dtype=numpy_dtype(t.datatype)) for t in predictor.signature.inputs}
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"decision {decision_id!r}: the logged input of {name!r} does not fit v{version}'s signature") from None
+    replayed = float(predictor.predict(inputs)[doc["output"]][0])
+    return ModelReplay(name, version, status, doc["score"], replayed, replayed == doc["score"])
 
 
 def score_features(booster: lightgbm.Booster, features: Mapping[str, Any]) -> float:
