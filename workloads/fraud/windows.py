@@ -50,7 +50,9 @@ Every input row (application, label, repayment event) becomes a row of one timel
 carrying a hash bucket of its ``applicant_id`` (:func:`application_rows`, :func:`label_rows`,
 :func:`repayment_rows`); :func:`bucket_sequences` takes rows of whole applicants, sorts them
 and cuts every application's window with array operations. :func:`sequences_from_tables`
-runs the same functions on in-memory tables (used by the unit tests).
+runs the same functions on in-memory tables (used by the unit tests); :func:`query_sequences`
+runs them for applications being scored now (no label, each with its own history: serving's
+path, see :mod:`workloads.fraud.online`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ __all__ = [
     "bucket_sequences",
     "label_rows",
     "output_schema",
+    "query_sequences",
     "repayment_rows",
     "sequences_from_tables",
     "split_boundaries",
@@ -359,3 +362,91 @@ def sequences_from_tables(
         return output_schema(max_events).empty_table()
     boundaries = split_boundaries(int(ts.min()), int(ts.max()), train, validation)
     return bucket_sequences(timeline, max_events=max_events, boundaries=boundaries)
+
+
+def query_sequences(
+    applications: pa.Table, repayment_events: pa.Table, queries: pa.Table, *, max_events: int
+) -> pa.Table:
+    """The window of each query application, cut by the same functions and with the same
+    semantics as a labelled application's in training, but without a label: what serving
+    scores.
+
+        table = query_sequences(history_apps, history_events, queries, max_events=16)   # row i: queries' row i
+
+    Each query sees the events of ``applications`` and ``repayment_events`` with its
+    ``applicant_id`` that were known strictly before its ``application_ts`` (the module doc's
+    history), never another query: two queries of one applicant each see only the history
+    tables. An application in the history at the query's own time (the query itself, already
+    logged) is not before it, so it is left out as in training. An applicant without rows in
+    the history tables gets an all-padding window; a category not in ``CATEGORIES`` (or null)
+    is ``<other>``.
+
+    Args:
+        applications: past applications: ``applicant_id``, ``merchant_category``, ``amount``,
+            ``application_ts`` (other columns are ignored).
+        repayment_events: past repayment events, as the raw table: ``applicant_id``,
+            ``event_type``, ``event_ts``, ``known_ts``, ``balance_delta``, ``is_late``,
+            ``days_past_due`` (``origination`` rows are dropped, as in training).
+        queries: the applications to cut a window for: ``applicant_id``,
+            ``merchant_category``, ``amount``, ``application_ts``.
+        max_events: K.
+
+    Returns:
+        One row per query, in the queries' order: ``applicant_id``, ``application_ts``,
+        ``app_category``, ``app_log_amount`` and the sequence columns, typed as in
+        ``output_schema(max_events)``.
+
+    Raises:
+        DataError: a repayment event type is unknown.
+    """
+    n = queries.num_rows
+    keep = ["applicant_id", "application_ts", "app_category", "app_log_amount", *SEQUENCE_COLUMNS]
+    schema = pa.schema([output_schema(max_events).field(c) for c in keep])
+    if n == 0:
+        return schema.empty_table()
+    # Query i becomes applicant i of the timeline, with a copy of its applicant's history: so
+    # no query sees another, and the kernel's output order (applicant, time) is query order.
+    ids = pa.array(range(n), pa.int64())
+    owner = queries.column("applicant_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    by_owner = np.argsort(owner, kind="stable")
+    sorted_owner = owner[by_owner]
+
+    def rekeyed(history: pa.Table, columns: list[str]) -> pa.Table:
+        applicant = history.column("applicant_id").to_numpy(zero_copy_only=False).astype(np.int64)
+        lo = np.searchsorted(sorted_owner, applicant, side="left")
+        copies = np.searchsorted(sorted_owner, applicant, side="right") - lo
+        rows = np.repeat(np.arange(len(applicant)), copies)  # each row once per query of its applicant
+        nth = np.arange(len(rows)) - np.repeat(np.cumsum(copies) - copies, copies)
+        query = by_owner[np.repeat(lo, copies) + nth]
+        return history.select(columns).take(pa.array(rows)).append_column("applicant_id", pa.array(query, pa.int64()))
+
+    app_columns = ["merchant_category", "amount", "application_ts"]
+    past = rekeyed(applications, app_columns)
+    past = past.append_column("application_id", pa.nulls(past.num_rows, pa.string()))  # never a query
+    current = pa.table({
+        "application_id": pc.cast(ids, pa.string()), "applicant_id": ids,
+        **{c: queries.column(c) for c in app_columns},
+    })  # fmt: skip
+    events = rekeyed(
+        repayment_events, ["event_type", "event_ts", "known_ts", "balance_delta", "is_late", "days_past_due"]
+    )
+    labels = _timeline(
+        {
+            "source": np.full(n, _SOURCE_LABEL, np.int8),
+            "applicant_id": ids,
+            "application_id": pc.cast(ids, pa.string()),
+            "label": np.zeros(n, np.int8),  # a placeholder: it marks the query, nothing reads it
+        },
+        1,
+    )
+    timeline = pa.concat_tables([
+        application_rows(past, buckets=1), application_rows(current, buckets=1), labels,
+        repayment_rows(events, buckets=1),
+    ])  # fmt: skip
+    ts = utc_micros(queries.column("application_ts"))
+    table = bucket_sequences(timeline, max_events=max_events, boundaries={"query": (int(ts.min()), int(ts.max()) + 1)})
+    if table.column("applicant_id").to_pylist() != list(range(n)):  # one row per query, in order
+        raise AssertionError("query_sequences lost or reordered a query")
+    table = table.set_column(table.schema.get_field_index("applicant_id"), "applicant_id", pa.array(owner, pa.int64()))
+    return table.select(keep).cast(schema)
+
