@@ -34,7 +34,7 @@ from torch import nn
 from mlplatform.models.flavors.base import Signature, TensorSpec
 from workloads.fraud.sequences import CATEGORIES, CURRENT_APPLICATION, EVENT_TYPES
 
-__all__ = ["MODEL_CLASS", "FraudTransformer", "TransformerConfig", "flavor_config", "flops_per_sample", "model_from_bytes", "signature"]
+__all__ = ["INPUT_BUILDER", "MODEL_CLASS", "FraudTransformer", "TransformerConfig", "flavor_config", "flops_per_sample", "model_from_bytes", "signature"]
 
 #: The model class by import path, as the registry's torch flavor imports it.
 MODEL_CLASS = "workloads.fraud.model:FraudTransformer"
@@ -171,16 +171,22 @@ def signature(config: TransformerConfig) -> Signature:
     )
 
 
+#: Builds a served version's input from the online store (the same kernel as training's sequences).
+INPUT_BUILDER = "workloads.fraud.online:serving_inputs"
+
+
 def flavor_config(config: TransformerConfig) -> dict[str, Any]:
     """The registry's torch ``flavor_config`` for a model of this shape: the class by import
-    path, the config as JSON, the signature and the sigmoid that turns the logit into a
-    probability of default."""
+    path, the config as JSON, the signature, the sigmoid that turns the logit into a
+    probability of default, and the input builder the model server uses to make its input
+    from the online store (``workloads.fraud.online.serving_inputs``)."""
     sig = signature(config)
     return {
         "class": MODEL_CLASS,
         "config": config.to_json(),
         "signature": {"inputs": [s.to_json() for s in sig.inputs], "outputs": [s.to_json() for s in sig.outputs]},
         "transform": "sigmoid",
+        "input_builder": INPUT_BUILDER,
     }
 
 

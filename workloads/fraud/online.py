@@ -57,6 +57,7 @@ from workloads.underwriting.event_history import history_table, load_online
 if TYPE_CHECKING:
     from mlplatform.features.definitions import FeatureView, StreamSource
     from mlplatform.features.store import FeatureStore
+    from mlplatform.models.flavors.base import Signature
     from mlplatform.platform import Platform
     from mlplatform.storage import DatasetStore, Storage
 
@@ -69,6 +70,7 @@ __all__ = [
     "model_inputs",
     "online_events_step",
     "online_steps",
+    "serving_inputs",
 ]
 
 #: The raw tables (under the data's prefix) each stream's history is imported from.
@@ -311,6 +313,21 @@ def model_inputs(
         "amount": pa.array(amounts, pa.float64()), "application_ts": _timestamps(at),
     })  # fmt: skip
     return input_arrays(query_sequences(apps, events, queries, max_events=max_events))
+
+
+def serving_inputs(features: Any, requests: Iterable[Mapping[str, Any]], signature: Signature) -> dict[str, np.ndarray]:
+    """``model_inputs`` as the model server calls an input builder (``input_builder`` of a
+    served model, recorded with the fraud model's versions): K is the width of the version's
+    ``event_type`` input, so a version trained with another K gets its own.
+
+    Raises:
+        DataError, OnlineStoreUnavailable: as ``model_inputs``.
+    """
+    widths = {t.name: t.shape for t in signature.inputs}
+    shape = widths.get("event_type")
+    if shape is None or len(shape) != 2 or shape[1] < 1:
+        raise DataError(f"the model's signature has no event_type input [-1, K] to size the history by: {signature.inputs}")
+    return model_inputs(features, requests, max_events=shape[1])
 
 
 def _event_state(features: FeatureStore) -> EventState:

@@ -1,10 +1,13 @@
 """The fraud workload as steps (``mlp run configs/fraud.yaml``).
 
-    generate → sequences → train → evaluate → register
+    generate → sequences → apply → event log → online events → train → evaluate → register
 
 ``generate`` writes the synthetic lender data under ``raw/fraud`` (its own prefix, so the
 underwriting workload's data under the same storage root is left alone); ``sequences``
-builds the point-in-time behaviour sequences with Ray Data; ``train`` trains the transformer
+builds the point-in-time behaviour sequences with Ray Data; ``apply``, ``event log`` and
+``online events`` publish the applicants' behaviour events as a stream (offline log and
+online event state, ``workloads.fraud.online``) so the served model builds its input from
+the online store with the same kernel; ``train`` trains the transformer
 data-parallel with Ray Train (checkpoints under the storage root); ``evaluate`` scores the
 validation and test splits with the trained weights on Ray Data, through the torch flavor's
 predictor (the path serving takes); ``register`` stores the weights in the model registry
@@ -24,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlplatform.jobs.steps import Done, Step
 from workloads.fraud.online import online_steps
-from workloads.fraud.sequences import DATASET, SequenceConfig
+from workloads.fraud.sequences import SequenceConfig
 from workloads.fraud.spec import FraudSpec
 from workloads.underwriting.generate import DataConfig
 from workloads.underwriting.pipeline import generate_step
