@@ -365,7 +365,7 @@ def test_registration_refuses_a_config_that_would_not_load(platform, fraud_model
     with pytest.raises(ModelError, match=r"unknown flavor_config keys \['weights'\]"):
         register(**good, weights="x")
     with pytest.raises(ModelError, match="input_builder'] must be 'package.module:function'"):
-        register(**good, input_builder="no colon")
+        register(**{**good, "input_builder": "no colon"})
     with pytest.raises(ModelError, match="unknown transform 'softplus'"):
         register(**{**good, "transform": "softplus"})
     with pytest.raises(ModelError, match="is not an nn.Module subclass"):
