@@ -21,13 +21,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from mlplatform.errors import DataError, DefinitionError, NotFoundError, PlatformError
 from mlplatform.online.base import OnlineStoreUnavailable
 from mlplatform.serving.guard import Guard
 from mlplatform.serving.schemas import ErrorResponse
 
-__all__ = ["ERROR_RESPONSES", "app", "error_response", "platform_error_response", "shown"]
+__all__ = ["ERROR_RESPONSES", "app", "document_schema", "error_response", "platform_error_response", "shown"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,32 @@ app = FastAPI(
     openapi_url="/openapi.json",
 )
 app.add_middleware(Guard)
+_EXTRA_SCHEMAS: list[type[BaseModel]] = []
+
+
+def document_schema(model: type[BaseModel]) -> dict[str, str]:
+    """Put ``model`` (and the models it uses) in the OpenAPI document's components, for a
+    route that reads its body itself (e.g. to accept binary data too); returns the ``$ref``."""
+    _EXTRA_SCHEMAS.append(model)
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in _EXTRA_SCHEMAS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in schema.pop("$defs", {}).items():
+                schemas.setdefault(name, sub)
+            schemas[model.__name__] = schema
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 #: The error answers every keyed route can give, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

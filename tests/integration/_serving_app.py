@@ -24,9 +24,11 @@ import pytest
 import requests
 
 from mlplatform import Platform
+from mlplatform.jobs.steps import StepRunner
+from workloads.fraud.features import DEFINITIONS as FRAUD_DEFINITIONS
 from workloads.underwriting.features import DEFINITIONS
 
-ROLES = ["decide", "read_features", "write_features", "operate"]
+ROLES = ["decide", "predict", "read_features", "write_features", "operate"]
 #: A checkout caller's key: role ``decide`` only, configured as a digest.
 CHECKOUT_KEY = "checkout-key-" + "c" * 24
 DIGESTS_ENV = "MLP_TEST_SERVING_KEY_DIGESTS"
@@ -35,7 +37,14 @@ KEY = "test-key-" + "x" * 24
 KEY_ENV = "MLP_TEST_SERVING_KEY"
 HEADERS = {"X-API-Key": KEY}
 RISKY, SAFE, UNKNOWN = 900_001, 900_002, 123_456_789
-POLICY = {"approve_below": 0.1, "decline_at": 0.3, "max_amount": 2000, "shadow_alias": "candidate"}
+#: The fraud model (trained below) flags large amounts: review from 0.4, decline from 0.75; when
+#: it gives no score in time the decision is made without it (``on_unavailable: ignore``).
+FRAUD_RULE = {"model": "fraud", "review_at": 0.4, "decline_at": 0.75, "code": "fraud_risk", "text": "We could not verify this purchase"}
+POLICY = {"approve_below": 0.1, "decline_at": 0.3, "max_amount": 2000, "shadow_alias": "candidate", "model_rules": [FRAUD_RULE]}
+#: The fraud model's history world: generated applicants whose events are online (raw tables under this prefix).
+FRAUD_PREFIX = "raw/fraudworld"
+FRAUD_K = 8
+FRAUD_DEADLINE_S = 1.0
 
 
 def free_port() -> int:
@@ -90,6 +99,65 @@ def register(platform: Platform, seed: int) -> int:
     return mv.version
 
 
+def fraud_world(platform: Platform) -> dict:
+    """Generated applicants' raw tables under ``FRAUD_PREFIX``, their behaviour events in the
+    offline log and the online event state (the fraud workload's own steps), and their
+    training sequences (the training kernel), for the fraud model's tests."""
+    from workloads.fraud.online import online_steps
+    from workloads.fraud.sequences import sequences_from_tables
+    from workloads.underwriting.generate import DataConfig, generate_merchants, generate_shard
+
+    config = DataConfig(applications=600, merchants=20, seed=5, shards=1)
+    tables = generate_shard(config, 0)
+    raw = {**tables, "merchants": generate_merchants(config)}
+    for name, table in raw.items():
+        platform.datasets.publish(f"{FRAUD_PREFIX}/{name}", table)
+    StepRunner(platform.storage).run_all(online_steps(platform, prefix=FRAUD_PREFIX))
+    sequences = sequences_from_tables(
+        tables["applications"], tables["outcomes"], tables["repayment_events"], max_events=FRAUD_K, cutoff=config.end
+    )
+    return {"tables": tables, "sequences": sequences}
+
+
+def train_fraud(sequences, seed: int):
+    """A small fraud transformer whose score rises with the order amount (high above 1,000),
+    trained in seconds on the world's real histories with amounts drawn afresh."""
+    import math
+
+    import torch
+
+    from workloads.fraud.model import FraudTransformer, TransformerConfig
+    from workloads.fraud.sequences import to_tensors
+
+    torch.manual_seed(seed)
+    model = FraudTransformer(TransformerConfig(d_model=16, heads=2, layers=1, ff=32, dropout=0.0, max_events=FRAUD_K))
+    data = {k: v for k, v in to_tensors(sequences).items() if k != "label"}
+    n = len(data["app_log_amount"])
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(800):
+        idx = torch.randint(0, n, (64,), generator=gen)
+        batch = {k: v[idx] for k, v in data.items()}
+        amount = torch.exp(torch.empty(64).uniform_(math.log(20.0), math.log(2000.0), generator=gen))
+        batch["app_log_amount"] = torch.log1p(amount).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(**batch), (amount > 1000).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def register_fraud(platform: Platform, sequences, seed: int) -> int:
+    from workloads.fraud.model import flavor_config
+
+    model = train_fraud(sequences, seed)
+    mv = platform.models.register(
+        "fraud", flavor="torch", model=model, flavor_config=flavor_config(model.config),
+        lineage={}, metrics={}, params={"seed": seed},
+    )
+    return mv.version
+
+
 def history(applicant_id: int, when: datetime, **values: float) -> dict:
     row = {"applicant_id": applicant_id, "event_timestamp": when.isoformat()}
     for window in ("30d", "90d", "365d"):
@@ -116,10 +184,12 @@ def application(applicant_id: int = SAFE, **overrides) -> dict:
 
 class Served:
     """The deployed application: ``platform``, ``deployed`` and ``redis_proc``, unpackable as a
-    tuple; ``close()`` shuts it down (idempotent)."""
+    tuple; ``close()`` shuts it down (idempotent). ``fraud`` is the fraud model's world
+    (``fraud_world``)."""
 
-    def __init__(self, platform, deployed, redis_proc, old_env) -> None:
+    def __init__(self, platform, deployed, redis_proc, old_env, fraud=None) -> None:
         self.platform, self.deployed, self.redis_proc, self._old_env = platform, deployed, redis_proc, old_env
+        self.fraud = fraud
         self.closed = False
 
     def __iter__(self):
@@ -156,19 +226,26 @@ def deploy_served(tmp_path_factory) -> Served:
         "online_store": {"type": "redis", "url": redis_url, "key_prefix": f"t{uuid.uuid4().hex[:6]}", "timeout": "2s"},
         # A loaded CI machine can take far longer than production's 50 ms; the fallback test
         # stops Redis instead, which fails fast.
-        "serving": {"port": free_port(), "deadline": "3s", "api_key_env": KEY_ENV, "api_key_roles": ROLES, "api_key_digests_env": DIGESTS_ENV},
+        "serving": {
+            "port": free_port(), "deadline": "3s", "api_key_env": KEY_ENV, "api_key_roles": ROLES, "api_key_digests_env": DIGESTS_ENV,
+            # the fraud model in the ingress replicas, with a builder that is slow for one applicant on demand
+            "models": [{"name": "fraud", "deadline": f"{FRAUD_DEADLINE_S}s", "batching": {"max_batch_size": 64},
+                        "input_builder": "tests.integration._fraud_builders:slow_for_one_applicant"}],
+        },
         # the processors deploy starts reserve no CPU, so the replicas (2 x 0.5) leave exactly one
         # of the session's two CPUs to the Ray Data tasks of the modules that run while the
         # application is up (a task needs a whole CPU: 0.9 free would hang them)
         "streams": {"processor_cpus": 0, "block": "100ms", "flush_interval": "200ms", "claim_idle": "2s"},
     })
-    platform.features.apply(DEFINITIONS)
+    platform.features.apply(DEFINITIONS + FRAUD_DEFINITIONS)
     version = register(platform, seed=1)
     platform.models.set_alias("underwriting", "production", version)
+    fraud = fraud_world(platform)
+    platform.models.set_alias("fraud", "production", register_fraud(platform, fraud["sequences"], seed=1))
     started = time.monotonic()
     deployed = platform.serving.deploy("underwriting", policy=POLICY, num_replicas=2, replica_cpus=0.5)
     print(f"deployed in {time.monotonic() - started:.1f}s via {deployed.ingress}")
-    return Served(platform, deployed, redis_proc, old_env)
+    return Served(platform, deployed, redis_proc, old_env, fraud)
 
 
 def post(url: str, body, headers=HEADERS, session=None, **kw) -> requests.Response:

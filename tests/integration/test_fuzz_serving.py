@@ -114,7 +114,9 @@ def test_schemathesis_over_the_published_openapi_finds_no_server_error(served, b
     schema = schemathesis.openapi.from_url(f"{deployed.url}/openapi.json", headers=HEADERS, timeout=60)
     operations = [op.ok() for op in schema.get_all_operations()]
     labels = {f"{op.method.upper()} {op.path}" for op in operations}
-    expected = {"POST /v1/decisions", "POST /get-online-features", "POST /push", "GET /health", "GET /v1/internal/replica"}
+    expected = {"POST /v1/decisions", "POST /get-online-features", "POST /push", "GET /health", "GET /v1/internal/replica",
+                "POST /v2/models/{name}/infer", "POST /v2/models/{name}/versions/{version}/infer", "POST /v1/models/{name}/predict",
+                "GET /v2/models/{name}", "GET /v2/models/{name}/ready", "GET /v2/health/ready"}
     assert expected <= labels, labels
 
     session = requests.Session()

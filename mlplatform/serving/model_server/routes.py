@@ -20,6 +20,7 @@ a version must not silently get another.
 from __future__ import annotations
 
 import asyncio
+import json
 from importlib import metadata as _metadata
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlplatform.errors import DataError, NotFoundError, PlatformError
-from mlplatform.serving.http import ERROR_RESPONSES, app, error_response, platform_error_response
+from mlplatform.serving.http import ERROR_RESPONSES, app, document_schema, error_response, platform_error_response
 from mlplatform.serving.model_server.oip import (
     HEADER_LENGTH,
     InferRequest,
@@ -54,13 +55,22 @@ _INFER_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "application/json": {"schema": document_schema(InferRequest)},
             "application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"},
                 "description": f"Binary tensor data: the JSON request (its length in {HEADER_LENGTH}) followed by the inputs' bytes.",
             },
         },
     }
+}
+_INFER_RESPONSES = {
+    **ERROR_RESPONSES,
+    **_NOT_SERVED,
+    200: {
+        "description": "The outputs; binary tensor data when the request asks for it (its JSON part's length in "
+        f"{HEADER_LENGTH}).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
 }
 _BINARY_DECODE = 64 * 1024  # bodies above this are decoded off the event loop
 
@@ -142,7 +152,7 @@ class ModelRoutes:
         """200 when this version is the one loaded."""
         return await self._ready(name, version)
 
-    @app.post("/v2/models/{name}/infer", response_model=InferResponse, responses={**ERROR_RESPONSES, **_NOT_SERVED}, openapi_extra=_INFER_BODY)
+    @app.post("/v2/models/{name}/infer", response_model=InferResponse, responses=_INFER_RESPONSES, openapi_extra=_INFER_BODY)
     async def v2_infer(self, name: _ModelName, request: Request) -> Response:
         """Tensors in, tensors out, with dynamic batching (see ``mlplatform.serving.model_server.oip``)."""
         return await self._infer(name, None, request)
@@ -150,7 +160,7 @@ class ModelRoutes:
     @app.post(
         "/v2/models/{name}/versions/{version}/infer",
         response_model=InferResponse,
-        responses={**ERROR_RESPONSES, **_NOT_SERVED},
+        responses=_INFER_RESPONSES,
         openapi_extra=_INFER_BODY,
     )
     async def v2_infer_version(self, name: _ModelName, version: _Version, request: Request) -> Response:
@@ -175,11 +185,11 @@ class ModelRoutes:
         try:
             described = await self.model_server.describe(name)
         except NotFoundError as exc:
-            return error_response(404, "unknown_model", str(exc))
+            return _v2_error(404, "unknown_model", str(exc))
         if described is None:
-            return error_response(503, "model_unavailable", f"model {name!r} has no loadable version yet; retry")
+            return _v2_error(503, "model_unavailable", f"model {name!r} has no loadable version yet; retry")
         if version is not None and described["version"] != version:
-            return error_response(404, "version_not_served", f"model {name!r} serves version {described['version']}, not {version}")
+            return _v2_error(404, "version_not_served", f"model {name!r} serves version {described['version']}, not {version}")
         return described
 
     async def _metadata(self, name: str, version: int | None) -> Response:
@@ -213,19 +223,28 @@ class ModelRoutes:
                 parsed, inputs = decode_infer(body, header_length=header, signature=described["signature"])
             scored, outputs = await self.model_server.infer(name, inputs)
             if version is not None and scored["version"] != version:  # the alias moved meanwhile
-                return error_response(404, "version_not_served", f"model {name!r} now serves version {scored['version']}, not {version}")
+                return _v2_error(404, "version_not_served", f"model {name!r} now serves version {scored['version']}, not {version}")
             content, headers = encode_infer(name=name, version=scored["version"], request=parsed, outputs=outputs)
         except NotFoundError as exc:
             return _not_served(exc)
         except DataError as exc:
-            return error_response(422, "invalid_request", str(exc))
+            return _v2_error(422, "invalid_request", str(exc))
         except PlatformError as exc:
             return platform_error_response(exc)
         media = "application/octet-stream" if headers else "application/json"
         return Response(content, media_type=media, headers=headers)
 
 
+def _v2_error(status: int, kind: str, message: str) -> Response:
+    """An error of a V2 route: the protocol's clients show only ``error``, so it carries the
+    message too (``kind: message``); ``message`` is as on every other route."""
+    response = error_response(status, kind, message)
+    doc = json.loads(response.body)
+    doc["error"] = f"{kind}: {doc['message']}"
+    return JSONResponse(doc, status_code=status)
+
+
 def _not_served(exc: NotFoundError) -> Response:
     if "no model" in str(exc):
-        return error_response(404, "unknown_model", str(exc))
-    return error_response(503, "model_unavailable", str(exc))
+        return _v2_error(404, "unknown_model", str(exc))
+    return _v2_error(503, "model_unavailable", str(exc))

@@ -243,18 +243,16 @@ def scores_of(served: ServedVersion, output: str, inputs: Mapping[str, np.ndarra
 
 
 def _rows(entities: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Column-wise entities as rows; ``timestamp`` (ISO 8601, default now) becomes a UTC datetime."""
-    from mlplatform.timestamps import to_utc
+    """Column-wise entities as rows; ``timestamp`` (ISO 8601 or a datetime; default now) becomes
+    a UTC datetime."""
+    from mlplatform.timestamps import parse_instant
 
     n = len(next(iter(entities.values()))) if entities else 0
     now = datetime.now(UTC)
     rows = [{k: v[i] for k, v in entities.items()} for i in range(n)]
     for i, row in enumerate(rows):
         stamp = row.get("timestamp")
-        try:
-            row["timestamp"] = now if stamp is None else to_utc(datetime.fromisoformat(stamp) if isinstance(stamp, str) else stamp)
-        except (TypeError, ValueError, OverflowError):
-            raise DataError(f"entities.timestamp[{i}]: {stamp!r} is not an ISO 8601 time") from None
+        row["timestamp"] = now if stamp is None else parse_instant(stamp, f"entities.timestamp[{i}]")
     return rows
 
 
