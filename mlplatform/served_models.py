@@ -75,6 +75,11 @@ class ServedModelConfig(_Model):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", description="The registered model's name (its route name too).")
     alias: str = Field(default="production", pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="The alias followed live.")
+    shadow_alias: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="In decisions, also score with the version under this alias (e.g. candidate) and log it beside the served one.",
+    )
     feature_service: str | None = Field(
         default=None,
         description="Features looked up by /v1/models/{name}/predict; default the version's lineage feature_service.",

@@ -384,7 +384,9 @@ class RuleResult:
         doc: dict[str, Any] = {"model_name": self.rule.model, "output": self.rule.output, "status": self.status}
         if self.scores is not None:
             s = self.scores
-            doc.update(model_version=s.version, model_sha256=s.sha256, flavor=s.flavor, score=s.scores[i], inputs=s.inputs[i])
+            doc.update(model_version=s.version, model_sha256=s.sha256, flavor=s.flavor, score=s.scores[i], inputs=s.inputs[i], rows=s.rows)
+            if s.shadow is not None:
+                doc["shadow"] = s.shadow[i]
         return doc
 
 

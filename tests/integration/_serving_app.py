@@ -48,9 +48,20 @@ FRAUD_DEADLINE_S = 1.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the kernel's ephemeral range and Ray's worker ports (10002-19999):
+    a port taken from the ephemeral range (bind to 0) can be handed to one of the many sockets
+    Ray opens before the process it was meant for binds it (it happened to HAProxy's stats port)."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def start_redis(directory) -> tuple[subprocess.Popen, str]:
@@ -229,7 +240,7 @@ def deploy_served(tmp_path_factory) -> Served:
         "serving": {
             "port": free_port(), "deadline": "3s", "api_key_env": KEY_ENV, "api_key_roles": ROLES, "api_key_digests_env": DIGESTS_ENV,
             # the fraud model in the ingress replicas, with a builder that is slow for one applicant on demand
-            "models": [{"name": "fraud", "deadline": f"{FRAUD_DEADLINE_S}s", "batching": {"max_batch_size": 64},
+            "models": [{"name": "fraud", "deadline": f"{FRAUD_DEADLINE_S}s", "batching": {"max_batch_size": 64}, "shadow_alias": "candidate",
                         "input_builder": "tests.integration._fraud_builders:slow_for_one_applicant"}],
         },
         # the processors deploy starts reserve no CPU, so the replicas (2 x 0.5) leave exactly one

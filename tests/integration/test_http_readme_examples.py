@@ -48,10 +48,11 @@ def test_the_readme_curl_examples_work_as_written(served):
     env = {**os.environ, "MLP_API_KEY": KEY, "MLP_URL": deployed.url}
     run = subprocess.run(["bash", "-c", "set -e\n" + _http_block()], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    decision, features, openapi = _documents(run.stdout)
+    decision, features, predicted, openapi = _documents(run.stdout)
     assert decision["decision"] in ("approve", "decline", "review") and decision["fallback"] is False, decision
     assert features["metadata"]["feature_names"][:2] == ["applicant_id", "merchant_id"], features
     assert all(len(r["values"]) == 1 for r in features["results"])
+    assert predicted["model_name"] == "underwriting" and 0.0 <= predicted["outputs"]["probability"][0] <= 1.0, predicted
     assert isinstance(openapi, str) and openapi.startswith('{"openapi":"3.')
 
 

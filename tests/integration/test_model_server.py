@@ -248,7 +248,7 @@ def test_a_fraud_model_past_its_deadline_leaves_the_decision_to_the_pd_model(app
 
 
 # ----------------------------------------------------------------------------------- rollout
-def test_a_new_fraud_version_behind_the_alias_reaches_traffic_with_no_failed_request(app):
+def test_a_new_fraud_version_shadows_then_reaches_traffic_with_no_failed_request(app):
     platform, deployed, _ = app
     arrays, _ = _fraud_rows(app, 2)
     body = json.dumps({"inputs": [
@@ -265,6 +265,17 @@ def test_a_new_fraud_version_behind_the_alias_reaches_traffic_with_no_failed_req
                 results.append((r.status_code, r.json().get("model_version", r.text) if r.status_code == 200 else r.text))
 
     v2 = register_fraud(platform, app.fraud["sequences"], seed=2)
+    # first as the shadow: decisions log its score beside the served version's, and nothing else changes
+    platform.models.set_alias("fraud", "candidate", v2)
+    deadline = time.monotonic() + 60
+    shadow = None
+    while shadow is None and time.monotonic() < deadline:
+        answer = _decide(deployed, applicant_id=SAFE, amount=80.0)
+        (fraud,) = json.loads(platform.serving.decision(answer["decision_id"])["rule_models"])
+        assert fraud["model_version"] == 1
+        shadow = fraud.get("shadow")
+        time.sleep(0.3)
+    assert shadow is not None and shadow["alias"] == "candidate" and shadow["model_version"] == v2 and 0.0 <= shadow["score"] <= 1.0, shadow
     threads = [threading.Thread(target=load) for _ in range(3)]
     for t in threads:
         t.start()

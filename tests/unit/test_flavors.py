@@ -498,3 +498,17 @@ def test_lightgbm_multiclass_models_are_refused():
     flavor = get_flavor("lightgbm")
     with pytest.raises(ModelError, match="3 outputs per iteration"):
         flavor.load(flavor.save(multi).files, {})
+
+
+def test_fixed_batches_make_a_row_score_independent_of_its_neighbours(fraud_predictor):
+    """A transformer's score of a row alone and in a batch may differ in the last bits on CPU;
+    in batches of one fixed shape the row scores the same wherever it sits and whatever is with it."""
+    from mlplatform.models.flavors.base import predict_in_fixed_batches
+
+    predictor = fraud_predictor
+    batch = fraud_inputs(13, seed=4)
+    together = predict_in_fixed_batches(predictor, batch, 8)["probability"]
+    assert together.shape == (13,)
+    for i in range(13):
+        alone = predict_in_fixed_batches(predictor, {k: v[i : i + 1] for k, v in batch.items()}, 8)["probability"]
+        assert alone[0] == together[i], i

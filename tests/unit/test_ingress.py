@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -129,8 +131,14 @@ def test_wrapper_is_haproxy_on_the_private_config_in_the_same_process(tmp_path, 
 
 def test_cleanup_waits_until_no_haproxy_runs_from_the_directory(private_env):
     directory = os.path.dirname(private_env["RAY_SERVE_HAPROXY_BINARY_PATH"])
-    haproxy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", private_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]])
+    config = private_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    haproxy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", config])
     try:
+        # until the child has exec'd, its command line is still this process's (a loaded
+        # machine showed the gap): wait until it names the config, as a running HAProxy does
+        deadline = time.monotonic() + 10
+        while config.encode() not in Path(f"/proc/{haproxy.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert ingress.cleanup(timeout_s=0.3) is False
         assert os.path.isdir(directory)
     finally:

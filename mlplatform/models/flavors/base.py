@@ -24,7 +24,18 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["DATATYPES", "Flavor", "Predictor", "SavedModel", "Signature", "TensorSpec", "datatype_of", "numpy_dtype"]
+__all__ = [
+    "DATATYPES",
+    "Flavor",
+    "Predictor",
+    "SavedModel",
+    "Signature",
+    "TensorSpec",
+    "check_input_names",
+    "datatype_of",
+    "numpy_dtype",
+    "predict_in_fixed_batches",
+]
 
 #: Open Inference Protocol datatype → numpy dtype (``BYTES`` is an object array of str/bytes).
 DATATYPES: dict[str, Any] = {
@@ -135,3 +146,51 @@ class Flavor(Protocol):
             DependencyError: the flavor's library is not installed.
         """
         ...
+
+
+def check_input_names(signature: Signature, inputs: Any, hint: str = "") -> list[str]:
+    """The signature's input names, once ``inputs`` is checked to be a mapping holding exactly them.
+
+    Raises:
+        DataError: not a mapping, or names missing or unexpected (the message lists both and
+            the model's; ``hint`` is added to it).
+    """
+    from mlplatform.errors import DataError
+
+    if not isinstance(inputs, Mapping):
+        raise DataError(f"inputs must be a mapping of input name to array, got {type(inputs).__name__}")
+    names = [spec.name for spec in signature.inputs]
+    missing = [n for n in names if n not in inputs]
+    extra = sorted(str(n) for n in inputs if n not in set(names))
+    if missing or extra:
+        raise DataError(f"inputs do not match the model's: missing {missing}, unexpected {extra}; it takes {names}{hint}")
+    return names
+
+
+def predict_in_fixed_batches(predictor: Predictor, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """``predictor.predict`` run on batches of exactly ``rows`` rows (the last one padded with
+    copies of its last row), so each row's output is the same bit for bit whatever else it
+    was scored with.
+
+        outputs = predict_in_fixed_batches(predictor, inputs, rows=8)    # serving
+        again = predict_in_fixed_batches(predictor, one_row, rows=8)     # replay: identical
+
+    Why: a float kernel may take another path for another batch size (a transformer's matmuls
+    do on CPU: a row scored alone and the same row in a batch of 8 differ in the last bits),
+    but with one shape a row's result does not depend on its position or its neighbours. A
+    decision's rule models are scored this way and log ``rows``, so replay recomputes their
+    scores exactly.
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    n = len(next(iter(inputs.values()))) if inputs else 0
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, n, rows):
+        chunk = {k: v[start : start + rows] for k, v in inputs.items()}
+        got = len(next(iter(chunk.values())))
+        if got < rows:
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], rows - got, axis=0)]) for k, v in chunk.items()}
+        parts.append({k: v[:got] for k, v in predictor.predict(chunk).items()})
+    if not parts:
+        return predictor.predict(inputs)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mlplatform.errors import DataError, DependencyError, ModelError
-from mlplatform.models.flavors.base import SavedModel, Signature, TensorSpec
+from mlplatform.models.flavors.base import SavedModel, Signature, TensorSpec, check_input_names
 
 if TYPE_CHECKING:
     import lightgbm
@@ -200,16 +200,7 @@ def _objective(booster: lightgbm.Booster) -> str:
 
 def _checked(signature: Signature, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The inputs as 1-D arrays of one length, every name known and none missing."""
-    if not isinstance(inputs, Mapping):
-        raise DataError(f"inputs must be a mapping of input name to array, got {type(inputs).__name__}")
-    names = [spec.name for spec in signature.inputs]
-    missing = [n for n in names if n not in inputs]
-    extra = sorted(str(n) for n in inputs if n not in set(names))
-    if missing or extra:
-        raise DataError(
-            f"inputs do not match the model's: missing {missing}, unexpected {extra}; it takes {names} "
-            "(pass None or NaN for a missing value)"
-        )
+    names = check_input_names(signature, inputs, " (pass None or NaN for a missing value)")
     arrays = {}
     for name in names:
         array = np.asarray(inputs[name])

@@ -53,6 +53,7 @@ from mlplatform.models.flavors.base import (
     SavedModel,
     Signature,
     TensorSpec,
+    check_input_names,
     datatype_of,
     numpy_dtype,
 )
@@ -442,13 +443,7 @@ def _check_fits(cls: type, config: Mapping[str, Any], state: Mapping[str, Any]) 
 
 # ----------------------------------------------------------------------------- tensors
 def _checked_inputs(signature: Signature, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    if not isinstance(inputs, Mapping):
-        raise DataError(f"inputs must be a mapping of input name to array, got {type(inputs).__name__}")
-    names = [s.name for s in signature.inputs]
-    missing = [n for n in names if n not in inputs]
-    extra = sorted(str(n) for n in inputs if n not in set(names))
-    if missing or extra:
-        raise DataError(f"inputs do not match the model's: missing {missing}, unexpected {extra}; it takes {names}")
+    check_input_names(signature, inputs)
     arrays = {spec.name: _array(spec, inputs[spec.name]) for spec in signature.inputs}
     sizes = {name: a.shape[0] for name, a in arrays.items()}
     if len(set(sizes.values())) > 1:

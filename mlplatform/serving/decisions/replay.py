@@ -19,7 +19,8 @@ bits for most rows, so it is not the number to log.
 
 Every **rule model** the decision consulted (``rule_models`` in the record, e.g. fraud) is
 recomputed too, on CPU in fp32, from its logged input with its logged version (sha256
-checked the same way): ``ReplayResult.rule_models`` holds one ``ModelReplay`` each, and
+checked the same way), in a batch of the logged fixed size (``rows``: decisions score rule
+models in batches of one shape, so a transformer's score does not depend on its neighbours): ``ReplayResult.rule_models`` holds one ``ModelReplay`` each, and
 ``identical`` holds only if every one of them is identical as well. A rule model that gave
 no score (past its deadline, unavailable) is listed with that status and nothing to compare.
 
@@ -41,7 +42,7 @@ import numpy as np
 
 from mlplatform.errors import DataError, IntegrityError, ModelError
 from mlplatform.models.encoding import encode_features
-from mlplatform.models.flavors.base import numpy_dtype
+from mlplatform.models.flavors.base import numpy_dtype, predict_in_fixed_batches
 from mlplatform.serving.decisions.lookup import find_decision
 
 if TYPE_CHECKING:
@@ -180,7 +181,9 @@ def _replay_rule_model(models: ModelRegistry, decision_id: str, doc: Mapping[str
         inputs = {t.name: np.asarray([logged_inputs[t.name]], dtype=numpy_dtype(t.datatype)) for t in predictor.signature.inputs}
     except (KeyError, TypeError, ValueError):
         raise DataError(f"decision {decision_id!r}: the logged input of {name!r} does not fit v{version}'s signature") from None
-    replayed = float(predictor.predict(inputs)[doc["output"]][0])
+    rows = doc.get("rows")  # the fixed batch size it was scored in: the same shape gives the same bits
+    outputs = predict_in_fixed_batches(predictor, inputs, int(rows)) if isinstance(rows, int) and rows >= 1 else predictor.predict(inputs)
+    replayed = float(outputs[doc["output"]][0])
     return ModelReplay(name, version, status, doc["score"], replayed, replayed == doc["score"])
 
 

@@ -27,6 +27,7 @@ into the model's input in one of two ways:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import math
@@ -41,7 +42,7 @@ import numpy as np
 from ray import serve
 
 from mlplatform.errors import DataError, ModelError, NotFoundError
-from mlplatform.models.flavors.base import DATATYPES, Predictor, Signature
+from mlplatform.models.flavors.base import DATATYPES, Predictor, Signature, predict_in_fixed_batches
 from mlplatform.serving.model_server.oip import conform
 from mlplatform.serving.scoring import ModelWatcher
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from mlplatform.serving.catalog import FeatureCatalog
 
 __all__ = [
+    "DECISION_ROWS",
     "InputBuilder",
     "ModelBatcher",
     "ModelScores",
@@ -64,6 +66,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Rows per call when a decision scores a rule model: one shape for every call, so replay
+#: recomputes each score bit for bit (see ``predict_in_fixed_batches``).
+DECISION_ROWS = 8
 #: ``builder(catalog, rows, signature) -> {input name: array}``: a model's input from the online store.
 InputBuilder = Callable[["FeatureCatalog", Sequence[Mapping[str, Any]], Signature], Mapping[str, np.ndarray]]
 
@@ -128,9 +133,8 @@ class ServedModel:
         self.catalog = catalog
         self.default_service = default_service
         self.device, self.precision = device_and_precision(config)
-        self.watcher: ModelWatcher[ServedVersion] = ModelWatcher(
-            models, config.name, load=self._load, aliases=(config.alias,), poll_s=poll_s
-        )
+        aliases = (config.alias, config.shadow_alias) if config.shadow_alias else (config.alias,)
+        self.watcher: ModelWatcher[ServedVersion] = ModelWatcher(models, config.name, load=self._load, aliases=aliases, poll_s=poll_s)
 
     def start(self) -> None:
         self.watcher.poll()
@@ -141,6 +145,14 @@ class ServedModel:
 
     def current(self) -> ServedVersion | None:
         return self.watcher.current(self.config.alias)
+
+    def shadow(self) -> ServedVersion | None:
+        """The version under ``shadow_alias`` when it is set and differs from the served one."""
+        if not self.config.shadow_alias:
+            return None
+        candidate = self.watcher.current(self.config.shadow_alias)
+        current = self.current()
+        return None if candidate is None or (current is not None and candidate.version == current.version) else candidate
 
     def _load(self, version: int) -> ServedVersion:
         mv, predictor = self.models.load_predictor(self.config.name, version=version, device=self.device, precision=self.precision)
@@ -227,6 +239,10 @@ class ModelScores:
     flavor: str
     scores: list[float]
     inputs: list[dict[str, Any]]
+    #: The fixed batch size the scores were computed in (``predict_in_fixed_batches``).
+    rows: int = DECISION_ROWS
+    #: Per row, the shadow version's score (``{"alias", "model_version", "score"}`` or an ``error``), when one is set.
+    shadow: list[dict[str, Any]] | None = None
 
 
 def scores_of(served: ServedVersion, output: str, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> ModelScores:
@@ -261,7 +277,18 @@ def _score_now(model: ServedModel, entities: Mapping[str, Sequence[Any]], output
     if served is None:
         raise NotFoundError(f"model {model.config.name!r} has no loadable version under alias {model.config.alias!r}")
     inputs, _ = model.build_inputs(served, entities)
-    return scores_of(served, output, inputs, served.predictor.predict(inputs))
+    scores = scores_of(served, output, inputs, predict_in_fixed_batches(served.predictor, inputs, DECISION_ROWS))
+    candidate = model.shadow()
+    if candidate is None:
+        return scores
+    head = {"alias": model.config.shadow_alias, "model_version": candidate.version}
+    try:  # the shadow must never affect the decision
+        shadow_inputs = inputs if (candidate.builder, candidate.service) == (served.builder, served.service) else model.build_inputs(candidate, entities)[0]
+        predicted = predict_in_fixed_batches(candidate.predictor, shadow_inputs, DECISION_ROWS)
+        shadow = [{**head, "score": s} for s in scores_of(candidate, output, shadow_inputs, predicted).scores]
+    except Exception as exc:
+        shadow = [{**head, "error": repr(exc)[:300]}] * len(scores.scores)
+    return dataclasses.replace(scores, shadow=shadow)
 
 
 class RemoteModel:
