@@ -241,7 +241,9 @@ def deploy_served(tmp_path_factory) -> Served:
             "port": free_port(), "deadline": "3s", "api_key_env": KEY_ENV, "api_key_roles": ROLES, "api_key_digests_env": DIGESTS_ENV,
             # the fraud model in the ingress replicas, with a builder that is slow for one applicant on demand
             "models": [{"name": "fraud", "deadline": f"{FRAUD_DEADLINE_S}s", "batching": {"max_batch_size": 64}, "shadow_alias": "candidate",
-                        "input_builder": "tests.integration._fraud_builders:slow_for_one_applicant"}],
+                        "input_builder": "tests.integration._fraud_builders:slow_for_one_applicant"},
+                       # the same weights served by a deployment of its own (the path a GPU model takes)
+                       {"name": "fraud_remote", "deployment": {"num_replicas": 1, "num_cpus": 0}}],
         },
         # the processors deploy starts reserve no CPU, so the replicas (2 x 0.5) leave exactly one
         # of the session's two CPUs to the Ray Data tasks of the modules that run while the
@@ -253,6 +255,11 @@ def deploy_served(tmp_path_factory) -> Served:
     platform.models.set_alias("underwriting", "production", version)
     fraud = fraud_world(platform)
     platform.models.set_alias("fraud", "production", register_fraud(platform, fraud["sequences"], seed=1))
+    same = platform.models.load("fraud", version=1)
+    remote = platform.models.register(
+        "fraud_remote", flavor="torch", model=same.model, flavor_config=same.version.flavor_config, lineage={}, metrics={}, params={}
+    )
+    platform.models.set_alias("fraud_remote", "production", remote.version)
     started = time.monotonic()
     deployed = platform.serving.deploy("underwriting", policy=POLICY, num_replicas=2, replica_cpus=0.5)
     print(f"deployed in {time.monotonic() - started:.1f}s via {deployed.ingress}")

@@ -98,7 +98,7 @@ def before(served):
     assert decision.status_code == 200, decision.text
     assert decision.json()["fallback"] is False
     replicas = _replicas()
-    assert len(replicas) == 2, replicas
+    assert len(replicas) == 3, replicas  # the two ingress replicas and the fraud_remote model's one
     return {"lookup": lookup.json(), "decision": decision.json(), "replicas": replicas}
 
 

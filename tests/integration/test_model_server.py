@@ -165,6 +165,31 @@ def test_v2_errors_are_clear_and_scoped(app):
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["message"]
 
 
+def test_a_model_in_a_deployment_of_its_own_answers_as_one_in_the_ingress(app):
+    """``fraud_remote`` (the same weights) runs in replicas of its own, called through a
+    deployment handle: the path a GPU model takes. Its metadata, V2 infer and predict match
+    the in-ingress ``fraud`` exactly; its errors reach the client the same way."""
+    platform, deployed, _ = app
+    arrays, requests_ = _fraud_rows(app, 4)
+    body = {"inputs": [
+        {"name": n, "shape": list(a.shape), "datatype": {"int64": "INT64", "float32": "FP32", "bool": "BOOL"}[str(a.dtype)],
+         "data": a.reshape(-1).tolist()} for n, a in arrays.items()]}
+    local, remote = (post(f"{deployed.url}/v2/models/{m}/infer", body) for m in ("fraud", "fraud_remote"))
+    assert remote.status_code == 200, remote.text
+    assert remote.json()["outputs"] == local.json()["outputs"]
+    meta = requests.get(f"{deployed.url}/v2/models/fraud_remote", headers=HEADERS, timeout=30).json()
+    assert meta["platform"] == "torch" and meta["inputs"] == requests.get(f"{deployed.url}/v2/models/fraud", headers=HEADERS, timeout=30).json()["inputs"]
+    entities = {"applicant_id": [r["applicant_id"] for r in requests_], "merchant_id": [r["merchant_id"] for r in requests_],
+                "amount": [r["amount"] for r in requests_], "timestamp": [r["timestamp"].isoformat() for r in requests_]}
+    predicted = post(f"{deployed.url}/v1/models/fraud_remote/predict", {"entities": entities})
+    assert predicted.status_code == 200, predicted.text
+    np.testing.assert_allclose(predicted.json()["outputs"]["probability"], local.json()["outputs"][0]["data"], rtol=0, atol=1e-6)
+    bad = post(f"{deployed.url}/v2/models/fraud_remote/infer", {"inputs": body["inputs"][:-1]})
+    assert bad.status_code == 422 and "missing" in bad.json()["message"], bad.text
+    status = platform.serving.status()["deployments"]
+    assert status["model-fraud_remote"]["replicas"].get("RUNNING") == 1, status
+
+
 # --------------------------------------------------------------------- feature-aware predict
 def test_predict_looks_features_up_online_for_the_lightgbm_model(app):
     platform, deployed, _ = app

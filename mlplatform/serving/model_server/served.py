@@ -94,13 +94,17 @@ class ServedVersion:
 
 def device_and_precision(config: ServedModelConfig) -> tuple[str, str]:
     """Where a torch model runs and in what precision: a GPU when Ray gave this process one
-    (``bf16`` there under ``precision: auto``), else the CPU in ``fp32``."""
-    try:
-        import torch
+    (``bf16`` there under ``precision: auto``), else the CPU in ``fp32``. Ray names the GPUs it
+    assigns in ``CUDA_VISIBLE_DEVICES``; without one, torch is not even imported (a replica
+    serving only LightGBM models never loads it)."""
+    gpu = False
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        try:
+            import torch
 
-        gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
-    except ImportError:
-        gpu = False
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            gpu = False
     device = "cuda" if gpu else "cpu"
     precision = config.precision if config.precision != "auto" else ("bf16" if gpu else "fp32")
     return device, precision
