@@ -1,5 +1,7 @@
-"""platform.batch.score on a real local Ray: a LightGBM model trained on point-in-time
-features scores every application once, on the features it would have seen at that time."""
+"""platform.batch on a real local Ray: a LightGBM model trained on point-in-time features
+scores every application once, on the features it would have seen at that time; a torch
+transformer scores the fraud sequences through the same actors, as its predictor and the
+fraud workload's evaluation score them."""
 
 from __future__ import annotations
 
@@ -11,11 +13,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
-from mlplatform import DataError, NotFoundError, Platform
+from mlplatform import DataError, ModelError, NotFoundError, Platform
 from mlplatform.batch.score import MODEL_NAME, MODEL_VERSION, REASONS, SCORE
+from mlplatform.models.artifacts import serialize
 from mlplatform.models.reasons import ReasonCoder, reason_texts_from_definitions
+from workloads.fraud.model import FraudTransformer, TransformerConfig, flavor_config
+from workloads.fraud.pipeline import _score, _score_columns
+from workloads.fraud.sequences import SEQUENCE_COLUMNS, sequences_from_tables, to_tensors
 from workloads.underwriting.features import DEFINITIONS
+from workloads.underwriting.generate import DataConfig, generate_shard
 from workloads.underwriting.pipeline import RAW_PREFIX as RAW
 from workloads.underwriting.pipeline import Config, backfill_views, generate_data
 from workloads.underwriting.training_set import ENTITY_COLUMNS, LABEL, TIMESTAMP, entity_rows
@@ -129,3 +137,58 @@ def test_unknown_model_and_missing_columns_are_clear_errors(scored):
         platform.batch.score(MODEL, applications.drop(columns=["applicant_id"]))
     with pytest.raises(DataError, match="already have output column"):
         platform.batch.score(MODEL, applications.assign(probability_of_default=0.5))
+
+
+# ------------------------------------------------------------------------------- torch
+FRAUD = "fraud"
+TINY = TransformerConfig(d_model=16, heads=2, layers=1, ff=32, dropout=0.0, max_events=8)
+
+
+@pytest.fixture(scope="module")
+def fraud(tmp_path_factory, ray_session):
+    """Real sequences cut from generated raw tables (no Ray), a tiny fraud transformer
+    registered as the workload registers it, then one lazy ``score_features`` run over them."""
+    platform = Platform.from_config({"storage": {"root": str(tmp_path_factory.mktemp("batch-torch"))}})
+    data = DataConfig(applications=800, merchants=10, seed=11, shards=1)
+    tables = generate_shard(data, 0)
+    sequences = sequences_from_tables(
+        tables["applications"], tables["outcomes"], tables["repayment_events"], max_events=TINY.max_events, cutoff=data.end
+    )
+    torch.manual_seed(0)
+    model = FraudTransformer(TINY).eval()
+    platform.models.register(
+        FRAUD, flavor="torch", model=model, flavor_config=flavor_config(TINY), lineage={}, metrics={}, params={}
+    )
+    rows = ray.data.from_arrow(sequences)
+    scored = platform.batch.score_features(FRAUD, rows, alias=None, batch_size=64, num_actors=1).to_pandas()
+    return platform, model, sequences, scored
+
+
+def test_a_torch_model_scores_as_its_predictor_and_the_fraud_evaluation(fraud):
+    platform, model, sequences, scored = fraud
+    assert len(scored) == sequences.num_rows > 100 and scored["application_id"].is_unique
+    assert set(scored["application_id"]) == set(sequences.column("application_id").to_pylist())
+    assert (scored[MODEL_NAME] == FRAUD).all() and (scored[MODEL_VERSION] == 1).all()
+    assert {*SEQUENCE_COLUMNS, "app_category", "app_log_amount", "split", "default"} <= set(scored.columns)
+    got = scored.set_index("application_id").loc[sequences.column("application_id").to_pylist(), SCORE].to_numpy()
+    assert got.dtype == np.float64 and got.std() > 0
+
+    # the predictor on the whole table in one call, from the fraud workload's own tensors
+    _, predictor = platform.models.load_predictor(FRAUD)
+    inputs = {name: t.numpy() for name, t in to_tensors(sequences).items() if name != "label"}
+    np.testing.assert_allclose(got, predictor.predict(inputs)["probability"], rtol=0, atol=1e-6)
+    # the workload's evaluation path (its Ray Data task, called here on the whole table)
+    table = sequences.select(["split", "default", *_score_columns()])
+    evaluated = _score(table, config=TINY, weights=serialize("torch", model), batch_size=50)
+    np.testing.assert_allclose(got, evaluated.column("score").to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_torch_model_refuses_reasons_the_feature_join_and_missing_inputs(fraud):
+    platform, _, sequences, _ = fraud
+    rows = ray.data.from_arrow(sequences)
+    with pytest.raises(ModelError, match="reason codes explain LightGBM models only"):
+        platform.batch.score_features(FRAUD, rows, alias=None, reasons=True)
+    with pytest.raises(ModelError, match=r"not feature values: \['event_type \[-1, 8\]'.*score_features"):
+        platform.batch.score(FRAUD, sequences.select(["application_id", "applicant_id", "application_ts"]), alias=None)
+    with pytest.raises(DataError, match=r"lack model fraud v1's input columns \['mask'\]"):
+        platform.batch.score_features(FRAUD, rows.drop_columns(["mask"]), alias=None)
