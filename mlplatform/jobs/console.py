@@ -36,7 +36,9 @@ _SHOWN_AT_INFO = ("mlplatform.jobs", "workloads")
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 # What Ray reads from the environment (a value the user set is kept): the driver's "ray"
 # logger level (read when ray is imported) and whether workers' output streams to the driver.
-_RAY_ENV = {"RAY_LOGGER_LEVEL": "warning", "RAY_LOG_TO_DRIVER": "0"}
+# Ray Data's own progress bars are off too unless verbose: on a terminal they drew a block of
+# operator bars per dataset (hundreds of lines for the main job); the step's bar shows progress.
+_RAY_ENV = {"RAY_LOGGER_LEVEL": "warning", "RAY_LOG_TO_DRIVER": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 _state: dict[str, bool] = {}  # what configure() was told, for quiet_ray()
 
 
