@@ -171,6 +171,12 @@ class SqliteOnlineStoreConfig(_Model):
 
     type: Literal["sqlite"] = "sqlite"
     path: str | None = Field(default=None, description="SQLite file; None = <storage root>/online/online.db.")
+    keep_generations: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Published generations kept per view for rollback, the current one included (1: no rollback).",
+    )
 
 
 class RedisOnlineStoreConfig(_Model):
@@ -180,6 +186,12 @@ class RedisOnlineStoreConfig(_Model):
     url: str = Field(description="redis://host:6379/0 or rediss://… (password from the REDIS_PASSWORD env var).")
     key_prefix: str = Field(default="mlp", min_length=1, description="Prefix of every key this project writes.")
     timeout: Duration = Field(default="50ms", description="Socket timeout for online reads.")
+    keep_generations: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Published generations kept per view for rollback, the current one included (1: no rollback).",
+    )
 
     @field_validator("url")
     @classmethod

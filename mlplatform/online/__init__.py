@@ -36,11 +36,18 @@ def open_online_store(config: PlatformConfig, storage: Storage) -> OnlineStore:
     if online.type == "redis":
         from mlplatform.online.redis import RedisOnlineStore
 
-        return RedisOnlineStore(online.url, project=config.project, key_prefix=online.key_prefix, timeout=online.timeout)
+        return RedisOnlineStore(
+            online.url,
+            project=config.project,
+            key_prefix=online.key_prefix,
+            timeout=online.timeout,
+            keep_generations=online.keep_generations,
+        )
     from mlplatform.online.sqlite import SqliteOnlineStore
 
+    keep = online.keep_generations
     if online.path is not None:
-        return SqliteOnlineStore(online.path)
+        return SqliteOnlineStore(online.path, keep_generations=keep)
     if storage.is_s3:
-        return SqliteOnlineStore(Path(".mlplatform-online") / f"{config.project}.db")
-    return SqliteOnlineStore(Path(storage.root) / "online" / "online.db")
+        return SqliteOnlineStore(Path(".mlplatform-online") / f"{config.project}.db", keep_generations=keep)
+    return SqliteOnlineStore(Path(storage.root) / "online" / "online.db", keep_generations=keep)

@@ -15,13 +15,25 @@ not see until ``publish`` switches the view's pointer to it in one step; until t
 see the previous complete generation. ``begin`` supersedes any generation of the view still
 being written (its writer is presumed dead: a killed run leaves one behind), so one view has
 at most one generation in progress, and writing to or publishing a superseded or aborted
-generation raises ``ConflictError``. Generations that are no longer current are deleted after
-``publish``/``abort``. Re-running a materialization builds a new generation with the same
-content: idempotent.
+generation raises ``ConflictError``. Re-running a materialization builds a new generation with
+the same content: idempotent.
+
+Kept generations and rollback. A store keeps the last ``keep_generations`` published
+generations (the current one included; older ones are deleted after ``publish``/``abort``).
+``generations(view)`` lists them; ``rollback(view)`` makes the newest kept generation older
+than the current one current again, and ``rollback(view, generation)`` a named one (older or
+newer: a rollback can be undone by naming the generation it left), in one atomic pointer
+switch that readers pick up on their next read. A generation rolled back *from* stays kept
+(state ``withdrawn``) so it can be restored by name, but a later ``rollback(view)`` without a
+name skips it, so "go back" never returns to a generation someone already rolled back from.
 
 Upserts (push, incremental materialization) go into the current generation *and* the one in
 progress, if any, so a full rebuild running at the same time does not lose them. An upsert is
-atomic per entity key: a reader sees a key's old row or its new row, never a mix.
+atomic per entity key: a reader sees a key's old row or its new row, never a mix. Kept (not
+current) generations receive no upserts: a rollback restores a generation exactly as it was
+when it stopped being current, so values pushed or incrementally materialized after that are
+not in it (push them again, or materialize incrementally: the feature store's rollback points
+its materialization state at the restored generation's own window).
 
 Every write, into a generation or as an upsert, keeps the *newer* row per key: a row replaces
 the stored one only if its ``(event_timestamp, created_timestamp)`` is greater or equal. So
@@ -51,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EncodedRow",
+    "Generation",
     "FeatureStatus",
     "FeatureValue",
     "OnlineStore",
@@ -96,6 +109,20 @@ class EncodedRow(NamedTuple):
     event_us: int
     created_us: int
     values: str
+
+
+class Generation(NamedTuple):
+    """A kept generation of a view, as ``OnlineStore.generations`` lists it.
+
+    ``state``: ``current`` (readers see it), ``kept`` (a previous one, the target of a plain
+    rollback) or ``withdrawn`` (rolled back from; restorable by name only). ``rows``: entity
+    keys it holds (None where the backend cannot tell).
+    """
+
+    generation: str
+    state: str
+    published_at: datetime | None
+    rows: int | None
 
 
 class StoredField(Protocol):
@@ -170,6 +197,28 @@ class OnlineStore(ABC):
     def upsert(self, view: OnlineView, rows: pa.Table | Iterable[Mapping[str, Any]]) -> int:
         """Write rows into the current state, visible at once; see ``upsert_encoded``."""
         return self.upsert_encoded(view, encode_rows(view, rows))
+
+    @abstractmethod
+    def rollback(self, view: OnlineView | str, generation: str | None = None) -> str:
+        """Make a kept generation current again, atomically; returns it.
+
+            store.rollback(view)          # the newest kept generation older than the current one
+            store.rollback(view, "7")     # a named kept generation (older or newer)
+
+        The generation left becomes ``withdrawn`` when the target is older (restorable by
+        name, skipped by a plain rollback) and ``kept`` when it is newer. Naming the current
+        generation changes nothing. A full materialization in progress is not stopped: when
+        it publishes, its generation becomes current as usual.
+
+        Raises:
+            NotFoundError: ``generation`` is not a kept generation of the view (the message
+                lists those that are), or there is no kept generation to go back to.
+        """
+
+    @abstractmethod
+    def generations(self, view: OnlineView | str) -> list[Generation]:
+        """The view's published generations still kept (the current one first, then newest
+        first); empty if the view was never materialized or pushed."""
 
     # ---------------------------------------------------------------------------- reads
     @abstractmethod
@@ -431,3 +480,24 @@ def _evaluate(stored: tuple[int, int, str] | None, features: Sequence[str], cuto
         f: FeatureValue(values[f], FeatureStatus.PRESENT, event) if f in values else FeatureValue(*_MISSING)
         for f in features
     }
+
+
+def unknown_generation(view: str, generation: str | None, kept: Sequence[Generation]) -> Exception:
+    """The ``NotFoundError`` a rollback raises: no such kept generation, or none to go back to."""
+    from mlplatform.errors import NotFoundError
+
+    listed = ", ".join(f"{g.generation} ({g.state})" for g in kept) or "none"
+    if generation is None:
+        return NotFoundError(
+            f"view {view!r} has no kept generation older than the current one to roll back to; "
+            f"kept generations: {listed} (keep more with online_store.keep_generations)"
+        )
+    return NotFoundError(
+        f"view {view!r} has no kept generation {generation!r}; kept generations: {listed} "
+        "(see platform.features.generations(view))"
+    )
+
+
+def name_of(view: OnlineView | str) -> str:
+    """A view's name, given the view or its name."""
+    return view if isinstance(view, str) else view.name

@@ -5,22 +5,25 @@
 Key layout (``P`` = key prefix, ``proj`` = project, ``view`` = view name)::
 
     P:{proj:view}:current          STRING  the generation readers see
-    P:{proj:view}:gens             HASH    generation -> writing | published | dead
+    P:{proj:view}:gens             HASH    generation -> writing | published | kept | withdrawn | dead
     P:{proj:view}:seq              STRING  generation counter (INCR)
+    P:{proj:view}:published_at     HASH    generation -> ISO time it was first published
+    P:{proj:view}:rows             HASH    generation -> entity keys it holds
     P:{proj:view:<key>}            HASH    generation -> "<event µs>|<created µs>|<features JSON>"
     P:events:{proj:view:<key>}           HASH  a real-time view's recent events of one key
     P:events:{proj:view:<key>}:by_time   ZSET  their event times (the event state: ``redis_events``)
 
 ``<key>`` is the encoded join key (a JSON list, e.g. ``[42]`` or ``[42,"m-7"]``). The ``{…}``
-hash tags put a view's three bookkeeping keys in one slot, so begin/publish/abort are single
+hash tags put a view's bookkeeping keys in one slot, so begin/publish/abort/rollback are single
 Lua scripts (atomic), and each entity's hash in its own slot, so no command ever spans slots:
 that is what makes the layout work unchanged on Redis Cluster. A read is one pipeline —
 ``GET current`` plus ``HGETALL`` of each entity hash — so one round trip on a single Redis,
 where it runs as one MULTI/EXEC and so sees one consistent state (on a cluster: one round
 trip to each node involved, in parallel, not one transaction; ``cleanup_grace`` keeps the old
 generation readable meanwhile). The reader picks the field of the current generation. An
-entity hash holds one field per live generation (the current one, and the one being written
-during a materialization).
+entity hash holds one field per live generation (the current one, the kept ones a rollback can
+return to — ``keep_generations`` in all —, and the one being written during a materialization).
+A write counts the fields it creates per generation into ``rows`` (one HINCRBY per batch).
 
 Writes are a Lua script per entity (keep the newer row, see ``base``), pipelined in batches.
 After a publish or abort, a cleanup pass SCANs the view's entity hashes (every node on a
@@ -39,13 +42,21 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
-from mlplatform.errors import ConflictError, DependencyError, StorageError
+from mlplatform.errors import ConfigError, ConflictError, DependencyError, StorageError
 from mlplatform.online import redis_events
-from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable, OnlineView
+from mlplatform.online.base import (
+    EncodedRow,
+    Generation,
+    OnlineStore,
+    OnlineStoreUnavailable,
+    OnlineView,
+    name_of,
+    unknown_generation,
+)
 from mlplatform.online.events import EncodedEvent, EventState
 
 __all__ = ["RedisOnlineStore"]
@@ -71,16 +82,58 @@ redis.call('HSET', KEYS[1], g, 'writing')
 return tostring(g)
 """)
 
-# KEYS: gens, current. ARGV: generation. Switch the pointer; the previous one becomes dead.
+# KEYS: gens, current, published_at. ARGV: generation, keep, now. Switch the pointer; the
+# previous one is kept; `keep` generations stay: the new current one, then kept before
+# withdrawn, newest first; the rest become dead.
 _PUBLISH = _lua("""
 local s = redis.call('HGET', KEYS[1], ARGV[1])
 if s == 'published' then return 'ok' end
 if s ~= 'writing' then return s or 'unknown' end
 local cur = redis.call('GET', KEYS[2])
-if cur then redis.call('HSET', KEYS[1], cur, 'dead') end
+if cur then redis.call('HSET', KEYS[1], cur, 'kept') end
 redis.call('HSET', KEYS[1], ARGV[1], 'published')
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1])
+local kept = {}
+local gens = redis.call('HGETALL', KEYS[1])
+for i = 1, #gens, 2 do
+  local st = gens[i + 1]
+  if st == 'published' or st == 'kept' or st == 'withdrawn' then
+    table.insert(kept, {tonumber(gens[i]), st == 'withdrawn' and 1 or 0})
+  end
+end
+table.sort(kept, function(a, b) if a[2] ~= b[2] then return a[2] < b[2] end return a[1] > b[1] end)
+for i = tonumber(ARGV[2]) + 1, #kept do redis.call('HSET', KEYS[1], tostring(kept[i][1]), 'dead') end
 return 'ok'
+""")
+
+# KEYS: gens, current. ARGV: target generation, or '' for the newest kept one older than the
+# current one. Returns {status, target}: ok | none (nothing to go back to) | missing.
+_ROLLBACK = _lua("""
+local cur = redis.call('GET', KEYS[2])
+local target = ARGV[1]
+if target == '' then
+  if not cur then return {'none', ''} end
+  local best = nil
+  local gens = redis.call('HGETALL', KEYS[1])
+  for i = 1, #gens, 2 do
+    local g = tonumber(gens[i])
+    if gens[i + 1] == 'kept' and g < tonumber(cur) and (best == nil or g > best) then best = g end
+  end
+  if best == nil then return {'none', ''} end
+  target = tostring(best)
+else
+  local st = redis.call('HGET', KEYS[1], target)
+  if st ~= 'kept' and st ~= 'withdrawn' and st ~= 'published' then return {'missing', ''} end
+end
+if target == cur then return {'ok', target} end
+if cur then
+  if tonumber(target) < tonumber(cur) then redis.call('HSET', KEYS[1], cur, 'withdrawn')
+  else redis.call('HSET', KEYS[1], cur, 'kept') end
+end
+redis.call('HSET', KEYS[1], target, 'published')
+redis.call('SET', KEYS[2], target)
+return {'ok', target}
 """)
 
 # KEYS: gens. ARGV: generation.
@@ -89,12 +142,14 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == 'writing' then redis.call('HSET', KEY
 return 'ok'
 """)
 
-# KEYS: gens, seq, current. Live generations (published first), creating an empty current one.
+# KEYS: gens, seq, current, published_at. ARGV: now. Live generations (published first),
+# creating an empty current one.
 _LIVE = _lua("""
 local cur = redis.call('GET', KEYS[3])
 if not cur then
   cur = tostring(redis.call('INCR', KEYS[2]))
   redis.call('HSET', KEYS[1], cur, 'published')
+  redis.call('HSET', KEYS[4], cur, ARGV[1])
   redis.call('SET', KEYS[3], cur)
 end
 local out = {cur}
@@ -106,12 +161,16 @@ return out
 """)
 
 # KEYS: one entity hash. ARGV: event µs, created µs, payload, generation... Keep the newer row.
+# Returns, per generation, 1 where the key was new to it (counted into the view's rows hash).
 _UPSERT = _lua("""
 local e = tonumber(ARGV[1])
 local c = tonumber(ARGV[2])
+local created = {}
 for i = 4, #ARGV do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   local newer = true
+  created[i - 3] = 0
+  if not cur then created[i - 3] = 1 end
   if cur then
     local ce, cc = string.match(cur, '^(%-?%d+)|(%-?%d+)|')
     ce = tonumber(ce)
@@ -120,7 +179,7 @@ for i = 4, #ARGV do
   end
   if newer then redis.call('HSET', KEYS[1], ARGV[i], ARGV[3]) end
 end
-return 0
+return created
 """)
 
 # KEYS: one entity hash. ARGV: highest generation that existed when the pass began, live....
@@ -154,6 +213,8 @@ class RedisOnlineStore(OnlineStore, EventState):
             stay, so a read that fetched the old pointer still finds them (reads there are not
             one transaction). None = max(1 s, 20 × timeout). A single Redis reads in MULTI/EXEC
             and needs none.
+        keep_generations: published generations kept for rollback, the current one included
+            (1: none to roll back to). Each kept generation holds a full copy of the view.
     """
 
     def __init__(
@@ -165,7 +226,11 @@ class RedisOnlineStore(OnlineStore, EventState):
         timeout: timedelta = timedelta(milliseconds=50),
         write_timeout: timedelta = timedelta(seconds=30),
         cleanup_grace: timedelta | None = None,
+        keep_generations: int = 2,
     ) -> None:
+        if isinstance(keep_generations, bool) or not isinstance(keep_generations, int) or keep_generations < 1:
+            raise ConfigError(f"keep_generations must be an integer >= 1, got {keep_generations!r}")
+        self.keep_generations = keep_generations
         self.url = url
         self.project = project
         self.key_prefix = key_prefix
@@ -182,7 +247,8 @@ class RedisOnlineStore(OnlineStore, EventState):
         return f"RedisOnlineStore({self.url!r}, project={self.project!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("url", "project", "key_prefix", "timeout", "write_timeout", "cleanup_grace")}
+        keys = ("url", "project", "key_prefix", "timeout", "write_timeout", "cleanup_grace", "keep_generations")
+        return {k: getattr(self, k) for k in keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.pop("url"), **state)
@@ -315,9 +381,9 @@ class RedisOnlineStore(OnlineStore, EventState):
 
     def upsert_encoded(self, view: OnlineView, rows: Sequence[EncodedRow]) -> int:
         meta = self._meta(view.name)
-        keys = [f"{meta}:gens", f"{meta}:seq", f"{meta}:current"]
+        keys = [f"{meta}:gens", f"{meta}:seq", f"{meta}:current", f"{meta}:published_at"]
         for at in range(0, len(rows), _WRITE_CHUNK):
-            live = self._call("upsert", lambda: self._eval(_LIVE, keys))
+            live = self._call("upsert", lambda: self._eval(_LIVE, keys, [datetime.now(UTC).isoformat()]))
             self._write_rows(view.name, rows[at : at + _WRITE_CHUNK], list(live))
         return len(rows)
 
@@ -325,20 +391,29 @@ class RedisOnlineStore(OnlineStore, EventState):
         if not rows:
             return
         def run() -> None:
-            pipe = self._client("write").pipeline(transaction=False)
+            client = self._client("write")
+            pipe = client.pipeline(transaction=False)
             for row in rows:
                 payload = f"{row.event_us}|{row.created_us}|{row.values}"
                 args = [row.event_us, row.created_us, payload, *generations]
                 self._eval(_UPSERT, [self._entity(view, row.key)], args, client=pipe)
-            pipe.execute()
+            created = [0] * len(generations)
+            for flags in pipe.execute():
+                for i, flag in enumerate(flags):
+                    created[i] += int(flag)
+            counts = client.pipeline(transaction=False)
+            for gen, n in zip(generations, created):
+                if n:
+                    counts.hincrby(f"{self._meta(view)}:rows", gen, n)
+            counts.execute()
 
         self._call("write", run)
 
     def publish(self, view: OnlineView, generation: str) -> None:
         meta = self._meta(view.name)
-        result = self._call(
-            "publish", lambda: self._eval(_PUBLISH, [f"{meta}:gens", f"{meta}:current"], [generation])
-        )
+        keys = [f"{meta}:gens", f"{meta}:current", f"{meta}:published_at"]
+        args = [generation, self.keep_generations, datetime.now(UTC).isoformat()]
+        result = self._call("publish", lambda: self._eval(_PUBLISH, keys, args))
         if result != "ok":
             raise ConflictError(
                 f"cannot publish generation {generation} of view {view.name!r}: it is {result} "
@@ -347,6 +422,42 @@ class RedisOnlineStore(OnlineStore, EventState):
         if self._cluster:
             time.sleep(self.cleanup_grace.total_seconds())
         self._cleanup(view.name)
+
+    def rollback(self, view: OnlineView | str, generation: str | None = None) -> str:
+        name = name_of(view)
+        meta = self._meta(name)
+        wanted = "" if generation is None else str(generation).strip()
+        if generation is not None and not wanted.isdigit():
+            raise unknown_generation(name, str(generation), self.generations(name))
+        status, target = self._call(
+            "rollback", lambda: self._eval(_ROLLBACK, [f"{meta}:gens", f"{meta}:current"], [wanted])
+        )
+        if status != "ok":
+            raise unknown_generation(name, None if generation is None else wanted, self.generations(name))
+        return str(target)
+
+    def generations(self, view: OnlineView | str) -> list[Generation]:
+        meta = self._meta(name_of(view))
+
+        def run() -> list[Any]:
+            pipe = self._client("write").pipeline(transaction=not self._cluster)
+            pipe.hgetall(f"{meta}:gens")
+            pipe.hgetall(f"{meta}:published_at")
+            pipe.hgetall(f"{meta}:rows")
+            return pipe.execute()
+
+        gens, published, rows = self._call("list generations", run)
+        out = [
+            Generation(
+                gen,
+                "current" if state == "published" else state,
+                datetime.fromisoformat(published[gen]) if gen in published else None,
+                int(rows.get(gen, 0)),
+            )
+            for gen, state in gens.items()
+            if state in ("published", "kept", "withdrawn")
+        ]
+        return sorted(out, key=lambda g: (g.state != "current", -int(g.generation)))
 
     def abort(self, view: OnlineView, generation: str) -> None:
         meta = self._meta(view.name)
@@ -365,7 +476,7 @@ class RedisOnlineStore(OnlineStore, EventState):
             seq, gens = pipe.execute()
             if seq is None:
                 return
-            live = [g for g, state in gens.items() if state in ("writing", "published")]
+            live = [g for g, state in gens.items() if state in ("writing", "published", "kept", "withdrawn")]
             dead = [g for g, state in gens.items() if state == "dead"]
             batch: list[str] = []
 
@@ -383,7 +494,10 @@ class RedisOnlineStore(OnlineStore, EventState):
             if batch:
                 flush()
             if dead:  # their fields are gone: forget them
-                client.hdel(f"{meta}:gens", *dead)
+                forget = client.pipeline(transaction=False)
+                for suffix in ("gens", "published_at", "rows"):
+                    forget.hdel(f"{meta}:{suffix}", *dead)
+                forget.execute()
 
         self._call("cleanup", run)
 

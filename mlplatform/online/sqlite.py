@@ -4,7 +4,8 @@
 
 Layout::
 
-    mlp_generations(id, view, state, begun_at, published_at)   state: writing | published | dead | dropped
+    mlp_generations(id, view, state, begun_at, published_at)   state: writing | published | kept |
+                                                                 withdrawn | dead | dropped
     mlp_pointers(view PRIMARY KEY, generation)                  the generation readers see
     mlp_rows_<id>(k PRIMARY KEY, e, c, v) WITHOUT ROWID          one table per generation:
                                                                  encoded key, event µs, created µs, JSON
@@ -13,8 +14,9 @@ Layout::
 
 Generation ids come from an AUTOINCREMENT column, so an id is never reused: a writer still
 holding a dead generation's id can only fail, never write into someone else's table.
-``publish`` switches the pointer and retires the previous generation in one transaction, then
-drops dead tables. A read runs its two queries (pointer, row) in one read transaction, so it
+``publish`` switches the pointer and keeps the previous generation (``kept``), marking those
+beyond ``keep_generations`` dead, in one transaction, then drops dead tables. ``rollback``
+switches the pointer to a kept generation in one transaction. A read runs its two queries (pointer, row) in one read transaction, so it
 sees one committed state even while a publish lands.
 
 The file runs in WAL mode: readers (several processes, e.g. Serve replicas) never block and
@@ -33,9 +35,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mlplatform.errors import ConflictError, StorageError
+from mlplatform.errors import ConfigError, ConflictError, StorageError
 from mlplatform.online import sqlite_events
-from mlplatform.online.base import EncodedRow, OnlineStore, OnlineStoreUnavailable, OnlineView
+from mlplatform.online.base import (
+    EncodedRow,
+    Generation,
+    OnlineStore,
+    OnlineStoreUnavailable,
+    OnlineView,
+    name_of,
+    unknown_generation,
+)
 from mlplatform.online.events import EncodedEvent, EventState
 
 __all__ = ["SqliteOnlineStore"]
@@ -78,11 +88,16 @@ class SqliteOnlineStore(OnlineStore, EventState):
     Args:
         path: the database file; its folder is created if needed.
         busy_timeout: seconds a writer waits for another writer's transaction before failing.
+        keep_generations: published generations kept for rollback, the current one included
+            (1: none to roll back to).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 60.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 60.0, keep_generations: int = 2) -> None:
+        if isinstance(keep_generations, bool) or not isinstance(keep_generations, int) or keep_generations < 1:
+            raise ConfigError(f"keep_generations must be an integer >= 1, got {keep_generations!r}")
         self.path = str(Path(path).expanduser().resolve())
         self.busy_timeout = busy_timeout
+        self.keep_generations = keep_generations
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._lock = threading.RLock()
@@ -91,10 +106,10 @@ class SqliteOnlineStore(OnlineStore, EventState):
         return f"SqliteOnlineStore({self.path!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "busy_timeout": self.busy_timeout}
+        return {"path": self.path, "busy_timeout": self.busy_timeout, "keep_generations": self.keep_generations}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], busy_timeout=state["busy_timeout"])
+        self.__init__(state["path"], busy_timeout=state["busy_timeout"], keep_generations=state.get("keep_generations", 2))
 
     # ----------------------------------------------------------------------- connection
     def _connection(self) -> sqlite3.Connection:
@@ -162,7 +177,7 @@ class SqliteOnlineStore(OnlineStore, EventState):
                     f"cannot publish generation {generation} of view {view.name!r}: it is {state or 'unknown'} "
                     "(superseded by a newer materialization, or aborted)"
                 )
-            conn.execute("UPDATE mlp_generations SET state = 'dead' WHERE view = ? AND state = 'published'", (view.name,))
+            conn.execute("UPDATE mlp_generations SET state = 'kept' WHERE view = ? AND state = 'published'", (view.name,))
             conn.execute(
                 "UPDATE mlp_generations SET state = 'published', published_at = ? WHERE id = ?", (now, int(generation))
             )
@@ -171,7 +186,58 @@ class SqliteOnlineStore(OnlineStore, EventState):
                 "ON CONFLICT (view) DO UPDATE SET generation = excluded.generation",
                 (view.name, int(generation)),
             )
+            # Keep keep_generations: the new current one, then kept before withdrawn, newest first.
+            conn.execute(
+                "UPDATE mlp_generations SET state = 'dead' WHERE id IN (SELECT id FROM mlp_generations "
+                "WHERE view = ? AND state IN ('published', 'kept', 'withdrawn') "
+                "ORDER BY state = 'withdrawn', id DESC LIMIT -1 OFFSET ?)",
+                (view.name, self.keep_generations),
+            )
         self._drop_dead(view.name)
+
+    def rollback(self, view: OnlineView | str, generation: str | None = None) -> str:
+        name = name_of(view)
+        with self._write_txn() as conn:
+            kept = _kept(conn, name)
+            current = next((g for g in kept if g.state == "current"), None)
+            if generation is None:
+                older = [g for g in kept if g.state == "kept" and current is not None and int(g.generation) < int(current.generation)]
+                if not older:
+                    raise unknown_generation(name, None, kept)
+                target = max(older, key=lambda g: int(g.generation))
+            else:
+                target = next((g for g in kept if g.generation == str(generation).strip()), None)
+                if target is None:
+                    raise unknown_generation(name, str(generation), kept)
+            if current is not None and target.generation == current.generation:
+                return target.generation
+            if current is not None:
+                left = "withdrawn" if int(target.generation) < int(current.generation) else "kept"
+                conn.execute("UPDATE mlp_generations SET state = ? WHERE id = ?", (left, int(current.generation)))
+            conn.execute("UPDATE mlp_generations SET state = 'published' WHERE id = ?", (int(target.generation),))
+            conn.execute(
+                "INSERT INTO mlp_pointers (view, generation) VALUES (?, ?) "
+                "ON CONFLICT (view) DO UPDATE SET generation = excluded.generation",
+                (name, int(target.generation)),
+            )
+        return target.generation
+
+    def generations(self, view: OnlineView | str) -> list[Generation]:
+        name = name_of(view)
+        with self._lock:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN")
+                try:
+                    kept = _kept(conn, name)
+                    return [
+                        g._replace(rows=conn.execute(f"SELECT count(*) FROM {_table(g.generation)}").fetchone()[0])
+                        for g in kept
+                    ]
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise OnlineStoreUnavailable(f"online store {self.path!r} cannot be read: {exc}") from None
 
     def abort(self, view: OnlineView, generation: str) -> None:
         with self._write_txn() as conn:
@@ -335,6 +401,23 @@ def _create_table(conn: sqlite3.Connection, gen: int) -> None:
         f"CREATE TABLE IF NOT EXISTS {_table(gen)} "
         "(k TEXT PRIMARY KEY, e INTEGER NOT NULL, c INTEGER NOT NULL, v TEXT NOT NULL) WITHOUT ROWID"
     )
+
+
+def _kept(conn: sqlite3.Connection, view: str) -> list[Generation]:
+    """The view's kept generations, the current one first, then newest first (rows not counted)."""
+    found = conn.execute(
+        "SELECT id, state, published_at FROM mlp_generations WHERE view = ? AND state IN ('published', 'kept', 'withdrawn')",
+        (view,),
+    ).fetchall()
+    out = [
+        Generation(str(gen), "current" if state == "published" else state, _instant(at), None)
+        for gen, state, at in found
+    ]
+    return sorted(out, key=lambda g: (g.state != "current", -int(g.generation)))
+
+
+def _instant(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
 
 
 def _state(conn: sqlite3.Connection, view: str, generation: str) -> str | None:

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from mlplatform import ConflictError, DataError, Entity, FeatureView, Field, ParquetSource, Platform, ServingError
+from mlplatform import ConfigError, ConflictError, DataError, NotFoundError, Entity, FeatureView, Field, ParquetSource, Platform, ServingError
 from mlplatform.online import FeatureStatus, OnlineStoreUnavailable, open_online_store
 from mlplatform.online.base import encode_key
 from mlplatform.online.redis import RedisOnlineStore
@@ -341,6 +341,115 @@ def test_upsert_during_a_rebuild_survives_the_publish(store):
     store.write(scores, generation, [row(2, 2.5)])  # the rebuild's older row does not overwrite it
     store.publish(scores, generation)
     assert values(store, scores, [(1,), (2,)], now=later) == [2.0, 9.0]  # and still there after
+
+
+# ------------------------------------------------------------------------------ rollback
+
+
+def keeping(store, keep):
+    """The same store (same file / namespace) with another keep_generations."""
+    state = store.__getstate__() | {"keep_generations": keep}
+    other = type(store).__new__(type(store))
+    other.__setstate__(state)
+    return other
+
+
+def everything(store, keys=range(1, 5)):
+    return store.read(scores, [(k,) for k in keys], FEATURES, NOW)
+
+
+def test_rollback_restores_the_previous_generation_exactly_and_can_be_undone(store):
+    first = materialize(store, scores, [row(1, 1.0, n=5, label="old"), row(2, 2.0, flag=False)])
+    before = everything(store)
+    assert [g.state for g in store.generations(scores)] == ["current"]
+    second = materialize(store, scores, [row(1, 10.0, n=50, label="bad"), row(3, 30.0)])  # key 2 gone, 3 new
+    after = everything(store)
+    assert after != before
+    listed = store.generations(scores)
+    assert [(g.generation, g.state, g.rows) for g in listed] == [(second, "current", 2), (first, "kept", 2)]
+    assert all(g.published_at is not None and g.published_at.tzinfo is not None for g in listed)
+    assert listed[0].published_at >= listed[1].published_at
+
+    assert store.rollback(scores) == first
+    assert store.current_generation(scores) == first
+    assert everything(store) == before  # every value, status and timestamp, key 3 absent again
+    assert [(g.generation, g.state) for g in store.generations("scores")] == [(first, "current"), (second, "withdrawn")]
+    # a plain rollback never returns to a generation rolled back from; naming it does
+    with pytest.raises(NotFoundError, match="no kept generation older"):
+        store.rollback(scores)
+    assert store.rollback(scores, first) == first  # naming the current one changes nothing
+    assert store.rollback("scores", second) == second
+    assert everything(store) == after
+    assert [(g.generation, g.state) for g in store.generations(scores)] == [(second, "current"), (first, "kept")]
+
+
+def test_retention_keeps_the_configured_number_and_prefers_kept_to_withdrawn(store):
+    three = keeping(store, 3)
+    g1 = materialize(three, scores, [row(1, 1.0)])
+    g2 = materialize(three, scores, [row(1, 2.0)])
+    g3 = materialize(three, scores, [row(1, 3.0)])
+    g4 = materialize(three, scores, [row(1, 4.0)])
+    assert [g.generation for g in three.generations(scores)] == [g4, g3, g2]  # g1 dropped
+    assert three.rollback(scores) == g3 and values(three, scores, [(1,)]) == [3.0]
+    assert three.rollback(scores) == g2 and values(three, scores, [(1,)]) == [2.0]
+    with pytest.raises(NotFoundError, match="older"):
+        three.rollback(scores)
+    g5 = materialize(three, scores, [row(1, 5.0)])
+    # kept: the new one, g2 (current before it), then the newest withdrawn one (listed newest first)
+    assert [(g.generation, g.state) for g in three.generations(scores)] == [(g5, "current"), (g4, "withdrawn"), (g2, "kept")]
+    assert three.rollback(scores) == g2 and values(three, scores, [(1,)]) == [2.0]
+    for dropped in (g1, g3):  # their data is gone
+        with pytest.raises(NotFoundError, match=f"no kept generation '{dropped}'"):
+            three.rollback(scores, dropped)
+    one = keeping(store, 1)
+    materialize(one, scores, [row(1, 6.0)])
+    assert len(one.generations(scores)) == 1
+    with pytest.raises(NotFoundError, match="keep_generations"):
+        one.rollback(scores)
+    assert values(one, scores, [(1,)]) == [6.0]
+
+
+def test_rollback_refuses_a_bad_generation_and_changes_nothing(store):
+    with pytest.raises(NotFoundError, match="kept generations: none"):
+        store.rollback(scores)  # never materialized
+    first = materialize(store, scores, [row(1, 1.0)])
+    second = materialize(store, scores, [row(1, 2.0)])
+    writing = store.begin(scores)
+    store.write(scores, writing, [row(1, 3.0)])
+    for bad in ["abc", "", "-1", "999999", writing, f"{first}; DROP TABLE mlp_pointers", "1.5"]:
+        with pytest.raises(NotFoundError, match=f"no kept generation {bad!r}"):
+            store.rollback(scores, bad)
+        assert store.current_generation(scores) == second
+        assert values(store, scores, [(1,)]) == [2.0]
+    with pytest.raises(NotFoundError, match="kept generations: "):
+        store.rollback(pairs, first)  # another view's generation
+    store.publish(scores, writing)  # the materialization in progress was not disturbed
+    assert values(store, scores, [(1,)]) == [3.0]
+
+
+def test_upserts_after_a_rollback_go_into_the_restored_generation_only(store):
+    first = materialize(store, scores, [row(1, 1.0)])
+    second = materialize(store, scores, [row(1, 2.0)])
+    later = T0 + timedelta(minutes=5)
+    store.upsert(scores, [row(2, 20.0, at=T0 + timedelta(minutes=1))])  # into the current one only
+    store.rollback(scores)
+    assert values(store, scores, [(1,), (2,)], now=later) == [1.0, None]  # first as it was
+    store.upsert(scores, [row(3, 30.0, at=T0 + timedelta(minutes=1))])
+    assert values(store, scores, [(1,), (3,)], now=later) == [1.0, 30.0]
+    store.rollback(scores, second)
+    assert values(store, scores, [(1,), (2,), (3,)], now=later) == [2.0, 20.0, None]
+    assert {g.generation: g.rows for g in store.generations(scores)} == {first: 2, second: 2}
+
+
+def test_keep_generations_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="keep_generations"):
+        SqliteOnlineStore(tmp_path / "x.db", keep_generations=0)
+    with pytest.raises(ConfigError, match="keep_generations"):
+        RedisOnlineStore("redis://127.0.0.1:1/0", project="p", keep_generations=True)
+    with pytest.raises(ConfigError, match="keep_generations"):
+        Platform.from_config({"storage": {"root": str(tmp_path)}, "online_store": {"type": "sqlite", "keep_generations": 0}})
+    configured = Platform.from_config({"storage": {"root": str(tmp_path)}, "online_store": {"type": "sqlite", "keep_generations": 4}})
+    assert open_online_store(configured.config, configured.storage).keep_generations == 4
 
 
 # -------------------------------------------------------------------------------- outages
