@@ -19,6 +19,7 @@ from mlplatform.errors import (
     ModelError,
     NotFoundError,
     PlatformError,
+    QualityError,
     ServingError,
     StorageError,
     TrainingError,
@@ -36,6 +37,7 @@ from mlplatform.features import (
     on_demand_feature_view,
 )
 from mlplatform.platform import Platform
+from mlplatform.quality import Expectation, Quality
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,7 @@ __all__ = [
     "DefinitionError",
     "DependencyError",
     "Entity",
+    "Expectation",
     "FeatureService",
     "FeatureView",
     "Field",
@@ -59,6 +62,8 @@ __all__ = [
     "Platform",
     "PlatformConfig",
     "PlatformError",
+    "Quality",
+    "QualityError",
     "RequestSource",
     "ServingError",
     "StorageError",

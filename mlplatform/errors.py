@@ -9,6 +9,7 @@
      │    └── IntegrityError  stored bytes do not match their recorded sha256
      ├── DefinitionError      a feature definition or feature reference is invalid
      ├── DataError            input data is unusable (missing column, bad timestamp, bad value)
+     │    └── QualityError    data failed a strict view's expectations; nothing was published
      ├── TrainingError        a training or tuning run failed
      ├── ModelError           a model version cannot be registered, found or loaded
      ├── ServingError         the online path cannot be deployed or answered
@@ -30,6 +31,7 @@ __all__ = [
     "ModelError",
     "NotFoundError",
     "PlatformError",
+    "QualityError",
     "ServingError",
     "StorageError",
     "TrainingError",
@@ -74,6 +76,12 @@ class DefinitionError(PlatformError):
 
 class DataError(PlatformError):
     """Input data cannot be used: a missing column, a bad timestamp, an impossible value."""
+
+
+class QualityError(DataError):
+    """Data failed the expectations of a view whose quality policy is ``strict``; the message
+    names the view, feature, expectation, observed value and bound. Nothing was published:
+    the previous offline version and online generation stay current."""
 
 
 class TrainingError(PlatformError):

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
     from mlplatform.jobs.submit import Jobs
     from mlplatform.models.registry import ModelRegistry
+    from mlplatform.quality.api import DataQuality
     from mlplatform.serving.api import Serving, ServingParts
     from mlplatform.streams import EventBus
     from mlplatform.training.api import Training
@@ -70,6 +71,21 @@ class Platform:
             bus=self.bus,
             streams=self.config.streams,
             decisions=lambda since: self.serving.decisions(since),
+            quality=lambda: self.quality,
+        )
+
+    @cached_property
+    def quality(self) -> DataQuality:
+        """Data quality: each view's expectations checked on backfill, materialization and
+        training sets (strict views refuse bad data), with a report per run."""
+        from mlplatform.quality.api import DataQuality
+
+        return DataQuality(
+            self.storage,
+            self.datasets,
+            models=lambda: self.models,
+            connect_ray=self.ray,
+            resolve_view=lambda name: self.features.resolve_view(name),
         )
 
     @cached_property

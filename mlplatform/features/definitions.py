@@ -47,6 +47,7 @@ from mlplatform.features._definition_base import (
     content_hash,
     parse_ref,
 )
+from mlplatform.quality.expectations import Quality
 
 __all__ = [
     "Aggregation",
@@ -88,6 +89,7 @@ class FeatureView(DefinitionBase):
     availability_delay: Duration = timedelta(0)
     owner: str = ""
     tags: dict[str, str] = PydanticField(default_factory=dict)
+    quality: Quality | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -119,7 +121,24 @@ class FeatureView(DefinitionBase):
             self._check_stream(self.source)
         elif any(a.function == "last_k" for a in self.aggregations):
             raise ValueError("function 'last_k' needs a StreamSource (a real-time view)")
+        if self.quality is not None:
+            self._check_quality(self.quality)
         return self
+
+    def _check_quality(self, quality: Quality) -> None:
+        dtypes = {f.name: f.dtype for f in self.features}
+        unknown = sorted(set(quality.features) - set(dtypes))
+        if unknown:
+            raise ValueError(f"quality names features {unknown} that view {self.name!r} does not have; it has {sorted(dtypes)}")
+        for name, dtype in dtypes.items():
+            expect = quality.for_feature(name)
+            if expect is None:
+                continue
+            ranged = expect.min is not None or expect.max is not None or expect.max_psi is not None
+            if ranged and dtype not in ("int64", "float64"):
+                raise ValueError(f"quality of feature {name!r}: min, max and max_psi need a numeric feature, it is {dtype}")
+            if expect.allowed is not None and dtype not in ("int64", "string", "bool"):
+                raise ValueError(f"quality of feature {name!r}: allowed values need a string, int64 or bool feature, it is {dtype}")
 
     def _check_stream(self, source: StreamSource) -> None:
         if self.schema_:
@@ -185,6 +204,9 @@ class FeatureView(DefinitionBase):
         spec = self.model_dump(mode="json", by_alias=True)
         # ``k`` is only for last_k: left out otherwise, so older views keep their versions
         spec["aggregations"] = [{k: v for k, v in a.items() if k != "k" or v is not None} for a in spec["aggregations"]]
+        # left out when not declared, so views without expectations keep their versions
+        if spec.get("quality") is None:
+            spec.pop("quality", None)
         return spec
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from mlplatform.features.push import PushMode
     from mlplatform.features.stream_processor import StreamProcessors
     from mlplatform.online import OnlineStore
+    from mlplatform.quality import DataQuality
     from mlplatform.storage import DatasetStore, Storage
     from mlplatform.streams import EventBus
 
@@ -88,6 +89,7 @@ class FeatureStore:
         bus: EventBus | None = None,
         streams: SqliteStreamsConfig | RedisStreamsConfig | None = None,
         decisions: Callable[[datetime | None], list[dict[str, Any]]] | None = None,
+        quality: Callable[[], DataQuality] | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
@@ -97,7 +99,13 @@ class FeatureStore:
         self.bus = bus
         self.streams = streams
         self.decisions = decisions
+        self._quality = quality
         self.registry = FeatureRegistry(storage)
+
+    def quality_gate(self) -> DataQuality | None:
+        """The data-quality gate backfills, materializations and training sets pass their data
+        through before publishing it (None when this store was built without one)."""
+        return self._quality() if self._quality is not None else None
 
     # ---------------------------------------------------------------- definitions
     def apply(self, objects: Iterable[Definition], *, force: bool = False, dry_run: bool = False) -> ApplyResult:
