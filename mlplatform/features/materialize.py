@@ -19,7 +19,10 @@ leaves its state file unchanged, so the next run re-applies the same window (new
 writes make that harmless).
 
 What was materialized is recorded per view in ``online/state/<view>.json`` under the storage
-root (start, end, generation, rows, the offline dataset version and the view's data version).
+root (start, end, generation, rows, the offline dataset version and the view's data version),
+and the same record per generation in ``online/state/<view>/generations/<generation>.json``,
+so a rollback (``mlplatform.features.rollback``) can point the state back at the window the
+restored generation holds.
 """
 
 from __future__ import annotations
@@ -291,20 +294,19 @@ def _run(
     covered_from = start.isoformat() if start else None
     if mode == "incremental":  # extends the window the state already covered
         covered_from = (read_state(store, view.name) or {}).get("start")
-    store.storage.write_json(
-        f"{STATE_PREFIX}/{view.name}.json",
-        {
-            "view": view.name,
-            "mode": mode,
-            "start": covered_from,
-            "end": end.isoformat(),
-            "generation": generation,
-            "rows": rows,
-            "offline_dataset": offline_dataset(view.name),
-            "offline_version": manifest.version,
-            "data_version": view.data_version,
-            "materialized_at": datetime.now(UTC).isoformat(),
-        },
-    )
+    state = {
+        "view": view.name,
+        "mode": mode,
+        "start": covered_from,
+        "end": end.isoformat(),
+        "generation": generation,
+        "rows": rows,
+        "offline_dataset": offline_dataset(view.name),
+        "offline_version": manifest.version,
+        "data_version": view.data_version,
+        "materialized_at": datetime.now(UTC).isoformat(),
+    }
+    store.storage.write_json(f"{STATE_PREFIX}/{view.name}/generations/{generation}.json", state)
+    store.storage.write_json(f"{STATE_PREFIX}/{view.name}.json", state)
     log.info("%s", result.summary())
     return result
