@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from mlplatform.jobs.submit import Jobs
     from mlplatform.models.registry import ModelRegistry
     from mlplatform.quality.api import DataQuality
+    from mlplatform.monitoring import Monitoring
     from mlplatform.serving.api import Serving, ServingParts
     from mlplatform.streams import EventBus
     from mlplatform.training.api import Training
@@ -131,6 +132,13 @@ class Platform:
         return BatchScoring(
             storage=self.storage, datasets=self.datasets, features=self.features, models=self.models, connect_ray=self.ray
         )
+
+    @cached_property
+    def monitoring(self) -> Monitoring:
+        """Monitoring reports: PSI per feature and score, live decisions against the training snapshot."""
+        from mlplatform.monitoring import Monitoring
+
+        return Monitoring(self.storage, self.datasets, self.models, decisions=lambda since: self.serving.decisions(since))
 
     @cached_property
     def jobs(self) -> Jobs:
