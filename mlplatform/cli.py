@@ -214,6 +214,18 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(result)
 
 
+def cmd_monitor(args: argparse.Namespace) -> None:
+    workload = _workload(args)
+    platform = _platform(workload)
+    report = platform.monitoring.report(args.model, window=args.window, version=args.version, bound=args.bound)
+    for d in [*report.features, report.score]:
+        if d.status in ("shift", "watch"):
+            print(f"  {d.status:<5} {d.name}: PSI {d.psi:.3f}")
+    flagged = ", ".join(report.flagged) or "nothing"
+    print(f"monitor {report.model} v{report.version}: {report.decisions:,} decisions, flagged {flagged}; "
+          f"report {platform.storage.uri(report.key)}/report.md")
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from mlplatform.errors import JobError
     from mlplatform.jobs.submit import Jobs
@@ -387,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="underwriting", help="registered model name")
     p.add_argument("--alias", default="production", help="model alias")
     p.add_argument("--output", help="output Parquet path; default a versioned dataset under the root")
+
+    p = add("monitor", cmd_monitor, "PSI per feature and score: recent decisions against the model's training snapshot; writes a report.")
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("--model", required=True, help="registered model name, e.g. underwriting")
+    p.add_argument("--window", default="1d", help="decisions made this far back (default 1d; e.g. 6h, 7d)")
+    p.add_argument("--version", type=int, help="model version (default the production alias)")
+    p.add_argument("--bound", type=float, default=0.25, help="PSI at or above this flags a column (default 0.25)")
 
     p = add("submit", cmd_submit, "Submit a command to a Ray cluster as a Ray job and stream its logs.")
     p.add_argument("--address", help="dashboard / job API URL, e.g. http://127.0.0.1:8265 (or RAY_ADDRESS)")
