@@ -428,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", help="a stream source to process (repeatable); default all registered")
     p.add_argument("--config", default="configs/local.yaml", help="platform config (storage root, event bus, online store)")
 
+    from mlplatform.pipelines.cli import register as register_pipeline
+
+    register_pipeline(sub)  # mlp pipeline run|backfill|status|serve|step
+
     p = add("status", cmd_status, "Show Ray jobs on a cluster (one job with JOB_ID).")
     p.add_argument("job_id", nargs="?", help="a submission id; default all jobs")
     p.add_argument("--address", help="dashboard / job API URL (or RAY_ADDRESS)")

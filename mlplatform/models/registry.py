@@ -379,7 +379,8 @@ def complete_lineage(given: Mapping[str, Any]) -> dict[str, Any]:
     """``given`` with what can be found out filled in, as stored by ``register`` (less the
     artifact hashes) and shown by the model card: the training-set snapshot as a dict, its
     ``feature_versions`` and ``data_time_range``, ``code_version``/``code_dirty`` and
-    ``libraries`` — each only when not given. JSON-safe."""
+    ``libraries``, and ``pipeline_run`` (``MLP_PIPELINE_RUN``, set in a pipeline step's job) — each
+    only when not given. JSON-safe."""
     out = dict(given)
     ts = out.get("training_set")
     if ts is not None:
@@ -389,6 +390,9 @@ def complete_lineage(given: Mapping[str, Any]) -> dict[str, Any]:
             out.setdefault("feature_versions", ts["feature_versions"])
         if ts.get("time_range") is not None:
             out.setdefault("data_time_range", ts["time_range"])
+    # A model trained by a pipeline's job names the run (set by mlplatform.pipelines.kinds).
+    if os.environ.get("MLP_PIPELINE_RUN"):
+        out.setdefault("pipeline_run", os.environ["MLP_PIPELINE_RUN"])
     if "code_version" not in out:
         out["code_version"], dirty = _git_state()
         out.setdefault("code_dirty", dirty)
