@@ -12,6 +12,7 @@
      │    └── QualityError    data failed a strict view's expectations; nothing was published
      ├── TrainingError        a training or tuning run failed
      ├── ModelError           a model version cannot be registered, found or loaded
+     ├── PromotionRefused     the promotion gate refused a version (the message lists every figure)
      ├── ServingError         the online path cannot be deployed or answered
      └── JobError             a Ray job could not be submitted or failed
 
@@ -31,6 +32,7 @@ __all__ = [
     "ModelError",
     "NotFoundError",
     "PlatformError",
+    "PromotionRefused",
     "QualityError",
     "ServingError",
     "StorageError",
@@ -90,6 +92,17 @@ class TrainingError(PlatformError):
 
 class ModelError(PlatformError):
     """A model version cannot be registered, found or safely loaded."""
+
+
+class PromotionRefused(PlatformError):
+    """The promotion gate refused to point ``production`` at a version: it compared worse than
+    the current production version, or could not be compared. The message shows every figure
+    and bound; ``decision`` holds them (a ``mlplatform.models.gate.PromotionDecision``). The
+    refusal is recorded in the alias history. Override with ``force=True`` and a reason."""
+
+    def __init__(self, message: str, decision: object = None) -> None:
+        super().__init__(message)
+        self.decision = decision
 
 
 class ServingError(PlatformError):
