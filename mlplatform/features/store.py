@@ -5,6 +5,7 @@
     platform.features.backfill("applicant_history", start, end)
     platform.features.get_historical_features(entities, "underwriting_v1")
     platform.features.materialize(start, end)     # offline -> online
+    platform.features.rollback("applicant_history")  # the previous online generation, atomically
     platform.features.get_online_features("underwriting_v1", {"applicant_id": [1, 2], ...})
     platform.features.ingest("checkouts", events)  # real-time events onto the event bus
     platform.features.start_processors()          # event bus -> online state and offline log
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from mlplatform.features.materialize import MaterializeResult
     from mlplatform.features.online_lookup import OnlineResponse
     from mlplatform.features.push import PushMode
+    from mlplatform.features.rollback import GenerationInfo, RollbackResult
     from mlplatform.features.stream_processor import StreamProcessors
     from mlplatform.online import OnlineStore
     from mlplatform.quality import DataQuality
@@ -253,6 +255,23 @@ class FeatureStore:
         from mlplatform.features.materialize import materialize_incremental
 
         return materialize_incremental(self, end, views)
+
+    def generations(self, view: str) -> list[GenerationInfo]:
+        """The kept online generations of ``view``, current first; see ``mlplatform.features.rollback``."""
+        from mlplatform.features.rollback import generations
+
+        return generations(self, view)
+
+    def rollback(self, view: str, generation: str | int | None = None) -> RollbackResult:
+        """Make the previous (or a named) kept generation of ``view`` current again, atomically,
+        with no serving restart; see ``mlplatform.features.rollback.rollback`` for exactly what is
+        restored and how incremental runs and pushes continue.
+
+            platform.features.rollback("applicant_history")
+        """
+        from mlplatform.features.rollback import rollback
+
+        return rollback(self, view, generation)
 
     def push(self, view: str | FeatureView, rows: Any, *, to: PushMode = "online_and_offline") -> int:
         """Write fresh rows of ``view`` online (visible at once) and offline (appended, created now);
