@@ -118,6 +118,17 @@ def cmd_materialize(args: argparse.Namespace) -> None:
     from mlplatform.jobs.feature_steps import materialize_step
 
     workload = _workload(args)
+    if args.generation is not None and not args.rollback:
+        from mlplatform.errors import ConfigError
+
+        raise ConfigError("--generation names the generation to restore: use it with --rollback VIEW")
+    if args.rollback or args.generations:
+        with _platform(workload) as platform:
+            if args.rollback:
+                print(platform.features.rollback(args.rollback, args.generation).summary())
+            for generation in platform.features.generations(args.rollback or args.generations):
+                print(f"  {generation.summary()}")
+        return
     data = workload.config.data
     with _platform(workload) as platform:
         step = materialize_step(platform.features, args.end or data.end, args.view or None, start=args.start)
@@ -343,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", action="append", help="a view to materialize (repeatable); default all")
     p.add_argument("--start", help="full rebuild from this time; default: incremental since the last run")
     p.add_argument("--end", help="up to this time; default the data's end")
+    p.add_argument("--rollback", metavar="VIEW", help="make VIEW's previous online generation current again (no materialization)")
+    p.add_argument("--generation", help="with --rollback: the kept generation to restore instead of the previous one")
+    p.add_argument("--generations", metavar="VIEW", help="list VIEW's kept online generations (no materialization)")
 
     p = add("train", cmd_train, "Train (Ray Train), evaluate, write the model card, register and promote.")
     p.add_argument("workload", help="workload YAML")

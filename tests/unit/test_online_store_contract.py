@@ -452,6 +452,61 @@ def test_keep_generations_is_validated(tmp_path):
     assert open_online_store(configured.config, configured.storage).keep_generations == 4
 
 
+_WORKLOAD = """
+from pydantic import BaseModel, ConfigDict
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+def steps(platform, config):
+    return []
+"""
+
+
+def test_rollback_through_the_platform_and_the_cli(tmp_path, monkeypatch, capsys):
+    from mlplatform.cli import main
+
+    (tmp_path / "code" / "rbteam").mkdir(parents=True)
+    (tmp_path / "code" / "rbteam" / "__init__.py").write_text("")
+    (tmp_path / "code" / "rbteam" / "job.py").write_text(_WORKLOAD)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    workload = tmp_path / "job.yaml"
+    workload.write_text(f"workload: rbteam.job\nplatform: {{storage: {{root: '{tmp_path / 'root'}'}}}}\n")
+    platform = Platform.from_config({"storage": {"root": str(tmp_path / "root")}})
+    platform.features.apply([applicant, scores])
+    online = platform.features.online_store
+    first = materialize(online, scores, [row(1, 1.0)])
+    second = materialize(online, scores, [row(1, 2.0), row(2, 2.0)])
+    platform.storage.write_json("online/state/scores.json", {"generation": second})  # as a materialization leaves it
+
+    assert main(["materialize", str(workload), "--generations", "scores"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0].strip() for line in listed] == [f"scores generation {second}", f"scores generation {first}"]
+    assert "(current): published 20" in listed[0] and ", 2 keys" in listed[0] and "(kept)" in listed[1]
+
+    assert main(["materialize", str(workload), "--rollback", "scores"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"rolled back scores from generation {second} to generation {first}")
+    assert "the next incremental run rebuilds it" in out[0]  # no materialization record for it here
+    assert values(online, scores, [(1,), (2,)]) == [1.0, None]
+    # the state no longer names the generation rolled back from: the next incremental run rebuilds
+    assert not platform.storage.exists("online/state/scores.json")
+
+    for argv, message in [
+        (["--rollback", "scores", "--generation", "999"], "no kept generation '999'"),
+        (["--rollback", "nope"], "no feature_view named 'nope'"),
+        (["--generation", str(second)], "--generation names the generation to restore"),
+    ]:
+        assert main(["materialize", str(workload), *argv]) == 1
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("error: ") and message in line
+    assert values(online, scores, [(1,)]) == [1.0]
+    assert main(["materialize", str(workload), "--rollback", "scores", "--generation", second]) == 0
+    assert values(online, scores, [(1,), (2,)]) == [2.0, 2.0]
+    with pytest.raises(DataError, match="generation must be"):
+        platform.features.rollback("scores", 1.5)
+
+
 # -------------------------------------------------------------------------------- outages
 
 
