@@ -70,7 +70,7 @@ def fraud_predictor(platform, fraud_model):
 
 
 def test_the_registry_of_flavors():
-    assert set(FLAVORS) == {"lightgbm", "torch"}
+    assert set(FLAVORS) == {"lightgbm", "torch", "policy"}
     assert get_flavor("torch").model_file == "model.safetensors" and get_flavor("lightgbm").model_file == "model.txt"
     with pytest.raises(ModelError, match="unknown model flavor 'onnx'.*lightgbm"):
         get_flavor("onnx")

@@ -8,8 +8,9 @@
     predictor.predict({"amount": np.array([120.0, 80.0]), ...})["probability"]
 
 ``lightgbm`` stores LightGBM's text model; ``torch`` stores safetensors weights and names the
-module's class, its constructor config and its signature in the version record. Neither
-format runs code from the file when it is read (no pickle). The interface is in
+module's class, its constructor config and its signature in the version record; ``policy``
+stores an offer policy (``mlplatform.rl``) as a JSON document. No format runs code from the
+file when it is read (no pickle). The interface is in
 :mod:`mlplatform.models.flavors.base`; a new flavor is one module here and one entry in
 ``FLAVORS``. Importing this package imports neither torch nor lightgbm: each flavor imports
 its library when it first saves or loads a model.
@@ -29,6 +30,7 @@ from mlplatform.models.flavors.base import (
     numpy_dtype,
 )
 from mlplatform.models.flavors.lightgbm import LightGBMFlavor
+from mlplatform.models.flavors.policy import PolicyFlavor
 from mlplatform.models.flavors.torch import TorchFlavor
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "FLAVORS",
     "Flavor",
     "LightGBMFlavor",
+    "PolicyFlavor",
     "Predictor",
     "SavedModel",
     "Signature",
@@ -47,11 +50,11 @@ __all__ = [
 ]
 
 #: Every flavor by name. Flavors hold no state, so one instance each serves every caller.
-FLAVORS: dict[str, Flavor] = {flavor.name: flavor for flavor in (LightGBMFlavor(), TorchFlavor())}
+FLAVORS: dict[str, Flavor] = {flavor.name: flavor for flavor in (LightGBMFlavor(), TorchFlavor(), PolicyFlavor())}
 
 
 def get_flavor(name: str) -> Flavor:
-    """The flavor called ``name`` (``"lightgbm"`` or ``"torch"``).
+    """The flavor called ``name`` (``"lightgbm"``, ``"torch"`` or ``"policy"``).
 
         flavor = get_flavor(version.flavor)
 
