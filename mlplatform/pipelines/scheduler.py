@@ -47,7 +47,8 @@ from mlplatform.storage import Storage
 
 __all__ = ["RunResult", "Scheduler", "submission_id"]
 
-log = logging.getLogger(__name__)
+# under mlplatform.jobs: the console shows its INFO lines (one per attempt) without --verbose
+log = logging.getLogger("mlplatform.jobs.pipeline")
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -114,7 +115,7 @@ class Scheduler:
         ok = all(s in ("succeeded", "skipped") for s in statuses.values())
         if only is None:
             self.state.finish_run(ds, "succeeded" if ok else "failed", statuses)
-        log.info("[%s] %s: %s", self.pipeline.pipeline, ds, ", ".join(f"{k} {v}" for k, v in statuses.items()))
+        log.debug("[%s] %s: %s", self.pipeline.pipeline, ds, ", ".join(f"{k} {v}" for k, v in statuses.items()))
         return RunResult(ds=ds, status="succeeded" if ok else "failed", steps=statuses)
 
     def _advance(self, ds: date, step: PipelineStep, statuses: dict[str, str]) -> str | None:
@@ -200,7 +201,7 @@ class Scheduler:
                 return None
             self._submit(client, sid, step, ds, n)
             info = _lookup(client, sid)
-            log.info("[%s] %s %s: submitted %s", self.pipeline.pipeline, ds, step.name, sid)
+            log.debug("[%s] %s %s: submitted %s", self.pipeline.pipeline, ds, step.name, sid)
         else:
             log.info("[%s] %s %s: following %s (submitted before)", self.pipeline.pipeline, ds, step.name, sid)
         started = (info.start_time / 1000.0) if info is not None and info.start_time else time.time()
