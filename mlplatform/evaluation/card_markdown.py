@@ -46,6 +46,7 @@ def render_markdown(
     lines += _examples(examples)
     lines += ["## Lineage", ""]
     lines += _lineage_lines(lineage)
+    lines += _data_quality(lineage)
     lines += ["## Parameters", ""]
     lines += _table(["Parameter", "Value"], [[f"`{k}`", f"`{_cell(v)}`"] for k, v in sorted(params.items())], align="ll")
     lines += ["## Intended use", "", intended_use, "", "## Limitations", ""]
@@ -221,6 +222,28 @@ def _lineage_lines(lineage: dict[str, Any]) -> list[str]:
             align="ll",
         )
     return out
+
+
+def _data_quality(lineage: dict[str, Any]) -> list[str]:
+    """The training set's validation results (one row per view with expectations), as the
+    snapshot recorded them; nothing when the snapshot predates validation or no view declares any."""
+    quality = (lineage.get("training_set") or {}).get("quality") or {}
+    if not quality:
+        return []
+    lines = ["## Data quality", "", "The training set's features checked against each view's declared expectations "
+             "(rows where the view had no value for the applicant, e.g. no history yet, are counted apart).", ""]
+    rows = []
+    for view, q in sorted(quality.items()):
+        failed = q.get("failed") or []
+        rows.append([f"`{view}`", q.get("policy", ""), f"{int(q.get('rows') or 0):,}", f"{int(q.get('uncovered') or 0):,}",
+                     str(q.get("passed", 0)),
+                     str(len(failed)), str(q.get("skipped", 0)), failed[0] if failed else "—"])
+    lines += _table(["View", "Policy", "Rows checked", "Rows without a value", "Passed", "Failed", "Skipped", "Worst finding"],
+                    rows, align="llrrrrrl")
+    reports = [f"`{q['report']}`" for _, q in sorted(quality.items()) if q.get("report")]
+    if reports:
+        lines += ["Reports (under the storage root): " + ", ".join(reports), ""]
+    return lines
 
 
 def _reason_line(reason: Any) -> str:

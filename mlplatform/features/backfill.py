@@ -139,6 +139,8 @@ def backfill(
         NotFoundError: the view or its source dataset does not exist.
         DefinitionError: the view is an on-demand view, or differs from the registered one.
         DataError: bad ``start``/``end``, or a source column is missing or unusable.
+        QualityError: the view's quality policy is ``strict`` and the range's rows failed
+            an expectation; nothing was published (see :mod:`mlplatform.quality.api`).
     """
     began = time.perf_counter()
     view = _resolve(store, view)
@@ -186,6 +188,10 @@ def backfill(
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ds = _push_down_time_range(ds, source.timestamp_field, schema, plan.read_after, plan.read_until)
     rows = compute_rows(ds, plan, buckets=n_buckets, counter=counter)
+    gate = store.quality_gate()
+    gate_plan = gate.plan(view) if gate is not None else None
+    if gate_plan is not None:  # profiled in this pass, as the rows stream to the write
+        rows, profiled = gate.observe(rows, gate_plan)
     # Every bucket holds every date: sort by time so that each date is one or two files rather
     # than one per bucket (an int64 key sorts faster than the date string, and range
     # partitioning never splits one timestamp, so a daily date is one file).
@@ -194,9 +200,14 @@ def backfill(
     if kept is not None and kept.num_rows:
         rows = rows.union(ray.data.from_arrow(kept))
 
+    def write(staging: str) -> None:
+        rows.write_parquet(staging, filesystem=store.storage.arrow_fs, partition_cols=[PARTITION])
+        if gate_plan is not None:  # strict and failed: raises before the commit, nothing published
+            gate.check(gate_plan, profiled(), stage="backfill", start=start_at, end=end_at)
+
     version = store.datasets.publish(
         target,
-        rows,
+        write,
         partition_by=PARTITION,
         replace="partitions",
         replace_partitions=plan.dates,

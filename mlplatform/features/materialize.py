@@ -107,6 +107,8 @@ def materialize(
     Raises:
         DataError: ``start >= end``, or a named view has no (current) offline data.
         NotFoundError: a named view is not registered.
+        QualityError: a strict view's rows in the window failed its expectations (checked
+            before anything is written: its online state is untouched).
         OnlineStoreUnavailable / StorageError: the online store failed; the view's previous
             state is untouched.
 
@@ -252,6 +254,10 @@ def _run(
     online = store.online_store
     partitions = _partitions(manifest, start, end)
     offline_rows = sum(f.rows for f in manifest.files if f.partition in partitions)
+    gate = store.quality_gate()
+    gate_plan = gate.plan(view) if gate is not None and offline_rows else None
+    if gate_plan is not None:  # before any write: an incremental run's upserts cannot be undone
+        gate.check_offline(gate_plan, manifest, start, end, stage="materialize", partitions=partitions)
     generation = online.begin(view) if mode == "full" else None
     try:
         if offline_rows == 0:

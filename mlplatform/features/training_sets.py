@@ -44,6 +44,7 @@ class TrainingSetSnapshot:
     splits: dict[str, dict[str, Any]]
     time_range: dict[str, str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +77,14 @@ def save_training_set(
 
     The content hash is order-independent (a sum of row hashes), so the same rows give the
     same hash however the cluster partitioned them.
+
+    Each view with quality expectations is validated on the rows before anything is
+    published; the reports' summaries are kept in the snapshot's ``quality`` (and so in the
+    lineage and model card of a model trained on it).
+
+    Raises:
+        DataError: the label column is missing.
+        QualityError: a strict view's features failed an expectation (nothing published).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -89,6 +98,7 @@ def save_training_set(
     tagged = ds.map_batches(tag, batch_format="pyarrow").materialize()
     if label not in tagged.schema().names:
         raise DataError(f"label column {label!r} is not in the training set; columns: {tagged.schema().names}")
+    quality = _validate(store, tagged, features)
     partials = tagged.map_batches(_row_hash_batch, batch_format="pandas").take_all()
     digest = sum(int(p["h"]) for p in partials) % _MOD
     counts: dict[str, int] = {}
@@ -118,6 +128,7 @@ def save_training_set(
         },
         time_range={"min": str(ts_stats[0]), "max": str(ts_stats[1])},
         metadata=metadata or {},
+        quality=quality,
     )
     store.storage.write_json(f"{PREFIX}/{name}/_snapshots/{version.version:012d}.json", snapshot.to_json())
     return snapshot
@@ -139,6 +150,26 @@ def load_training_set(
     if split is not None:
         ds = ds.filter(expr=f"{SPLIT_COLUMN} == '{split}'")
     return ds
+
+
+def _validate(store: FeatureStore, ds: ray.data.Dataset, features: list[str]) -> dict[str, Any]:
+    """Validate the training rows of every view with expectations (one pass over the
+    materialized rows per view); ``{view: report summary}``. Raises QualityError under strict."""
+    from mlplatform.features.definitions import FeatureView
+
+    gate = store.quality_gate()
+    if gate is None:
+        return {}
+    columns = ds.schema().names
+    out = {}
+    for name in sorted({parse_ref(r)[0] for r in features}):
+        view = store.resolve_view(name)
+        plan = gate.plan(view, columns) if isinstance(view, FeatureView) else None
+        if plan is None or not plan.spec.columns:
+            continue
+        report = gate.check(plan, gate.profile(ds, plan), stage="training_set", start=None, end=None)
+        out[name] = report.summary()
+    return out
 
 
 def _row_hash_batch(batch: Any) -> Any:

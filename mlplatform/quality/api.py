@@ -142,11 +142,13 @@ class DataQuality:
     def plan(self, view: FeatureView, columns: list[str] | None = None) -> GatePlan | None:
         """What validating ``view`` measures, or None when it declares no expectations.
 
-        ``columns``: the columns of the data when features may be named ``view__feature``
-        (a training set); by default a feature's column is its name."""
+        ``columns``: the columns of a training set (features may be named ``view__feature``;
+        rows where the view had no value are left out, see ``ProfileSpec``); by default, the
+        view's own offline rows, where a feature's column is its name."""
         if view.quality is None:
             return None
-        reference = self._reference(view)
+        # drift is measured on training sets only (see checks._NOT_COMPARABLE)
+        reference = self._reference(view) if columns is not None else None
         specs = []
         for f in view.features:
             expect = view.quality.for_feature(f.name)
@@ -162,7 +164,8 @@ class DataQuality:
                 allowed=expect.allowed if expect else None,
                 edges=tuple(ref["edges"]) if ref and expect and expect.max_psi is not None else None,
             ))
-        return GatePlan(view, ProfileSpec(columns=specs, timestamp=_EVENT_TIMESTAMP), reference)
+        spec = ProfileSpec(columns=specs, timestamp=_EVENT_TIMESTAMP, skip_uncovered=columns is not None)
+        return GatePlan(view, spec, reference)
 
     def observe(self, ds: ray.data.Dataset, plan: GatePlan) -> tuple[ray.data.Dataset, Callable[[], dict[str, Any]]]:
         """``ds`` unchanged, profiled as its batches pass (in the pass that consumes it), and
@@ -218,13 +221,14 @@ class DataQuality:
         view = plan.view
         assert view.quality is not None
         dtypes = {c.feature: c.dtype for c in plan.spec.columns}
+        training = plan.spec.skip_uncovered
         checks = evaluate(view.quality, dtypes, profile, reference=plan.reference,
-                          end=end if stage != "training_set" else None)
+                          end=None if training else end, drift=training)
         now = datetime.now(UTC)
         report = QualityReport(
             view=view.name, stage=stage, policy=view.quality.policy, rows=profile["rows"],
             created_at=now.isoformat(), start=start.isoformat() if start else None,
-            end=end.isoformat() if end else None, checks=checks,
+            end=end.isoformat() if end else None, checks=checks, uncovered=profile.get("uncovered", 0),
             reference={k: v for k, v in plan.reference.items() if k != "features"} if plan.reference else None,
         )
         report = self._write(report, now)

@@ -24,6 +24,9 @@ nulls, passes when every value is whole). What each bound means, exactly:
 * ``max_psi``: population stability index of the non-null values against the reference (the
   training-set snapshot of the production model that uses the view), over the reference's
   deciles, must be ``<=`` the bound. Without such a model the check is *skipped*, not failed.
+  It is checked on training sets, whose rows (one per application) are the reference's
+  population; a view's offline rows (one per change of an entity's values) are not, so
+  backfills and materializations report it skipped rather than flag a difference in sampling.
 * ``max_staleness`` (per view): ``end - newest event_timestamp`` must be ``<=`` the bound,
   where ``end`` is the end of the range that was backfilled, materialized or validated.
 """

@@ -39,12 +39,18 @@ class ColumnSpec:
 
 @dataclass(frozen=True)
 class ProfileSpec:
+    """The features to profile, the timestamp column (for staleness), and whether rows
+    where every feature is null are left out and counted as ``uncovered`` (a training set:
+    there such a row is an entity the view had no value for at that time, e.g. a first-time
+    applicant; that is the population, not the view's data)."""
+
     columns: list[ColumnSpec] = field(default_factory=list)
     timestamp: str | None = None
+    skip_uncovered: bool = False
 
 
 def empty(spec: ProfileSpec) -> dict[str, Any]:
-    return {"rows": 0, "newest": None, "columns": {c.feature: _empty_column(c) for c in spec.columns}}
+    return {"rows": 0, "uncovered": 0, "newest": None, "columns": {c.feature: _empty_column(c) for c in spec.columns}}
 
 
 def _empty_column(c: ColumnSpec) -> dict[str, Any]:
@@ -58,8 +64,12 @@ def profile_table(table: pa.Table | pa.RecordBatch, spec: ProfileSpec) -> dict[s
     """The profile of one batch of rows (columns the spec names but the batch lacks count as
     all-null, typed ``missing``)."""
     out = empty(spec)
-    out["rows"] = n = table.num_rows
     names = table.schema.names
+    if spec.skip_uncovered:
+        covered = _any_value(table, [c.column for c in spec.columns if c.column in names])
+        out["uncovered"] = table.num_rows - int(pc.sum(covered).as_py() or 0) if table.num_rows else 0
+        table = table.filter(covered)
+    out["rows"] = n = table.num_rows
     if spec.timestamp and spec.timestamp in names and n:
         ts = table.column(spec.timestamp)
         if pa.types.is_timestamp(ts.type):
@@ -132,7 +142,24 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "types": sorted(set(pa_["types"]) | set(pb["types"])),
             "hist": None if pa_["hist"] is None else [x + y for x, y in zip(pa_["hist"], pb["hist"], strict=True)],
         }
-    return {"rows": a["rows"] + b["rows"], "newest": max(newest) if newest else None, "columns": columns}
+    return {
+        "rows": a["rows"] + b["rows"],
+        "uncovered": a.get("uncovered", 0) + b.get("uncovered", 0),
+        "newest": max(newest) if newest else None,
+        "columns": columns,
+    }
+
+
+def _any_value(table: Any, columns: list[str]) -> Any:
+    """Rows where at least one of ``columns`` holds a value (not null, not NaN)."""
+    mask = pa.array([False] * table.num_rows, pa.bool_())
+    for name in columns:
+        col = table.column(name)
+        valid = pc.is_valid(col)
+        if pa.types.is_floating(col.type):
+            valid = pc.and_(valid, pc.invert(pc.fill_null(pc.is_nan(col), True)))
+        mask = pc.or_(mask, valid)
+    return mask
 
 
 def _pick(fn: Any, x: Any, y: Any) -> Any:

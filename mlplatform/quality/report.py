@@ -51,7 +51,9 @@ class Check:
 @dataclass(frozen=True)
 class QualityReport:
     """What one validation of ``view`` found. ``stage``: backfill, materialize, training_set
-    or validate; ``start``/``end``: the range checked (ISO strings, None = unbounded);
+    or validate; ``rows``: rows checked; ``uncovered``: training-set rows for which the view
+    had no value (every feature null: an entity with no history yet), left out of the checks;
+    ``start``/``end``: the range checked (ISO strings, None = unbounded);
     ``reference``: the training set drift was measured against, if any; ``key``: where the
     report is stored under the storage root (empty until written)."""
 
@@ -65,6 +67,7 @@ class QualityReport:
     checks: list[Check] = field(default_factory=list)
     reference: dict[str, Any] | None = None
     key: str = ""
+    uncovered: int = 0
 
     @property
     def passed(self) -> bool:
@@ -79,10 +82,12 @@ class QualityReport:
 
     def line(self) -> str:
         """One line for a person: view, rows, checks passed/failed/skipped, the worst finding."""
-        text = (
-            f"{self.view}: {self.rows:,} rows, {self.count('passed')} passed, {self.count('failed')} failed, "
-            f"{self.count('skipped')} skipped"
-        )
+        return f"{self.view}: {self.findings()}"
+
+    def findings(self) -> str:
+        """``line()`` without the view's name."""
+        without = f" (+{self.uncovered:,} without a value)" if self.uncovered else ""
+        text = f"{self.rows:,} rows{without}, {self.count('passed')} passed, {self.count('failed')} failed, {self.count('skipped')} skipped"
         if self.failed:
             text += f"; worst: {self.failed[0].describe()} [{self.policy}]"
         return text
@@ -101,6 +106,7 @@ class QualityReport:
             "view": self.view,
             "policy": self.policy,
             "rows": self.rows,
+            "uncovered": self.uncovered,
             "passed": self.count("passed"),
             "failed": [c.describe() for c in self.failed],
             "skipped": self.count("skipped"),
