@@ -150,6 +150,7 @@ class ServingReplica(ModelRoutes):
         from mlplatform.serving.decisions.unconfirmed import UnconfirmedAnswers
         from mlplatform.serving.engine import DecisionEngine
         from mlplatform.serving.idempotency import open_idempotency_store
+        from mlplatform.monitoring.latest import latest_psi
         from mlplatform.serving.metrics import ServingMetrics
         from mlplatform.decision_policy import DecisionPolicy
         from mlplatform.serving.scoring import ModelWatcher, scorer_loader
@@ -179,7 +180,9 @@ class ServingReplica(ModelRoutes):
             poll_s=settings.alias_poll_s,
         )
         deadlines = {m.name: (m.deadline.total_seconds() if m.deadline else settings.deadline_s) for m in served}
+        self.metrics = ServingMetrics(settings.model_name, psi_reader=lambda: latest_psi(self.parts.storage, settings.model_name))
         self.engine = DecisionEngine(
+            observer=self.metrics.served.add,
             watcher=self.watcher,
             catalog=self.catalog,
             policy=policy,
@@ -195,7 +198,6 @@ class ServingReplica(ModelRoutes):
             group_commit_ms=settings.group_commit_ms,
         )
         self.unconfirmed = UnconfirmedAnswers(os.path.join(settings.spool_dir, "unconfirmed"))
-        self.metrics = ServingMetrics(settings.model_name)
         self.recent: OrderedDict[str, str] = OrderedDict()
         self.inflight: dict[str, asyncio.Future[str | None]] = {}
         self.batches = {"decide": [0, 0], "features": [0, 0]}  # batches, requests: for operators
@@ -579,6 +581,8 @@ class ServingReplica(ModelRoutes):
             self._stop.set()
         if hasattr(self, "watcher"):
             self.watcher.stop()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
         if hasattr(self, "model_server"):
             self.model_server.stop()
         if hasattr(self, "log"):

@@ -37,7 +37,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -139,8 +139,11 @@ class DecisionEngine:
         policy: DecisionPolicy,
         rule_models: Mapping[str, Any] | None = None,
         rule_deadlines_s: Mapping[str, float] | None = None,
+        observer: Callable[[Scorer, Mapping[str, Any], list[float]], None] | None = None,
     ) -> None:
         self.watcher = watcher
+        # Sees every scored micro-batch (the served values and scores) for the metrics.
+        self.observer = observer
         self.catalog = catalog
         self.policy = policy
         rule_models = dict(rule_models or {})
@@ -203,6 +206,11 @@ class DecisionEngine:
         timings.scoring_s = time.perf_counter() - started
         if deadline_at is not None and time.perf_counter() > deadline_at:
             return self.fallback(jobs, "deadline_exceeded", scorer=scorer)
+        if self.observer is not None:
+            try:
+                self.observer(scorer, columns, probabilities)
+            except Exception:  # monitoring must never affect the decision
+                log.exception("observing a scored batch failed")
         return outcomes
 
     def _scored(

@@ -1,42 +1,145 @@
 """Prometheus metrics of the serving application, exported through Ray's metrics agent.
 
 Every Ray node's metrics agent serves them with Ray's own metrics on its Prometheus port
-(``ray start --metrics-export-port=8080``; locally ``ray.init(_metrics_export_port=...)``).
-Names (Ray prefixes each with ``ray_``):
+(``ray start --metrics-export-port=8080``; locally ``ray.init(_metrics_export_port=...)``;
+``configs/prometheus/prometheus.yml`` scrapes it). Names (Ray prefixes each with ``ray_``):
 
-======================================  =========  ==========================================
-``mlp_decisions_total``                 counter    decisions answered, by ``outcome``
-                                                   (approve, decline, review) and ``fallback``
-                                                   (true/false); idempotent replays excluded
-``mlp_decision_replays_total``          counter    retries answered from a stored decision
-``mlp_decision_fallbacks_total``        counter    fallback decisions, by ``cause``
-                                                   (feature_store_unavailable, deadline_exceeded,
-                                                   model_unavailable, …)
-``mlp_decision_log_failures_total``     counter    decisions not answered because logging failed
-``mlp_feature_lookup_seconds``          histogram  online feature lookup (one per micro-batch)
-``mlp_scoring_seconds``                 histogram  model scoring and reasons (one per micro-batch)
-``mlp_decision_seconds``                histogram  a decision end to end in the replica,
-                                                   including the durable log append
-``mlp_feature_server_seconds``          histogram  a ``/get-online-features`` request
-======================================  =========  ==========================================
+==============================================  =========  ==================================
+``mlp_decisions_total``                         counter    decisions answered, by ``outcome``
+                                                           (approve, decline, review) and
+                                                           ``fallback`` (true/false);
+                                                           idempotent replays excluded
+``mlp_decision_replays_total``                  counter    retries answered from a stored decision
+``mlp_decision_fallbacks_total``                counter    fallback decisions, by ``cause``
+                                                           (feature_store_unavailable,
+                                                           deadline_exceeded, model_unavailable, …)
+``mlp_decision_log_failures_total``             counter    decisions not answered because logging failed
+``mlp_feature_lookup_seconds``                  histogram  online feature lookup (one per micro-batch)
+``mlp_scoring_seconds``                         histogram  model scoring and reasons (one per micro-batch)
+``mlp_decision_seconds``                        histogram  a decision end to end in the replica,
+                                                           including the durable log append
+``mlp_feature_server_seconds``                  histogram  a ``/get-online-features`` request
+``mlp_feature_newest_event_timestamp_seconds``  gauge      per ``view``: the event time (Unix
+                                                           seconds) of the newest value the
+                                                           decision model was served in the last
+                                                           flush interval; freshness is
+                                                           ``time() -`` this
+``mlp_feature_values_total``                    counter    per ``feature``: values served to the
+                                                           decision model
+``mlp_feature_missing_total``                   counter    per ``feature``: of those, missing (null)
+``mlp_score``                                   histogram  per ``version``: probability of default
+                                                           of every scored (non-fallback) decision
+``mlp_psi``                                     gauge      per ``version`` and ``feature``
+                                                           (``feature="score"`` for the score):
+                                                           the latest ``mlp monitor`` report's PSI
+==============================================  =========  ==================================
 
 Every series carries the ``model`` tag (the model name). Each replica also has Serve's own
 ``ray_serve_*`` request metrics.
+
+The request path only counts into plain Python objects (``ServedValues.add``, a few list and
+dict operations per micro-batch); a daemon thread hands the sums to Ray's metric objects every
+``flush_s`` seconds (Ray's agent exports them every few seconds anyway), so per-feature and
+per-score series cost a decision nothing measurable (BENCHMARKS.md, "Monitoring metrics").
 """
 
 from __future__ import annotations
 
-__all__ = ["ServingMetrics"]
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["SCORE_BUCKETS", "ServedValues", "ServingMetrics"]
+
+log = logging.getLogger(__name__)
 
 # Seconds: 0.25 ms … 1 s, dense where a decision should land (1–20 ms).
 _BUCKETS = [0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0]
+#: Probability-of-default buckets: dense at the low end where most applicants and the
+#: approve/decline thresholds lie.
+SCORE_BUCKETS = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+
+
+class ServedValues:
+    """What the decision model was served since the last ``take``, summed per micro-batch.
+
+        served = ServedValues()
+        served.add(scorer, columns, probabilities)   # on the request path: cheap
+        snapshot = served.take()                     # on the flush thread
+
+    ``columns`` maps each feature name to its lookup result (``.values``, ``.event_timestamps``);
+    a value is missing when it is None. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._views: dict[tuple[str, int], tuple[tuple[str, str], ...]] = {}  # (model, version) -> (view, first feature)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.values: dict[str, int] = {}
+        self.missing: dict[str, int] = {}
+        self.newest: dict[str, float] = {}  # view -> newest event time served (Unix seconds)
+        self.scores: dict[int, list[float]] = {}  # model version -> scores
+
+    def add(self, scorer: Any, columns: Mapping[str, Any], probabilities: Sequence[float]) -> None:
+        """Count one scored micro-batch: values and nulls per feature, the newest event time per
+        view, and the scores under the scorer's version."""
+        views = self._views.get((scorer.name, scorer.version))
+        if views is None:
+            views = self._views[(scorer.name, scorer.version)] = _first_feature_per_view(scorer.refs)
+        n = len(probabilities)
+        newest: dict[str, float] = {}
+        for view, feature in views:
+            column = columns.get(feature)
+            if column is not None:
+                stamps = [t for t in column.event_timestamps if t is not None]
+                if stamps:
+                    newest[view] = max(stamps).timestamp()
+        with self._lock:
+            for name in scorer.feature_names:
+                column = columns.get(name)
+                if column is None:
+                    continue
+                self.values[name] = self.values.get(name, 0) + n
+                nulls = column.values.count(None)
+                if nulls:
+                    self.missing[name] = self.missing.get(name, 0) + nulls
+            for view, t in newest.items():
+                if t > self.newest.get(view, float("-inf")):
+                    self.newest[view] = t
+            self.scores.setdefault(scorer.version, []).extend(probabilities)
+
+    def take(self) -> dict[str, Any]:
+        """Everything counted since the last call (and start counting afresh)."""
+        with self._lock:
+            out = {"values": self.values, "missing": self.missing, "newest": self.newest, "scores": self.scores}
+            self._reset()
+        return out
 
 
 class ServingMetrics:
-    """The metric objects of one replica (create one per process)."""
+    """The metric objects of one replica (create one per process).
 
-    def __init__(self, model: str) -> None:
-        from ray.util.metrics import Counter, Histogram
+    Args:
+        model: the decision model's name (the ``model`` tag of every series).
+        flush_s: how often the flush thread hands ``served`` to Ray's metrics.
+        psi_reader: returns the latest monitoring report's PSI figures for ``model``
+            (``{"version": int, "psi": {feature or "score": value}}``, or None); read every
+            ``psi_refresh_s`` seconds by the flush thread and exported as ``mlp_psi``.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        flush_s: float = 1.0,
+        psi_reader: Callable[[], Mapping[str, Any] | None] | None = None,
+        psi_refresh_s: float = 30.0,
+    ) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         tags = {"model": model}
         self.decisions = Counter(
@@ -68,9 +171,85 @@ class ServingMetrics:
             boundaries=_BUCKETS,
             tag_keys=("model",),
         ).set_default_tags(tags)
+        self.feature_newest = Gauge(
+            "mlp_feature_newest_event_timestamp_seconds",
+            description="Event time (Unix seconds) of the newest value of each view served to the decision model.",
+            tag_keys=("model", "view"),
+        ).set_default_tags(tags)
+        self.feature_values = Counter(
+            "mlp_feature_values_total", description="Feature values served to the decision model.", tag_keys=("model", "feature")
+        ).set_default_tags(tags)
+        self.feature_missing = Counter(
+            "mlp_feature_missing_total", description="Feature values served missing (null).", tag_keys=("model", "feature")
+        ).set_default_tags(tags)
+        self.scores = Histogram(
+            "mlp_score", description="Probability of default of scored decisions.", boundaries=SCORE_BUCKETS, tag_keys=("model", "version")
+        ).set_default_tags(tags)
+        self.psi = Gauge(
+            "mlp_psi", description="PSI of the latest monitoring report, per feature and for the score.", tag_keys=("model", "version", "feature")
+        ).set_default_tags(tags)
+        self.served = ServedValues()
+        self._psi_reader = psi_reader
+        self._psi_refresh_s = psi_refresh_s
+        self._stop = threading.Event()
+        self._flush_s = flush_s
+        self._thread = threading.Thread(target=self._run, name="serving-metrics", daemon=True)
+        self._thread.start()
 
     def decided(self, outcome: str, fallback_reason: str | None, seconds: float) -> None:
         self.decisions.inc(tags={"outcome": outcome, "fallback": "true" if fallback_reason else "false"})
         if fallback_reason:
             self.fallbacks.inc(tags={"cause": fallback_reason})
         self.decision_seconds.observe(seconds)
+
+    def flush(self) -> None:
+        """Hand what ``served`` counted to Ray's metric objects."""
+        taken = self.served.take()
+        for name, n in taken["values"].items():
+            self.feature_values.inc(n, tags={"feature": name})
+        for name, n in taken["missing"].items():
+            self.feature_missing.inc(n, tags={"feature": name})
+        for view, t in taken["newest"].items():
+            self.feature_newest.set(t, tags={"view": view})
+        for version, scores in taken["scores"].items():
+            tags = {"version": str(version)}
+            for s in scores:
+                self.scores.observe(s, tags=tags)
+
+    def refresh_psi(self) -> None:
+        """Export the latest monitoring report's PSI figures (if a reader was given)."""
+        if self._psi_reader is None:
+            return
+        latest = self._psi_reader()
+        if not latest:
+            return
+        version = str(latest.get("version"))
+        for feature, value in (latest.get("psi") or {}).items():
+            if value is not None:
+                self.psi.set(float(value), tags={"version": version, "feature": feature})
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        next_psi = 0.0
+        while not self._stop.wait(self._flush_s):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("exporting served-value metrics failed")
+            if self._psi_reader is not None and time.monotonic() >= next_psi:
+                next_psi = time.monotonic() + self._psi_refresh_s
+                try:
+                    self.refresh_psi()
+                except Exception as exc:  # storage briefly unreachable: keep the last figures
+                    log.warning("reading the latest monitoring report failed: %r", exc)
+
+
+def _first_feature_per_view(refs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """One feature per view: the features of a view share their row's event time."""
+    seen: dict[str, str] = {}
+    for ref in refs:
+        view, _, feature = ref.partition(":")
+        seen.setdefault(view, feature)
+    return tuple(seen.items())

@@ -1,0 +1,163 @@
+"""A real Prometheus scrapes the running serving application through Ray's metrics export,
+with the shipped configs/prometheus files: the served-value metrics arrive, and with the feature
+feed stopped the freshness of the view rises past the FeatureStale threshold and the alert fires
+(the shipped rule with a 25 s threshold instead of an hour); the PSI of the latest monitoring
+report reaches Prometheus as ``ray_mlp_psi`` and fires ScoreDrift.
+
+Runs on the session's serving application (``served``), before test_serving.py closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from _serving_app import application, free_port, history, post, push_online
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "prometheus"
+STALE_AFTER_S = 25
+APPLICANT = 900_777
+VIEW = "applicant_history"
+
+
+@pytest.fixture
+def prometheus(tmp_path, ray_session):
+    """Prometheus on a loopback port with the shipped prometheus.yml and alerts.yml, its targets
+    the Ray nodes' metrics export ports (the file service discovery Ray's dashboard head keeps)."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.fail("prometheus is not installed: apt-get install prometheus (.ci/setup does)")
+    targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray_session.nodes() if n["Alive"]]
+    discovery = tmp_path / "prom_metrics_service_discovery.json"
+    discovery.write_text(json.dumps([{"labels": {"job": "ray"}, "targets": targets}]))
+
+    rules = yaml.safe_load((CONFIGS / "alerts.yml").read_text())
+    stale = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "FeatureStale")
+    assert "> 3600" in stale["expr"]
+    stale["expr"] = stale["expr"].replace("> 3600", f"> {STALE_AFTER_S}")
+    stale["for"] = "0s"
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+
+    config = yaml.safe_load((CONFIGS / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    (job,) = config["scrape_configs"]
+    job["file_sd_configs"][0]["files"] = [str(discovery)]
+    config["rule_files"] = [str(tmp_path / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen(
+        [exe, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-2000:]
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def query(url: str, promql: str) -> dict[str, float]:
+    """An instant query through the HTTP API: ``{"label=value,…": value}``."""
+    doc = requests.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5).json()
+    assert doc["status"] == "success", doc
+    return {",".join(f"{k}={v}" for k, v in sorted(r["metric"].items())): float(r["value"][1]) for r in doc["data"]["result"]}
+
+
+def firing(url: str, alert: str, **labels: str) -> bool:
+    doc = requests.get(f"{url}/api/v1/alerts", timeout=5).json()
+    return any(
+        a["labels"]["alertname"] == alert and a["state"] == "firing" and all(a["labels"].get(k) == v for k, v in labels.items())
+        for a in doc["data"]["alerts"]
+    )
+
+
+def wait_for(what: str, check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1.0)
+
+
+def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(served, prometheus):
+    platform, deployed, _ = served
+    version = platform.models.get("underwriting", alias="production").version
+    # The latest monitoring report's figures, as platform.monitoring.report writes them.
+    latest = {"version": version, "psi": {"score": 0.4, "loans_30d": 0.01}, "report": "monitoring/underwriting/reports/x",
+              "created_at": datetime.now(UTC).isoformat()}
+    platform.storage.write_json("monitoring/underwriting/latest.json", latest)
+
+    feeding = threading.Event()
+    feeding.set()
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def traffic() -> None:
+        """The stream (a push of the applicant's fresh history) while ``feeding``, and checkouts throughout."""
+        with requests.Session() as session:
+            while not stop.is_set():
+                if feeding.is_set():
+                    pushed = push_online(deployed, VIEW, [history(APPLICANT, datetime.now(UTC) - timedelta(seconds=1), loans_30d=1.0)])
+                    if pushed.status_code != 200:
+                        errors.append(pushed.text)
+                answer = post(f"{deployed.url}/v1/decisions", application(APPLICANT), session=session)
+                if answer.status_code != 200 or answer.json()["fallback"]:
+                    errors.append(answer.text)
+                stop.wait(0.5)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        assert wait_for("the ray target to be up", lambda: query(prometheus, 'up{job="ray"}'), 20)
+        age_query = f'mlp:feature_age_seconds{{model="underwriting",view="{VIEW}"}}'
+        # Fresh while fed: the newest value served is seconds old (Ray exports every ~10 s).
+        fresh = wait_for("the view's freshness", lambda: query(prometheus, age_query), 45)
+        (age,) = fresh.values()
+        assert 0 <= age < STALE_AFTER_S, fresh
+        assert not firing(prometheus, "FeatureStale", view=VIEW)
+        served_values = query(prometheus, 'sum by (feature) (ray_mlp_feature_values_total{model="underwriting"})')
+        assert served_values.get("feature=loans_30d", 0) > 0, served_values
+        scores = query(prometheus, f'sum(ray_mlp_score_count{{model="underwriting",version="{version}"}})')
+        assert next(iter(scores.values()), 0) > 0, scores
+
+        feeding.clear()  # the stream stops; checkouts go on, served the last value
+        stopped = time.monotonic()
+        wait_for("FeatureStale to fire", lambda: firing(prometheus, "FeatureStale", model="underwriting", view=VIEW), 60)
+        (age,) = query(prometheus, age_query).values()
+        assert age > STALE_AFTER_S
+        assert time.monotonic() - stopped >= STALE_AFTER_S - 12  # it rose: it did not start stale
+
+        # The report's PSI, read by the replicas every 30 s and exported as gauges.
+        psi = wait_for("mlp_psi", lambda: query(prometheus, f'max by (feature) (ray_mlp_psi{{model="underwriting",version="{version}"}})'), 45)
+        assert psi == {"feature=score": 0.4, "feature=loans_30d": 0.01}
+        wait_for("ScoreDrift to fire", lambda: firing(prometheus, "ScoreDrift", model="underwriting", version=str(version)), 10)
+        assert not firing(prometheus, "FeatureDrift")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        platform.storage.delete("monitoring", recursive=True)
+    assert not errors, errors[:3]
