@@ -37,10 +37,10 @@ Every Ray node's metrics agent serves them with Ray's own metrics on its Prometh
 Every series carries the ``model`` tag (the model name). Each replica also has Serve's own
 ``ray_serve_*`` request metrics.
 
-The request path only counts into plain Python objects (``ServedValues.add``, a few list and
-dict operations per micro-batch); a daemon thread hands the sums to Ray's metric objects every
-``flush_s`` seconds (Ray's agent exports them every few seconds anyway), so per-feature and
-per-score series cost a decision nothing measurable (BENCHMARKS.md, "Monitoring metrics").
+The request path only queues each scored micro-batch (``ServedValues.add``, one deque append);
+a daemon thread counts them and hands the sums to Ray's metric objects every ``flush_s``
+seconds (Ray's agent exports them every few seconds anyway), so per-feature and per-score
+series add no work to a decision's latency path (BENCHMARKS.md, "Monitoring metrics").
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -63,61 +64,71 @@ SCORE_BUCKETS = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0
 
 
 class ServedValues:
-    """What the decision model was served since the last ``take``, summed per micro-batch.
+    """What the decision model was served since the last ``take``, per micro-batch.
 
         served = ServedValues()
-        served.add(scorer, columns, probabilities)   # on the request path: cheap
-        snapshot = served.take()                     # on the flush thread
+        served.add(scorer, columns, probabilities)   # on the request path: one deque append
+        snapshot = served.take()                     # on the flush thread: the counting
 
     ``columns`` maps each feature name to its lookup result (``.values``, ``.event_timestamps``);
-    a value is missing when it is None. Thread-safe.
+    a value is missing when it is None. ``add`` only queues the batch (its lists are not
+    changed after the decision), so the request path pays a microsecond and the counting
+    happens on the flush thread. At most ``max_batches`` wait; if the flush thread falls that
+    far behind, the oldest are dropped (and counted in ``dropped``). Thread-safe.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, max_batches: int = 100_000) -> None:
+        self._queue: deque[tuple[Any, Mapping[str, Any], Sequence[float]]] = deque()
+        self._max = max_batches
+        self.dropped = 0
         self._views: dict[tuple[str, int], tuple[tuple[str, str], ...]] = {}  # (model, version) -> (view, first feature)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.values: dict[str, int] = {}
-        self.missing: dict[str, int] = {}
-        self.newest: dict[str, float] = {}  # view -> newest event time served (Unix seconds)
-        self.scores: dict[int, list[float]] = {}  # model version -> scores
 
     def add(self, scorer: Any, columns: Mapping[str, Any], probabilities: Sequence[float]) -> None:
-        """Count one scored micro-batch: values and nulls per feature, the newest event time per
-        view, and the scores under the scorer's version."""
-        views = self._views.get((scorer.name, scorer.version))
-        if views is None:
-            views = self._views[(scorer.name, scorer.version)] = _first_feature_per_view(scorer.refs)
-        n = len(probabilities)
+        """Queue one scored micro-batch for the next ``take``."""
+        if len(self._queue) >= self._max:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append((scorer, columns, probabilities))
+
+    def take(self) -> dict[str, Any]:
+        """Sums over the batches queued since the last call: values and nulls per feature
+        (``values``, ``missing``), the newest event time per view (``newest``, Unix seconds),
+        and the scores per model version (``scores``)."""
+        values: dict[str, int] = {}
+        missing: dict[str, int] = {}
         newest: dict[str, float] = {}
-        for view, feature in views:
-            column = columns.get(feature)
-            if column is not None:
-                stamps = [t for t in column.event_timestamps if t is not None]
-                if stamps:
-                    newest[view] = max(stamps).timestamp()
-        with self._lock:
+        scores: dict[int, list[float]] = {}
+        while self._queue:
+            try:
+                scorer, columns, probabilities = self._queue.popleft()
+            except IndexError:  # drained by another caller meanwhile
+                break
+            n = len(probabilities)
             for name in scorer.feature_names:
                 column = columns.get(name)
                 if column is None:
                     continue
-                self.values[name] = self.values.get(name, 0) + n
+                values[name] = values.get(name, 0) + n
                 nulls = column.values.count(None)
                 if nulls:
-                    self.missing[name] = self.missing.get(name, 0) + nulls
-            for view, t in newest.items():
-                if t > self.newest.get(view, float("-inf")):
-                    self.newest[view] = t
-            self.scores.setdefault(scorer.version, []).extend(probabilities)
+                    missing[name] = missing.get(name, 0) + nulls
+            for view, feature in self._first_features(scorer):
+                column = columns.get(feature)
+                if column is None:
+                    continue
+                stamps = [t for t in column.event_timestamps if t is not None]
+                if stamps:
+                    t = max(stamps).timestamp()
+                    if t > newest.get(view, float("-inf")):
+                        newest[view] = t
+            scores.setdefault(scorer.version, []).extend(probabilities)
+        return {"values": values, "missing": missing, "newest": newest, "scores": scores}
 
-    def take(self) -> dict[str, Any]:
-        """Everything counted since the last call (and start counting afresh)."""
-        with self._lock:
-            out = {"values": self.values, "missing": self.missing, "newest": self.newest, "scores": self.scores}
-            self._reset()
-        return out
+    def _first_features(self, scorer: Any) -> tuple[tuple[str, str], ...]:
+        views = self._views.get((scorer.name, scorer.version))
+        if views is None:
+            views = self._views[(scorer.name, scorer.version)] = _first_feature_per_view(scorer.refs)
+        return views
 
 
 class ServingMetrics:
