@@ -255,3 +255,20 @@ def test_the_steps_are_skipped_when_up_to_date_and_rerun_when_the_state_is_gone(
     assert reloaded and "up to date" not in reloaded[0], lines
     # and the state is whole again
     test_served_input_equals_the_training_row_exactly(world)
+
+
+def test_one_instant_in_any_form_gets_one_input(world):
+    """A request's time as a naive UTC datetime, an aware one in UTC or another zone, or a
+    pandas Timestamp: the same instant, the same window."""
+    import pandas as pd
+    from zoneinfo import ZoneInfo
+
+    request = world["requests"][40]
+    at = request["timestamp"]
+    forms = [at, at.replace(tzinfo=None), at.astimezone(ZoneInfo("America/New_York")), pd.Timestamp(at)]
+    want = model_inputs(world["platform"].features, [request], max_events=K)
+    assert want["mask"].any()
+    for form in forms:
+        got = model_inputs(world["platform"].features, [{**request, "timestamp": form}], max_events=K)
+        for name in want:
+            assert got[name].tobytes() == want[name].tobytes(), (form, name)
