@@ -5,6 +5,7 @@ the online store.
     python benchmarks/fraud_serving.py                      # CPU fp32 and bf16; and the GPU's, when there is one
     python benchmarks/fraud_serving.py --seconds 5 --batches 1 32 256 1024
     python benchmarks/fraud_serving.py --threads 1 --no-builder
+    python benchmarks/fraud_serving.py --no-predict --batches 1 8 32 --baseline-rev 6243a1d   # builder, old vs new
 
 **Model.** A ``FraudTransformer`` of the fraud workload's default shape (``configs/fraud.yaml``:
 ``train.model``, K = ``sequences.max_events``), randomly initialised (speed does not depend on
@@ -35,6 +36,17 @@ of real requests (applicant, merchant, amount and time of a generated applicatio
 requests/s and p50/p99 per batch, then builder + predict (fp32, this CPU) together. A line
 says whether the built arrays equal the training sequences' rows for the same requests.
 
+**Side by side** (``--baseline-rev REV``): ``workloads/fraud/online.py`` as of git revision
+``REV`` (read with ``git show``, loaded as a module of its own; the rest of the tree is the
+current one) builds the same requests too, timed interleaved with the current builder at
+each batch size (baseline, candidate, baseline + predict, candidate + predict), and its arrays
+are compared with the current builder's byte for byte. E.g. ``--baseline-rev 6243a1d``: the
+builder that cut windows with the Arrow kernel (``windows.query_sequences``), before the
+NumPy one (``query_windows``). The machine is shared and noisy: read the ratios.
+
+CPU ms/call is this process's CPU time (all threads) per timed call, less sensitive than
+wall time to what else runs on the machine.
+
 No Ray anywhere. Figures, not assertions.
 """
 
@@ -44,9 +56,11 @@ import argparse
 import os
 import platform as _host
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,6 +151,7 @@ def time_calls(call: Callable[[Any], Any], inputs: Sequence[Any], *, rows: int, 
     for i in range(warmup):
         call(inputs[i % len(inputs)])
     latencies: list[float] = []
+    cpu = time.process_time()
     started = time.perf_counter()
     i = 0
     while True:
@@ -148,10 +163,22 @@ def time_calls(call: Callable[[Any], Any], inputs: Sequence[Any], *, rows: int, 
         if t1 - started >= seconds and i >= min_calls:
             break
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
     return {"samples_s": rows * len(latencies) / wall, "p50": pick(0.50), "p99": pick(0.99), "calls": len(latencies),
-            "mean": statistics.fmean(latencies) * 1000}
+            "mean": statistics.fmean(latencies) * 1000, "cpu_ms": cpu / len(latencies) * 1000}
+
+
+def builder_at(rev: str) -> Callable[..., dict[str, np.ndarray]]:
+    """``serving_inputs`` of ``workloads/fraud/online.py`` as of git revision ``rev``, loaded
+    from ``git show`` as a module of its own (its imports resolve to the current tree)."""
+    path = "workloads/fraud/online.py"
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"fraud_online_at_{rev}")
+    module.__file__ = f"{rev}:{path}"
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module.serving_inputs
 
 
 # ------------------------------------------------------------------------------ machine
@@ -181,6 +208,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls before each point")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--no-builder", action="store_true", help="skip the input builder (no online store load)")
+    parser.add_argument("--no-predict", action="store_true", help="skip the model-only points (predict at each device)")
+    parser.add_argument("--baseline-rev", default=None, help="also time online.py's builder as of this git revision, interleaved")
     parser.add_argument("--root", default=None, help="storage root (default: a temporary directory)")
     args = parser.parse_args()
 
@@ -215,7 +244,7 @@ def main() -> None:
         targets += [("cuda", "fp32"), ("cuda", "bf16")]
     params = None
     rows: list[dict[str, Any]] = []
-    for device, precision in targets:
+    for device, precision in [] if args.no_predict else targets:
         _, predictor = platform.models.load_predictor("fraud", version=version, device=device, precision=precision)
         params = params or sum(p.numel() for p in predictor.module.parameters())
         for batch in args.batches:
@@ -244,28 +273,53 @@ def main() -> None:
             got = built[name]
             equal &= np.all((got == want[:check]).reshape(check, -1), axis=1)
         print(f"builder: its arrays equal the training sequences' rows for {int(equal.sum())} of {check} requests", flush=True)
+        builders = [("", serving_inputs)]
+        if args.baseline_rev:
+            baseline = builder_at(args.baseline_rev)
+            old = baseline(catalog, requests[:check], signature)
+            same = list(old) == list(built) and all(
+                old[k].dtype == built[k].dtype and old[k].tobytes() == built[k].tobytes() for k in built
+            )
+            print(f"builder at {args.baseline_rev}: its arrays {'equal' if same else 'DIFFER FROM'} the current "
+                  f"builder's, byte for byte, for {check} requests", flush=True)
+            builders.insert(0, (f" @{args.baseline_rev}", baseline))
         for batch in args.batches:
             calls = [[requests[(i * batch + j) % n] for j in range(batch)] for i in range(max(1, min(64, -(-n // batch))))]
-            build = lambda rs: serving_inputs(catalog, rs, signature)
-            both = lambda rs: predictor.predict(serving_inputs(catalog, rs, signature))
-            for path, call in (("builder (SQLite)", build), ("builder + predict", both)):
+            points = []
+            for with_model in (False, True):
+                for tag, builder in builders:
+                    if with_model:
+                        call = lambda rs, b=builder: predictor.predict(b(catalog, rs, signature))
+                        points.append((f"builder{tag} + predict", "fp32", call))
+                    else:
+                        points.append((f"builder{tag} (SQLite)", "-", lambda rs, b=builder: b(catalog, rs, signature)))
+            for path, precision, call in points:
                 result = time_calls(call, calls, rows=batch, seconds=args.seconds, min_calls=args.min_calls, warmup=args.warmup)
-                result.update(path=path, device="cpu", precision="fp32" if path != "builder (SQLite)" else "-", batch=batch)
+                result.update(path=path, device="cpu", precision=precision, batch=batch)
                 rows.append(result)
-                print(f"{path:17s} b={batch:4d}  {result['samples_s']:10.0f} samples/s  p50 {result['p50']:7.3f} ms  "
-                      f"p99 {result['p99']:7.3f} ms  ({result['calls']} calls)", flush=True)
+                print(f"{path:27s} b={batch:4d}  {result['samples_s']:10.0f} samples/s  p50 {result['p50']:7.3f} ms  "
+                      f"p99 {result['p99']:7.3f} ms  CPU {result['cpu_ms']:7.3f} ms/call  ({result['calls']} calls)", flush=True)
 
     print()
+    params = params or sum(p.numel() for p in platform.models.load_predictor("fraud", version=version)[1].module.parameters())
     print(f"Model: FraudTransformer {shape} ({params:,} parameters), K={k}, random weights; torch {torch.__version__}, "
           f"{torch.get_num_threads()} intra-op threads")
     print(f"CPU: {cpu_description()}")
     print(f"GPU: {gpu}" if gpu else "GPU: none (torch.cuda.is_available() is False)")
     print()
-    print("| path | device | precision | batch | samples/s | p50 ms/batch | p99 ms/batch | calls |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| path | device | precision | batch | samples/s | p50 ms/batch | p99 ms/batch | CPU ms/call | calls |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['path']} | {r['device']} | {r['precision']} | {r['batch']} | {r['samples_s']:,.0f} | {r['p50']:.3f} | "
-              f"{r['p99']:.3f} | {r['calls']} |")
+              f"{r['p99']:.3f} | {r['cpu_ms']:.3f} | {r['calls']} |")
+    if args.baseline_rev and not args.no_builder:
+        print()
+        print(f"current / {args.baseline_rev} (samples/s; CPU per call):")
+        for r in rows:
+            if r["path"].startswith("builder @"):
+                cand = next(c for c in rows if c["batch"] == r["batch"] and c["path"] == r["path"].replace(f" @{args.baseline_rev}", ""))
+                print(f"  {cand['path']:17s} b={r['batch']:4d}  {cand['samples_s'] / r['samples_s']:.2f}x samples/s, "
+                      f"{cand['cpu_ms'] / r['cpu_ms']:.2f}x CPU")
     platform.close()
 
 
