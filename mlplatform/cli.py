@@ -166,11 +166,30 @@ def cmd_models_list(args: argparse.Namespace) -> None:
                 )
 
 
-def cmd_models_promote(args: argparse.Namespace) -> None:
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from mlplatform.errors import PromotionRefused
+
     workload = _workload(args)
     with _platform(workload) as platform:
-        platform.models.set_alias(args.name, args.alias, args.version)
-        print(f"{args.name}: {args.alias} -> v{args.version}")
+        try:
+            event = platform.models.promote(args.name, args.version, args.alias, force=args.force, reason=args.reason)
+        except PromotionRefused as exc:
+            print(f"refused: {args.name} v{args.version} stays out of {args.alias}", file=sys.stderr)
+            for line in exc.decision.lines() if exc.decision is not None else [str(exc)]:
+                print(f"  {line}", file=sys.stderr)
+            print("  override with --force --reason TEXT", file=sys.stderr)
+            return 1
+        print(event.summary())
+        for line in (event.decision or {}).get("checks", []):
+            print(f"  {line['line']}")
+        return 0
+
+
+def cmd_models_history(args: argparse.Namespace) -> None:
+    workload = _workload(args)
+    with _platform(workload) as platform:
+        for event in platform.models.alias_history(args.name, args.alias):
+            print(event.summary())
 
 
 def cmd_deploy(args: argparse.Namespace) -> None:
@@ -368,17 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="tune even when this training set and spec are registered")
 
     models = sub.add_parser("models", help="List and promote registered models.", description="List and promote registered models.")
-    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True, help="list or promote")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True, help="list, promote or history")
     p = models_sub.add_parser("list", help="List versions with metrics and aliases.", description="List versions with metrics and aliases.")
     p.set_defaults(handler=cmd_models_list)
     p.add_argument("workload", help="workload YAML")
     p.add_argument("name", nargs="?", help="model name; default all")
-    p = models_sub.add_parser("promote", help="Point an alias (default production) at a version.", description="Point an alias (default production) at a version.")
+    p = models_sub.add_parser("promote", help="Point an alias (default production, through the promotion gate) at a version.", description="Point an alias (default production, through the promotion gate) at a version.")
     p.set_defaults(handler=cmd_models_promote)
     p.add_argument("workload", help="workload YAML")
     p.add_argument("name", help="model name")
     p.add_argument("version", type=int, help="version number")
-    p.add_argument("--alias", default="production", help="alias to move (default production)")
+    p.add_argument("--alias", default="production", help="alias to move (default production, which is gated)")
+    p.add_argument("--force", action="store_true", help="move production even though the promotion gate refuses")
+    p.add_argument("--reason", help="why (required with --force); recorded in the alias history")
+    p = models_sub.add_parser("history", help="Show every alias move and refused promotion.", description="Show every alias move and refused promotion.")
+    p.set_defaults(handler=cmd_models_history)
+    p.add_argument("workload", help="workload YAML")
+    p.add_argument("name", help="model name")
+    p.add_argument("--alias", help="one alias only")
 
     p = add("deploy", cmd_deploy, "Deploy the feature server and decision endpoint on Ray Serve.")
     p.add_argument("workload", help="workload YAML")

@@ -29,8 +29,10 @@ from mlplatform.served_models import ServedModelConfig, unique_models
 __all__ = [
     "ROLES",
     "FeaturesConfig",
+    "ModelsConfig",
     "OnlineStoreConfig",
     "PlatformConfig",
+    "PromotionGateConfig",
     "RayConfig",
     "RedisOnlineStoreConfig",
     "S3Options",
@@ -360,6 +362,29 @@ class ServingConfig(_Model):
         return unique_models(value)
 
 
+class PromotionGateConfig(_Model):
+    """Bounds of the promotion gate (``models.promotion_gate``; ``mlplatform.models.gate``)."""
+
+    auc_margin: float = Field(
+        default=0.005, ge=0, le=1, description="How far the candidate's out-of-time AUC may fall below production's."
+    )
+    max_score_psi: float = Field(
+        default=0.1, gt=0, description="Largest PSI of the candidate's scores against production's on the same rows."
+    )
+    max_calibration_error: float = Field(
+        default=0.2, gt=0, description="Largest |mean score / observed default rate - 1| of the candidate."
+    )
+    split: str = Field(default="test", min_length=1, description="Training-set split the versions are compared on.")
+    max_rows: PositiveInt = Field(default=50_000, description="Most recent rows of that split used at most.")
+    min_rows: PositiveInt = Field(default=100, description="Fewer rows than this: the versions cannot be compared.")
+
+
+class ModelsConfig(_Model):
+    """The model registry: the promotion gate's bounds (see ``mlplatform.models.gate``)."""
+
+    promotion_gate: PromotionGateConfig = Field(default_factory=PromotionGateConfig)
+
+
 class PlatformConfig(_Model):
     """Everything a ``Platform`` needs; every section has an embedded default."""
 
@@ -374,6 +399,7 @@ class PlatformConfig(_Model):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     streams: StreamsConfig = Field(default_factory=SqliteStreamsConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -13,6 +13,7 @@ Layout under the storage root::
     models/<name>/artifacts/<stamp>-<uuid>/<file>   model file and extra files (e.g. the model card)
     models/<name>/versions/<n:08d>.json             the version record: artifacts with sha256, lineage…
     models/<name>/aliases/<alias>.json              {"version": n, …}: one document per alias
+    models/<name>/alias_history/<alias>/<t>-<id>.json   every move and refused promotion
 
 Registration writes the artifacts to a fresh, unique folder first and only then claims a
 version number by creating its record exclusively (``Storage.create_json``: hard link on
@@ -45,7 +46,9 @@ from mlplatform.models.artifacts import deserialize
 from mlplatform.models.flavors import get_flavor
 
 if TYPE_CHECKING:
+    from mlplatform.models.alias_history import AliasEvent, Outcome
     from mlplatform.models.flavors import Predictor
+    from mlplatform.models.gate import Evaluator
     from mlplatform.storage import Storage
 
 __all__ = ["LoadedModel", "ModelRegistry", "ModelVersion", "complete_lineage", "library_versions"]
@@ -117,10 +120,19 @@ class LoadedModel:
 
 
 class ModelRegistry:
-    """Model versions under ``models/`` of the platform's storage root (``platform.models``)."""
+    """Model versions under ``models/`` of the platform's storage root (``platform.models``).
 
-    def __init__(self, storage: Storage) -> None:
+    Args:
+        storage: the storage root.
+        evaluate_promotion: the promotion gate's comparison of a candidate with the production
+            version (``mlplatform.evaluation.promotion.PromotionEvaluator``; ``Platform`` wires
+            it). Without one, ``production`` moves by ``promote`` only when nothing is there
+            yet, or by force.
+    """
+
+    def __init__(self, storage: Storage, *, evaluate_promotion: Evaluator | None = None) -> None:
         self.storage = storage
+        self.evaluate_promotion = evaluate_promotion
 
     def __repr__(self) -> str:
         return f"ModelRegistry({self.storage.uri(PREFIX)!r})"
@@ -215,7 +227,9 @@ class ModelRegistry:
         raise ConflictError(f"could not claim a version of model {name!r} after {_MAX_CLAIMS} attempts")
 
     def set_alias(self, name: str, alias: str, version: int) -> ModelVersion:
-        """Point ``alias`` (e.g. ``production``, ``candidate``) at ``version``, moving it if set.
+        """Point ``alias`` (e.g. ``production``, ``candidate``) at ``version``, moving it if set,
+        with no promotion gate (``promote`` is the gated way to production); the move is
+        recorded in the alias history with outcome ``set``.
 
         One atomic JSON write: a reader sees the old target or the new one. Each alias is its
         own document, so moving one never loses a concurrent move of another.
@@ -224,15 +238,83 @@ class ModelRegistry:
             ModelError: the alias name is invalid (lowercase letter first, then ``a-z 0-9 _ -``).
             NotFoundError: the model or version does not exist.
         """
+        from mlplatform.models.alias_history import current_user
+
+        self.check_alias(alias)
+        target = self.get(name, version=version)
+        self.move_alias(name, alias, target.version, outcome="set", by=current_user(), reason=None, decision=None)
+        return self.get(name, version=target.version)
+
+    def promote(
+        self,
+        name: str,
+        version: int,
+        alias: str = "production",
+        *,
+        force: bool = False,
+        reason: str | None = None,
+        by: str | None = None,
+    ) -> AliasEvent:
+        """Point ``alias`` at ``version``; ``production`` only if the promotion gate passes.
+
+            platform.models.promote("underwriting", 7)
+            platform.models.promote("underwriting", 7, force=True, reason="label fix; AUC drop expected")
+
+        The gate compares the version with the one in production on the same out-of-time rows
+        (AUC margin, score PSI, calibration; ``mlplatform.models.gate`` says exactly how) and
+        refuses with every figure unless ``force=True`` with a ``reason``. Every outcome —
+        promoted, forced, refused — is recorded in ``alias_history`` with the figures, who
+        (``by``, default ``MLP_USER`` or the login name), when and why. Other aliases move
+        without the gate.
+
+        Raises:
+            PromotionRefused: the gate failed (``.decision`` holds the figures); nothing moved.
+            ModelError: ``force`` without a ``reason``, or a bad alias.
+            NotFoundError: no such model or version.
+        """
+        from mlplatform.models.gate import promote
+
+        return promote(self, self.evaluate_promotion, name, version, alias, force=force, reason=reason, by=by)
+
+    def alias_history(self, name: str, alias: str | None = None) -> list[AliasEvent]:
+        """Every alias move and refused promotion of ``name`` (of one ``alias``), oldest first."""
+        from mlplatform.models.alias_history import read_history
+
+        _check_name(name)
+        if alias is not None:
+            self.check_alias(alias)
+        return read_history(self.storage, name, alias)
+
+    def check_alias(self, alias: str) -> str:
+        """``alias`` if it is a valid alias name.
+
+        Raises:
+            ModelError: it is not (lowercase letter first, then ``a-z 0-9 _ -``).
+        """
         if not isinstance(alias, str) or not _ALIAS.match(alias):
             raise ModelError(f"bad alias {alias!r}: start with a lowercase letter, then a-z, 0-9, _ or -, e.g. 'production'")
-        target = self.get(name, version=version)
-        previous = self.aliases(name).get(alias)
+        return alias
+
+    def move_alias(
+        self, name: str, alias: str, version: int, *, outcome: Outcome, by: str, reason: str | None, decision: dict[str, Any] | None
+    ) -> AliasEvent:
+        """The move ``set_alias`` and ``promote`` share: one atomic write of the alias document
+        (carrying the outcome, who, why and the gate's decision), then its history record.
+        It checks nothing: call ``set_alias`` or ``promote``."""
+        from mlplatform.models.alias_history import AliasEvent, record_event
+
+        at = datetime.now(UTC)
+        event = AliasEvent(
+            model=name, alias=alias, version=version, previous=self.aliases(name).get(alias),
+            outcome=outcome, at=at, by=by, reason=reason, decision=decision,
+        )
         self.storage.write_json(
             self._alias_key(name, alias),
-            {"alias": alias, "version": target.version, "previous": previous, "set_at": datetime.now(UTC).isoformat()},
+            {"alias": alias, "version": version, "previous": event.previous, "set_at": at.isoformat(),
+             "outcome": outcome, "by": by, "reason": reason, "decision": decision},
         )
-        return self.get(name, version=target.version)
+        record_event(self.storage, event)
+        return event
 
     # ------------------------------------------------------------------------ reading
     def names(self) -> list[str]:

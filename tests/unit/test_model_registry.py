@@ -157,6 +157,35 @@ def test_aliases_move_atomically_and_resolve(local, booster):
     assert local.models.get("pd").version == 3  # latest
 
 
+def test_every_alias_move_is_in_the_history_on_disk_and_s3(platform, booster, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("MLP_USER", "ops")
+    for _ in range(3):
+        platform.models.register("pd", flavor="lightgbm", model=booster, lineage={}, metrics={}, params={})
+    platform.models.set_alias("pd", "production", 1)
+    platform.models.set_alias("pd", "candidate", 2)
+    platform.models.set_alias("pd", "production", 3)
+    history = platform.models.alias_history("pd")
+    assert [(e.alias, e.version, e.previous, e.outcome, e.by) for e in history] == [
+        ("production", 1, None, "set", "ops"), ("candidate", 2, None, "set", "ops"), ("production", 3, 1, "set", "ops"),
+    ]
+    assert history == sorted(history, key=lambda e: e.at) and all(e.at.tzinfo is not None for e in history)
+    assert [e.version for e in platform.models.alias_history("pd", "production")] == [1, 3]
+    # concurrent moves of one alias: every one is recorded (one document each, nothing overwritten)
+    threads = [threading.Thread(target=platform.models.set_alias, args=("pd", "shadow", v)) for v in (1, 2, 3, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    shadow = platform.models.alias_history("pd", "shadow")
+    assert sorted(e.version for e in shadow) == [1, 1, 2, 2, 3]
+    assert platform.models.aliases("pd")["shadow"] in (1, 2, 3)
+    with pytest.raises(ModelError, match="bad alias"):
+        platform.models.alias_history("pd", "../x")
+    assert platform.models.alias_history("pd", "never-set") == []
+
+
 def test_unknown_names_versions_and_aliases(local, booster):
     with pytest.raises(NotFoundError, match="no model named 'pd'.*registered: none"):
         local.models.get("pd")
