@@ -99,9 +99,11 @@ class Platform:
     @cached_property
     def models(self) -> ModelRegistry:
         """The model registry: versions, aliases, lineage, checksummed artifacts."""
+        from mlplatform.evaluation.promotion import PromotionEvaluator
         from mlplatform.models.registry import ModelRegistry
 
-        return ModelRegistry(self.storage)
+        evaluate = PromotionEvaluator(self.datasets, self.config.models.promotion_gate)
+        return ModelRegistry(self.storage, evaluate_promotion=evaluate)
 
     @cached_property
     def training(self) -> Training:
