@@ -4,6 +4,7 @@ decision engine, decision log on local disk), driven in micro-batches in this pr
 
     python benchmarks/decision_cost.py                    # batches of 1 and 4, 2000 decisions each
     python benchmarks/decision_cost.py --batch 8 --decisions 4000 --profile
+    python benchmarks/decision_cost.py --monitoring --rounds 3   # serving metrics off/on, interleaved
 
 Per decision it reports the CPU time of this process (all threads: the log's writer included)
 and the wall time of each phase: ``validate`` (pydantic, from JSON bytes), ``decide``
@@ -11,6 +12,9 @@ and the wall time of each phase: ``validate`` (pydantic, from JSON bytes), ``dec
 fsynced) and ``commit`` (the idempotency record). Data and model are those of
 ``benchmarks/serving.py`` (same applicants, merchants and model), so the figures explain that
 benchmark's decision endpoint. ``--profile`` prints cProfile's top functions.
+``--monitoring`` runs each batch size twice per round, without and with the serving metrics'
+observer (``ServedValues.add`` on each scored batch, ``take`` on a thread every second as a
+replica's flush thread does; the Ray metric calls of the flush are not included).
 """
 
 import argparse
@@ -22,6 +26,7 @@ import pstats
 import random
 import sys
 import tempfile
+import threading
 from datetime import UTC, datetime
 import time
 from pathlib import Path
@@ -36,6 +41,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="micro-batch sizes")
     parser.add_argument("--decisions", type=int, default=2000, help="decisions per batch size")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top 40 functions (slows everything)")
+    parser.add_argument("--monitoring", action="store_true", help="each batch size without and with the serving metrics' observer")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the measurements (interleaved) this many times")
     args = parser.parse_args()
 
     from mlplatform.serving.catalog import FeatureCatalog
@@ -43,6 +50,7 @@ def main() -> None:
     from mlplatform.serving.engine import DecisionEngine, Job
     from mlplatform.serving.idempotency import open_idempotency_store, pending_marker
     from mlplatform.decision_policy import DecisionPolicy
+    from mlplatform.serving.metrics import ServedValues
     from mlplatform.serving.schemas import DecisionRequest
     from mlplatform.serving.scoring import ModelWatcher, scorer_loader
 
@@ -83,7 +91,22 @@ def main() -> None:
         return declines
 
     print(f"{os.cpu_count()} CPUs; {args.decisions} decisions per batch size; load avg {os.getloadavg()[0]:.1f}")
-    for size in args.batch:
+    served = ServedValues()
+    flushing, stop = threading.Event(), threading.Event()
+
+    def flush() -> None:
+        while not stop.wait(1.0):
+            if flushing.is_set():
+                served.take()
+
+    threading.Thread(target=flush, daemon=True).start()
+    variants = [(size, on) for _ in range(args.rounds) for size in args.batch for on in ((False, True) if args.monitoring else (False,))]
+    for size, on in variants:
+        engine.observer = served.add if on else None
+        if on:
+            flushing.set()
+        else:
+            flushing.clear()
         asyncio.run(run(200, size, dict.fromkeys(("validate", "decide", "log", "commit"), 0.0)))  # warm up
         phases = dict.fromkeys(("validate", "decide", "log", "commit"), 0.0)
         profile = cProfile.Profile() if args.profile else None
@@ -96,10 +119,12 @@ def main() -> None:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         n = args.decisions // size * size
         shown = "  ".join(f"{k} {v / n * 1000:.3f}" for k, v in phases.items())
-        print(f"batch {size:3d}: CPU {cpu / n * 1000:.3f} ms/decision, wall {wall / n * 1000:.3f} ms/decision, "
+        label = (" metrics on " if on else " metrics off") if args.monitoring else ""
+        print(f"batch {size:3d}{label}: CPU {cpu / n * 1000:.3f} ms/decision, wall {wall / n * 1000:.3f} ms/decision, "
               f"declines {declines / n:.0%}; phases (wall ms/decision): {shown}", flush=True)
         if profile:
             pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+    stop.set()
     log.close()
     platform.close()
 

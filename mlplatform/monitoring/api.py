@@ -82,7 +82,10 @@ class Monitoring:
         from mlplatform._duration import parse_duration
         from mlplatform.monitoring.report import build_report, write_report
 
-        span = parse_duration(window) if not isinstance(window, timedelta) else window
+        try:
+            span = parse_duration(window) if not isinstance(window, timedelta) else window
+        except ValueError as exc:
+            raise DataError(f"window: {exc}") from None
         if span <= timedelta(0):
             raise DataError(f"window must be positive, got {window!r}")
         if not 0 < bound:

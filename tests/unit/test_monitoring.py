@@ -163,3 +163,30 @@ def test_bad_requests_are_refused_with_the_reason(trained):
     mv = platform.models.register("bare", flavor="lightgbm", model=booster, lineage={}, metrics={}, params={})
     with pytest.raises(ModelError, match="records no training_set"):
         monitoring.report("bare", version=mv.version)
+
+
+def test_mlp_monitor_reads_the_decision_log_and_prints_what_shifted(trained, tmp_path, capsys):
+    from mlplatform.cli import main
+    from mlplatform.serving.decisions.log import DecisionLog
+
+    platform, booster, version = trained
+    now = datetime.now(UTC)
+    live = _records(booster, _frame(np.random.default_rng(3), 400, income_shift=-1500.0), version=version, start=now - timedelta(hours=1))
+    with DecisionLog(platform.storage, spool_dir=platform.serving.default_spool_dir(), replica_id="r1", group_commit_ms=0) as log:
+        for r in live:
+            log.append_sync({
+                **r, "application_id": r["decision_id"], "request": "{}", "decision": "approve", "reasons": "[]",
+                "model_sha256": "0" * 64, "feature_names": json.dumps(FEATURES), "feature_event_timestamps": "{}",
+                "fallback_reason": None, "latency_ms": 1.0, "shadow": None, "confirmed": True,
+            })
+    (tmp_path / "platform.yaml").write_text(f"storage:\n  root: {platform.storage.root}\n")
+    (tmp_path / "workload.yaml").write_text("workload: underwriting\nplatform: platform.yaml\n")
+
+    assert main(["monitor", str(tmp_path / "workload.yaml"), "--model", "uw", "--window", "6h"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("monitor uw v1: 400 decisions, flagged income, score; report ")
+    assert out[-1].endswith("/report.md") and any(line.strip().startswith("shift income: PSI") for line in out)
+    assert latest_psi(platform.storage, "uw")["psi"]["income"] > 0.25
+
+    assert main(["monitor", str(tmp_path / "workload.yaml"), "--model", "uw", "--window", "soon"]) == 1
+    assert "window" in capsys.readouterr().err
