@@ -139,10 +139,11 @@ class DecisionEngine:
         policy: DecisionPolicy,
         rule_models: Mapping[str, Any] | None = None,
         rule_deadlines_s: Mapping[str, float] | None = None,
-        observer: Callable[[Scorer, Mapping[str, Any], list[float]], None] | None = None,
+        observer: Callable[[Scorer, Mapping[str, Any], list[float], list[tuple[str, int, Any]]], None] | None = None,
     ) -> None:
         self.watcher = watcher
-        # Sees every scored micro-batch (the served values and scores) for the metrics.
+        # Sees every scored micro-batch for the metrics: the decision model's served values and
+        # scores, and each rule model's (name, version, scores) where it scored in time.
         self.observer = observer
         self.catalog = catalog
         self.policy = policy
@@ -208,7 +209,8 @@ class DecisionEngine:
             return self.fallback(jobs, "deadline_exceeded", scorer=scorer)
         if self.observer is not None:
             try:
-                self.observer(scorer, columns, probabilities)
+                self.observer(scorer, columns, probabilities,
+                              [(r.rule.model, r.scores.version, r.scores.scores) for r in rules if r.scores is not None])
             except Exception:  # monitoring must never affect the decision
                 log.exception("observing a scored batch failed")
         return outcomes

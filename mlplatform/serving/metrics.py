@@ -27,14 +27,17 @@ Every Ray node's metrics agent serves them with Ray's own metrics on its Prometh
 ``mlp_feature_values_total``                    counter    per ``feature``: values served to the
                                                            decision model
 ``mlp_feature_missing_total``                   counter    per ``feature``: of those, missing (null)
-``mlp_score``                                   histogram  per ``version``: probability of default
-                                                           of every scored (non-fallback) decision
+``mlp_score``                                   histogram  per ``model`` and ``version``: the
+                                                           decision model's probability of default
+                                                           in every scored (non-fallback) decision,
+                                                           and each rule model's score (e.g. fraud)
 ``mlp_psi``                                     gauge      per ``version`` and ``feature``
                                                            (``feature="score"`` for the score):
                                                            the latest ``mlp monitor`` report's PSI
 ==============================================  =========  ==================================
 
-Every series carries the ``model`` tag (the model name). Each replica also has Serve's own
+Every series carries the ``model`` tag (the decision model's name; for ``mlp_score`` the
+model that gave the score). Each replica also has Serve's own
 ``ray_serve_*`` request metrics.
 
 The request path only queues each scored micro-batch (``ServedValues.add``, one deque append);
@@ -67,40 +70,43 @@ class ServedValues:
     """What the decision model was served since the last ``take``, per micro-batch.
 
         served = ServedValues()
-        served.add(scorer, columns, probabilities)   # on the request path: one deque append
+        served.add(scorer, columns, probabilities, rule_scores)   # request path: one deque append
         snapshot = served.take()                     # on the flush thread: the counting
 
     ``columns`` maps each feature name to its lookup result (``.values``, ``.event_timestamps``);
-    a value is missing when it is None. ``add`` only queues the batch (its lists are not
+    a value is missing when it is None; ``rule_scores`` holds ``(model, version, scores)`` of
+    each rule model that scored the batch. ``add`` only queues the batch (its lists are not
     changed after the decision), so the request path pays a microsecond and the counting
     happens on the flush thread. At most ``max_batches`` wait; if the flush thread falls that
     far behind, the oldest are dropped (and counted in ``dropped``). Thread-safe.
     """
 
     def __init__(self, max_batches: int = 100_000) -> None:
-        self._queue: deque[tuple[Any, Mapping[str, Any], Sequence[float]]] = deque()
+        self._queue: deque[tuple[Any, Mapping[str, Any], Sequence[float], Sequence[tuple[str, int, Any]]]] = deque()
         self._max = max_batches
         self.dropped = 0
         self._views: dict[tuple[str, int], tuple[tuple[str, str], ...]] = {}  # (model, version) -> (view, first feature)
 
-    def add(self, scorer: Any, columns: Mapping[str, Any], probabilities: Sequence[float]) -> None:
+    def add(
+        self, scorer: Any, columns: Mapping[str, Any], probabilities: Sequence[float], rule_scores: Sequence[tuple[str, int, Any]] = ()
+    ) -> None:
         """Queue one scored micro-batch for the next ``take``."""
         if len(self._queue) >= self._max:
             self._queue.popleft()
             self.dropped += 1
-        self._queue.append((scorer, columns, probabilities))
+        self._queue.append((scorer, columns, probabilities, rule_scores))
 
     def take(self) -> dict[str, Any]:
         """Sums over the batches queued since the last call: values and nulls per feature
         (``values``, ``missing``), the newest event time per view (``newest``, Unix seconds),
-        and the scores per model version (``scores``)."""
+        and the scores per ``(model, version)`` (``scores``: the decision model's and each rule model's)."""
         values: dict[str, int] = {}
         missing: dict[str, int] = {}
         newest: dict[str, float] = {}
-        scores: dict[int, list[float]] = {}
+        scores: dict[tuple[str, int], list[float]] = {}
         while self._queue:
             try:
-                scorer, columns, probabilities = self._queue.popleft()
+                scorer, columns, probabilities, rule_scores = self._queue.popleft()
             except IndexError:  # drained by another caller meanwhile
                 break
             n = len(probabilities)
@@ -121,7 +127,9 @@ class ServedValues:
                     t = max(stamps).timestamp()
                     if t > newest.get(view, float("-inf")):
                         newest[view] = t
-            scores.setdefault(scorer.version, []).extend(probabilities)
+            scores.setdefault((scorer.name, scorer.version), []).extend(probabilities)
+            for model, version, rule_values in rule_scores:
+                scores.setdefault((model, version), []).extend(rule_values)
         return {"values": values, "missing": missing, "newest": newest, "scores": scores}
 
     def _first_features(self, scorer: Any) -> tuple[tuple[str, str], ...]:
@@ -222,8 +230,8 @@ class ServingMetrics:
             self.feature_missing.inc(n, tags={"feature": name})
         for view, t in taken["newest"].items():
             self.feature_newest.set(t, tags={"view": view})
-        for version, scores in taken["scores"].items():
-            tags = {"version": str(version)}
+        for (model, version), scores in taken["scores"].items():
+            tags = {"model": model, "version": str(version)}
             for s in scores:
                 self.scores.observe(s, tags=tags)
 

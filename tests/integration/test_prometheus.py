@@ -141,8 +141,10 @@ def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(serve
         assert not firing(prometheus, "FeatureStale", view=VIEW)
         served_values = query(prometheus, 'sum by (feature) (ray_mlp_feature_values_total{model="underwriting"})')
         assert served_values.get("feature=loans_30d", 0) > 0, served_values
-        scores = query(prometheus, f'sum(ray_mlp_score_count{{model="underwriting",version="{version}"}})')
-        assert next(iter(scores.values()), 0) > 0, scores
+        scores = query(prometheus, 'sum by (model, version) (ray_mlp_score_count)')
+        assert scores.get(f"model=underwriting,version={version}", 0) > 0, scores
+        fraud = platform.models.get("fraud", alias="production").version
+        assert scores.get(f"model=fraud,version={fraud}", 0) > 0, scores  # the rule model's scores too
 
         feeding.clear()  # the stream stops; checkouts go on, served the last value
         stopped = time.monotonic()

@@ -41,12 +41,12 @@ def test_a_batch_counts_nulls_per_feature_the_newest_event_per_view_and_the_scor
     served.add(SCORER, columns, [0.1, 0.5, 0.9])
     later = {**columns, "loans_30d": column([3.0], [T0 + timedelta(minutes=5)]), "missed_90d": column([None], [None]),
              "default_rate": column([None], [None])}
-    served.add(SCORER, later, [0.2])
+    served.add(SCORER, later, [0.2], [("fraud", 2, [0.7])])
     taken = served.take()
     assert taken["values"] == {"loans_30d": 4, "missed_90d": 4, "default_rate": 4}
     assert taken["missing"] == {"loans_30d": 1, "missed_90d": 3, "default_rate": 1}
     assert taken["newest"] == {"history": (T0 + timedelta(minutes=5)).timestamp(), "merchant": (T0 - timedelta(days=1)).timestamp()}
-    assert taken["scores"] == {3: [0.1, 0.5, 0.9, 0.2]}
+    assert taken["scores"] == {("uw", 3): [0.1, 0.5, 0.9, 0.2], ("fraud", 2): [0.7]}
     # take() starts afresh: a flush never exports the same values twice
     assert served.take() == {"values": {}, "missing": {}, "newest": {}, "scores": {}}
 
