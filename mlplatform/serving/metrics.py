@@ -209,6 +209,7 @@ class ServingMetrics:
         ).set_default_tags(tags)
         self.served = ServedValues()
         self._psi_reader = psi_reader
+        self._psi_series: set[tuple[str, str]] = set()
         self._psi_refresh_s = psi_refresh_s
         self._stop = threading.Event()
         self._flush_s = flush_s
@@ -243,9 +244,14 @@ class ServingMetrics:
         if not latest:
             return
         version = str(latest.get("version"))
-        for feature, value in (latest.get("psi") or {}).items():
-            if value is not None:
-                self.psi.set(float(value), tags={"version": version, "feature": feature})
+        current = {(version, f): float(v) for f, v in (latest.get("psi") or {}).items() if v is not None}
+        # A Ray gauge cannot drop a series: figures the latest report no longer has (an older
+        # version's, say) become NaN, which no alert threshold matches.
+        for gone in self._psi_series - current.keys():
+            self.psi.set(float("nan"), tags={"version": gone[0], "feature": gone[1]})
+        for (v, feature), value in current.items():
+            self.psi.set(value, tags={"version": v, "feature": feature})
+        self._psi_series = set(current)
 
     def close(self) -> None:
         self._stop.set()
