@@ -13,7 +13,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["register"]
+__all__ = ["SKIPPED_EXIT", "register"]
+
+SKIPPED_EXIT = 99  # `mlp pipeline run --step S --attempt N` when the step is skipped
 
 
 def _scheduler(args: argparse.Namespace) -> Any:
@@ -40,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--attempt runs one attempt of one step: give --step too")
         status = scheduler.run_attempt(ds, args.step, args.attempt)
         print(f"{ds} {args.step}: {status}")
-        return 0 if status in ("succeeded", "skipped") else 1
+        # 99: skipped, which Airflow's BashOperator turns into a skipped task (and skips its downstream)
+        return {"succeeded": 0, "skipped": SKIPPED_EXIT}.get(status, 1)
     result = scheduler.run(ds, only=args.step)
     _print_run(result)
     return 0 if result.succeeded else 1
@@ -124,7 +127,9 @@ def register(sub: Any) -> None:
     p = add("run", cmd_run, "Run one day of the pipeline (its unfinished steps, as Ray jobs) and wait for it.")
     p.add_argument("--ds", required=True, help="the day to run, YYYY-MM-DD")
     p.add_argument("--step", help="run only this step (its dependencies must be done)")
-    p.add_argument("--attempt", type=int, help="with --step: run exactly this attempt (Airflow's try number)")
+    p.add_argument(
+        "--attempt", type=int, help="with --step: run exactly this attempt (Airflow's try number); exit 99 if skipped"
+    )
     p.add_argument("--address", help="Ray job API URL, e.g. http://127.0.0.1:8265 (or RAY_ADDRESS)")
 
     p = add("backfill", cmd_backfill, "Run each scheduled day from --start to --end, oldest first.")

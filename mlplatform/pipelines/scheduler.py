@@ -118,7 +118,7 @@ class Scheduler:
         log.debug("[%s] %s: %s", self.pipeline.pipeline, ds, ", ".join(f"{k} {v}" for k, v in statuses.items()))
         return RunResult(ds=ds, status="succeeded" if ok else "failed", steps=statuses)
 
-    def _advance(self, ds: date, step: PipelineStep, statuses: dict[str, str]) -> str | None:
+    def _advance(self, ds: date, step: PipelineStep, statuses: dict[str, str], attempt: int | None = None) -> str | None:
         """The step's final state, running it if it is ready; None while it cannot finish yet."""
         record = self.state.step(ds, step.name)
         if record is not None:
@@ -132,12 +132,13 @@ class Scheduler:
                 statuses[dep] = rec["status"]
             deps[dep] = statuses[dep]
         if any(s in ("failed", "upstream_failed") for s in deps.values()):
-            return self._final(ds, step, "upstream_failed", reason=f"dependency failed: {', '.join(d for d, s in deps.items() if s != 'succeeded')}")
+            failed = ", ".join(d for d, s in deps.items() if s != "succeeded")
+            return self._final(ds, step, "upstream_failed", reason=f"dependency failed: {failed}")
         if any(s == "skipped" for s in deps.values()):
             return self._final(ds, step, "skipped", reason="a dependency was skipped")
         if step.when is not None and not Schedule.parse_days(step.when).matches(ds):
             return self._final(ds, step, "skipped", reason=f"when {step.when!r} does not match {ds}")
-        return self._run_step(ds, step)
+        return self._run_step(ds, step, attempt=attempt)
 
     def _final(self, ds: date, step: PipelineStep, status: str, **extra: Any) -> str:
         self.state.finish_step(ds, step.name, {"status": status, **extra})
@@ -178,6 +179,8 @@ class Scheduler:
                 if result["status"] == "SUCCEEDED":
                     return self._succeeded(ds, step, result)
                 if attempt is not None:  # one attempt asked for (Airflow): its own retries follow
+                    if n > retries:
+                        self._final(ds, step, "failed", attempts=n, reason=f"failed {n} attempt(s)")
                     raise JobError(f"{step.name} attempt {n} for {ds} ended {result['status']}: {result.get('message') or 'see its log'}")
                 retry_at = time.time() + delay * (2 ** (n - 1))
                 if n <= retries:
@@ -274,20 +277,19 @@ class Scheduler:
         return shlex.join(["mlp", "pipeline", "step", source, step.name, "--ds", ds.isoformat(), "--attempt", str(attempt)])
 
     def run_attempt(self, ds: date, name: str, attempt: int) -> str:
-        """Run exactly attempt ``attempt`` of one step (what an Airflow task try does; Airflow
-        owns the retries). Its dependencies are Airflow's to order. Returns the step's state.
+        """Run exactly attempt ``attempt`` of one step (what an Airflow task try does: Airflow
+        orders the steps and owns the retries). Returns the step's final state: ``skipped``
+        when ds is not a scheduled day, the step's ``when`` does not match or a dependency
+        was skipped; ``upstream_failed`` when a dependency failed.
 
         Raises:
             JobError: the attempt's job did not succeed (so Airflow retries the task).
         """
         step = self.pipeline.step(name)
-        record = self.state.step(ds, name)
-        if record is not None:
-            return record["status"]
-        if step.when is not None and not Schedule.parse_days(step.when).matches(ds):
-            return self._final(ds, step, "skipped", reason=f"when {step.when!r} does not match {ds}")
+        if not self.pipeline.parsed_schedule.matches(ds):
+            return self._final(ds, step, "skipped", reason=f"{ds} is not a day of schedule {self.pipeline.schedule!r}")
         while True:
-            status = self._run_step(ds, step, attempt=attempt)
+            status = self._advance(ds, step, {}, attempt=attempt)
             if status is not None:
                 return status
             time.sleep(self.pipeline.poll)

@@ -245,3 +245,168 @@ def test_two_schedulers_started_at_once_never_both_run_a_step(job_api, tmp_path,
     assert _jobs(job_api, f"race-{where}") == sorted(submission_id(f"race-{where}", n, DS, 1) for n in names)
     for out in outs:
         assert f"{DS} succeeded" in out
+
+
+# ------------------------------------------------------------------------ the underwriting days
+DAYS = [date(2025, 1, 4), date(2025, 1, 5), date(2025, 1, 6)]  # Saturday, Sunday, Monday (the training day)
+
+
+@pytest.fixture(scope="module")
+def underwriting_days(job_api, tmp_path_factory):
+    """configs/pipelines/underwriting_daily.yaml on tiny data, run for three consecutive days
+    (`mlp pipeline backfill`), each step a Ray job running the workload's own steps."""
+    tmp = tmp_path_factory.mktemp("underwriting-days")
+    root = tmp / "root"
+    workload = {
+        "workload": "underwriting",
+        "platform": {"storage": {"root": str(root)}},
+        "data": {"applications": 1500, "merchants": 20, "seed": 3},
+        "model": {"train": {"num_workers": 1, "num_boost_round": 30, "report_every": 10}},
+        "serve": {"deploy": False},
+    }
+    _write(tmp / "underwriting.yaml", workload)
+    spec = yaml.safe_load((ROOT / "configs/pipelines/underwriting_daily.yaml").read_text())
+    spec.update(workload="underwriting.yaml", poll=0.3, defaults={"retries": 0, "timeout": 600})
+    # tiny data: a day holds a handful of rows, so each validation looks back a month
+    spec["steps"][1]["params"]["start"] = "2024-12-01"
+    path = _write(tmp / "daily.yaml", spec)
+    backfill = _mlp("pipeline", "backfill", str(path), "--start", DAYS[0].isoformat(), "--end", DAYS[-1].isoformat(), "--address", job_api)
+    out, _ = backfill.communicate(timeout=600)
+    return {"path": path, "root": root, "spec": spec, "out": out, "returncode": backfill.returncode}
+
+
+def test_three_days_produce_their_datasets_a_gated_promotion_and_a_lineage_chain(underwriting_days, job_api):
+    from mlplatform import Platform
+
+    assert underwriting_days["returncode"] == 0, underwriting_days["out"]
+    pipeline = load_pipeline(underwriting_days["path"])
+    platform = Platform.from_config({"storage": {"root": str(underwriting_days["root"])}})
+    state = RunState(platform.storage, pipeline.pipeline)
+    expected_steps = {"ingest", "validate", "materialize", "train", "gate", "promote"}
+    generated = []
+    for ds in DAYS:
+        run = state.run(ds)
+        assert run["status"] == "succeeded"
+        trains = ds.isoweekday() == 1
+        assert run["steps"] == {s: ("succeeded" if trains or s in ("ingest", "validate", "materialize") else "skipped") for s in expected_steps}
+        ingest = state.step(ds, "ingest")["outcome"]
+        generated.append(ingest["wrote"]["generate"]["output"])  # {table: dataset version}
+        # every daily view backfilled up to the end of the day
+        for view in ("applicant_history", "merchant_risk", "merchant_activity"):
+            assert f"backfill {view}" in ingest["wrote"]
+        validated = state.step(ds, "validate")["outcome"]["wrote"]["quality_reports"]
+        assert set(validated) == {"applicant_history", "merchant_risk", "merchant_activity"}
+    # each day published a new version of every raw table (the data as known at its end)
+    for table in generated[0]:
+        assert [g[table] for g in generated] == sorted({g[table] for g in generated})
+    # the training day: the version trained in its train job passed the gate and was promoted
+    train = state.step(DAYS[-1], "train")["outcome"]
+    model = train["model"]
+    assert state.step(DAYS[-1], "promote")["outcome"]["wrote"]["aliases"]["production"] == model["version"]
+    assert platform.models.aliases(model["name"])["production"] == model["version"]
+    version = platform.models.get(model["name"], model["version"])
+    # lineage chain: model -> the pipeline run -> its training set -> the day's feature data
+    assert version.lineage["pipeline_run"] == f"{pipeline.pipeline}/{DAYS[-1].isoformat()}"
+    snapshot = train["wrote"]["training set"]["output"]["version"]
+    assert version.lineage["training_set"]["version"] == snapshot
+    assert version.lineage["training_set"]["metadata"]["cutoff"].startswith("2025-01-07")  # labels known by the day's end
+    # one job per step that ran, each submitted once
+    ran = [(ds, s) for ds in DAYS for s, status in state.run(ds)["steps"].items() if status == "succeeded"]
+    assert _jobs(job_api, pipeline.pipeline) == sorted(submission_id(pipeline.pipeline, s, ds, 1) for ds, s in ran)
+
+
+def test_failing_validation_stops_the_steps_after_it_and_leaves_every_alias(underwriting_days, job_api, tmp_path):
+    from mlplatform import Platform
+
+    assert underwriting_days["returncode"] == 0, underwriting_days["out"]
+    platform = Platform.from_config({"storage": {"root": str(underwriting_days["root"])}})
+    spec = dict(underwriting_days["spec"])
+    # the next day without new data: validated as of a month later, the history is stale
+    # (applicant_history is strict with max_staleness 2d)
+    spec["steps"] = [dict(s) for s in spec["steps"] if s["name"] != "ingest"]
+    spec["steps"][0] = {**spec["steps"][0], "depends_on": [], "params": {"views": ["applicant_history"], "end": "2025-02-07"}}
+    spec["steps"][2] = {**spec["steps"][2], "when": None}  # train any day: only the failed validation stops it
+    path = _write(underwriting_days["path"].parent / "stale.yaml", spec)
+    before = {name: platform.models.aliases(name) for name in platform.models.names()}
+    day = date(2025, 1, 7)
+    result = Scheduler(load_pipeline(path), address=job_api).run(day)
+    assert result.steps == {
+        "validate": "failed", "materialize": "upstream_failed", "train": "upstream_failed",
+        "gate": "upstream_failed", "promote": "upstream_failed",
+    }  # fmt: skip
+    log_text = Path(RunState(platform.storage, spec["pipeline"]).attempts(day, "validate")[-1]["log"]).read_text()
+    assert "QualityError" in log_text or "max_staleness" in log_text
+    assert {name: platform.models.aliases(name) for name in platform.models.names()} == before
+
+
+# ------------------------------------------------------------------------ Airflow
+AIRFLOW_PYTHON = Path(os.environ.get("MLP_AIRFLOW_PYTHON") or ROOT / ".venv-airflow/bin/python")
+_DAG_FILE = """
+import json, sys
+from datetime import datetime, UTC
+from mlplatform.integrations.airflow import build_dag
+
+dag = build_dag({pipeline!r}, mlp={mlp!r}, address={address!r})
+
+if __name__ == "__main__":
+    run = dag.test(logical_date=datetime.fromisoformat(sys.argv[1]))
+    print("DAGRUN " + json.dumps({{"state": str(run.state), "tasks": {{ti.task_id: str(ti.state) for ti in run.get_task_instances()}}}}))
+"""
+
+
+def test_airflow_dag_test_runs_the_same_jobs_and_records(job_api, tmp_path):
+    """A real Airflow (3.x, in its own virtualenv made by .ci/setup: its pins are not ours)
+    runs the DAG built from a pipeline file with ``dag.test()``: each task submits the step's
+    Ray job under the scheduler's submission id and writes the scheduler's records."""
+    assert AIRFLOW_PYTHON.exists(), f"no Airflow virtualenv at {AIRFLOW_PYTHON}: run .ci/setup (it creates .venv-airflow)"
+    counter, marks = tmp_path / "tries", {n: tmp_path / n for n in ("a", "c", "d")}
+    flaky = f"n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}; test $n -ge 2"
+    spec = {
+        "pipeline": "airflow",
+        "platform": {"storage": {"root": str(tmp_path / "root")}},
+        "schedule": "0 2 * * *",
+        "start": "2025-01-01",
+        "poll": 0.2,
+        "defaults": {"retries": 0, "timeout": 60},
+        "steps": [
+            {"name": "a", "kind": "command", "command": _mark(marks["a"])},
+            {"name": "b", "kind": "command", "command": flaky, "depends_on": ["a"], "retries": 1, "retry_delay": 1},
+            {"name": "c", "kind": "command", "command": _mark(marks["c"]), "depends_on": ["a"], "when": "* * 2"},  # Tuesdays
+            {"name": "d", "kind": "command", "command": _mark(marks["d"]), "depends_on": ["c"]},
+        ],
+    }
+    path = _write(tmp_path / "p.yaml", spec)
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    dag_file = dags / "pipeline_dag.py"
+    dag_file.write_text(_DAG_FILE.format(pipeline=str(path), mlp=str(BIN / "mlp"), address=job_api))
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": str(ROOT),  # the DAG file imports mlplatform from this checkout
+    }
+    migrated = subprocess.run(
+        [str(AIRFLOW_PYTHON.with_name("airflow")), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert migrated.returncode == 0, migrated.stdout[-2000:] + migrated.stderr[-2000:]
+    # triggered on Jan 7 at 02:00: the run for ds 2025-01-06, a Monday
+    ran = subprocess.run(
+        [str(AIRFLOW_PYTHON), str(dag_file), "2025-01-07T02:00:00+00:00"], env=env, capture_output=True, text=True, timeout=400
+    )
+    lines = [line for line in ran.stdout.splitlines() if line.startswith("DAGRUN ")]
+    assert ran.returncode == 0 and lines, ran.stdout[-3000:] + ran.stderr[-3000:]
+    import json
+
+    dagrun = json.loads(lines[-1].removeprefix("DAGRUN "))
+    assert dagrun["tasks"] == {"a": "success", "b": "success", "c": "skipped", "d": "skipped"}, dagrun
+    assert dagrun["state"] == "success"
+    # the scheduler's records and job ids: b's second Airflow try was its attempt 2
+    state = RunState(Scheduler(load_pipeline(path), address=job_api).storage, "airflow")
+    assert {s: state.step(DS, s)["status"] for s in "abcd"} == {"a": "succeeded", "b": "succeeded", "c": "skipped", "d": "skipped"}
+    assert [a["status"] for a in state.attempts(DS, "b")] == ["FAILED", "SUCCEEDED"]
+    assert marks["a"].read_text().splitlines() == ["ran"] and not marks["c"].exists() and not marks["d"].exists()
+    assert _jobs(job_api, "airflow") == sorted(
+        [submission_id("airflow", "a", DS, 1), submission_id("airflow", "b", DS, 1), submission_id("airflow", "b", DS, 2)]
+    )
