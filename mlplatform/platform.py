@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
     from mlplatform.jobs.submit import Jobs
     from mlplatform.models.registry import ModelRegistry
+    from mlplatform.rl.api import RL
     from mlplatform.quality.api import DataQuality
     from mlplatform.monitoring import Monitoring
     from mlplatform.serving.api import Serving, ServingParts
@@ -141,6 +142,13 @@ class Platform:
         from mlplatform.monitoring import Monitoring
 
         return Monitoring(self.storage, self.datasets, self.models, decisions=lambda since: self.serving.decisions(since))
+
+    @cached_property
+    def rl(self) -> RL:
+        """Offer policies: rewards from outcomes, off-policy evaluation, bandit and offline RL training."""
+        from mlplatform.rl.api import RL
+
+        return RL(self.datasets, self.models, connect_ray=self.ray)
 
     @cached_property
     def jobs(self) -> Jobs:
