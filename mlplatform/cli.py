@@ -22,6 +22,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 from mlplatform.errors import PlatformError
 
@@ -244,6 +245,17 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(result)
 
 
+def cmd_rl_evaluate(args: argparse.Namespace) -> None:
+    from mlplatform.rl.api import window_of
+
+    workload = _workload(args)
+    with _platform(workload) as platform:
+        result = platform.rl.evaluate(args.model, window_of(args.start, args.end), version=args.version, alias=args.alias, level=args.level)
+    print(f"{result.policy}: {result.decisions:,} decisions {result.window[0]:%Y-%m-%d %H:%M} to {result.window[1]:%Y-%m-%d %H:%M}, logged policy earned {result.logged_value:.2f}")
+    for e in result.estimates.values():
+        print(f"  {e.estimator:<5} {e.value:10.2f}  {args.level:.0%} interval [{e.low:.2f}, {e.high:.2f}]  effective sample size {e.effective_sample_size:,.0f}")
+
+
 def cmd_monitor(args: argparse.Namespace) -> None:
     workload = _workload(args)
     platform = _platform(workload)
@@ -440,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="production", help="model alias")
     p.add_argument("--output", help="output Parquet path; default a versioned dataset under the root")
 
+    rl = sub.add_parser("rl", help="Offer policies: off-policy evaluation on logged decisions.", description="Offer policies: off-policy evaluation on logged decisions.")
+    rl_sub = rl.add_subparsers(dest="rl_command", metavar="ACTION", required=True, help="evaluate")
+    p = rl_sub.add_parser("evaluate", help="IPS, SNIPS and doubly robust value of a registered policy on a window of rewarded decisions.", description="IPS, SNIPS and doubly robust value of a registered policy on a window of rewarded decisions.")
+    p.set_defaults(handler=cmd_rl_evaluate)
+    p.add_argument("workload", help="workload YAML (for its platform config)")
+    p.add_argument("--model", required=True, help="a registered policy model, e.g. credit_line_bandit")
+    p.add_argument("--alias", help="the version behind this alias (default: the latest)")
+    p.add_argument("--version", type=int, help="this version (default: the latest)")
+    p.add_argument("--start", help="window start (inclusive), e.g. 2024-05-01; with --end")
+    p.add_argument("--end", help="window end (exclusive); with --start")
+    p.add_argument("--level", type=float, default=0.95, help="interval coverage (default 0.95)")
+
     p = add("monitor", cmd_monitor, "PSI per feature and score: recent decisions against the model's training snapshot; writes a report.")
     p.add_argument("workload", help="workload YAML")
     p.add_argument("--model", required=True, help="registered model name, e.g. underwriting")
@@ -470,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mlplatform.pipelines.cli import register as register_pipeline
 
-    register_pipeline(sub)  # mlp pipeline run|backfill|status|serve|step
+    register_pipeline(sub, open_platform=lambda config: _platform(SimpleNamespace(platform_config=config)))
 
     p = add("status", cmd_status, "Show Ray jobs on a cluster (one job with JOB_ID).")
     p.add_argument("job_id", nargs="?", help="a submission id; default all jobs")

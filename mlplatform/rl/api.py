@@ -261,3 +261,16 @@ class RL:
             params=dict(params or {}),
             description=description or f"Offer policy ({model.kind}) over tiers {model.offers.names}",
         )
+
+
+def window_of(start: Any, end: Any) -> tuple[datetime, datetime] | None:
+    """A [start, end) window from two instants, or None (every decision) when neither is given.
+
+    Raises:
+        DataError: only one of them is given, or one is not a point in time.
+    """
+    if start is None and end is None:
+        return None
+    if start is None or end is None:
+        raise DataError(f"give both ends of the window or neither, got start={start!r}, end={end!r}")
+    return parse_instant(start, "window start"), parse_instant(end, "window end")
