@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,12 +109,14 @@ def cmd_step(args: argparse.Namespace) -> None:
     from mlplatform.pipelines.schedule import parse_ds
     from mlplatform.pipelines.spec import load_pipeline
 
-    outcome = run_in_job(load_pipeline(args.pipeline), args.step, parse_ds(args.ds), args.attempt)
+    pipeline = load_pipeline(args.pipeline)
+    outcome = run_in_job(pipeline, args.step, parse_ds(args.ds), args.attempt, open_platform=args.open_platform)
     print(f"{args.step} {args.ds}: wrote {', '.join(outcome['wrote']) or 'nothing'}")
 
 
-def register(sub: Any) -> None:
-    """Add ``mlp pipeline ACTION`` to the ``mlp`` parser's subcommands."""
+def register(sub: Any, *, open_platform: Callable[[Any], Any]) -> None:
+    """Add ``mlp pipeline ACTION`` to the ``mlp`` parser's subcommands; ``open_platform``
+    builds the Platform a step's job works with from a ``PlatformConfig`` (the front door's)."""
     text = "Run pipelines of Ray jobs: one day, a backfill, the scheduler, their status."
     pipeline = sub.add_parser("pipeline", help=text, description=text)
     actions = pipeline.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True, help="run, backfill, status, serve or step")
@@ -148,6 +151,7 @@ def register(sub: Any) -> None:
     p.add_argument("--address", help="Ray job API URL (or RAY_ADDRESS)")
 
     p = add("step", cmd_step, "Run one step in this process: what each step's Ray job runs.")
+    p.set_defaults(open_platform=open_platform)
     p.add_argument("step", help="step name")
     p.add_argument("--ds", required=True, help="the day, YYYY-MM-DD")
     p.add_argument("--attempt", type=int, default=1, help="the attempt this job is (recorded with its outcome)")

@@ -39,9 +39,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
+from mlplatform.config import PlatformConfig
 from mlplatform.errors import ConfigError, ModelError
 from mlplatform.pipelines.spec import Pipeline, PipelineStep, render
 from mlplatform.pipelines.state import RunState
@@ -58,14 +60,18 @@ WORKLOAD_STEPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def run_in_job(pipeline: Pipeline, name: str, ds: date, attempt: int) -> dict[str, Any]:
+def run_in_job(
+    pipeline: Pipeline, name: str, ds: date, attempt: int, *, open_platform: Callable[[PlatformConfig], Any]
+) -> dict[str, Any]:
     """Run step ``name`` for ``ds`` in this process (the job's driver) and record its outcome.
+
+    Args:
+        open_platform: builds the Platform (a context manager) from the pipeline's config.
 
     Raises:
         PlatformError: the step's work failed (the job then fails and the scheduler retries).
     """
     from mlplatform.jobs.workload import load_workload
-    from mlplatform.platform import Platform
 
     step = pipeline.step(name)
     if step.kind == "command":
@@ -76,7 +82,7 @@ def run_in_job(pipeline: Pipeline, name: str, ds: date, attempt: int) -> dict[st
         overrides = render(pipeline.overrides, ds, pipeline.pipeline)
         workload = load_workload(pipeline.resolve(pipeline.workload), overrides)
     config = workload.platform_config if workload is not None and pipeline.platform is None else pipeline.platform_config()
-    state_platform = Platform(config)
+    state_platform = open_platform(config)
     state = RunState(state_platform.storage, pipeline.pipeline)
     # Lineage: a model registered by this job names the run (models.registry.complete_lineage).
     os.environ["MLP_PIPELINE_RUN"] = f"{pipeline.pipeline}/{ds.isoformat()}"
