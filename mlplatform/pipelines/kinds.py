@@ -25,8 +25,10 @@ The other kinds use the platform directly:
   default the first dependency that recorded a model) against ``params.min`` / ``params.max``
   thresholds on its metrics, e.g. ``min: {test_auc: 0.6}``; a miss fails the step, so the
   steps after it (promote) do not run.
-- ``promote``: ``platform.models.promote(name, version, alias, reason=...)`` for that
-  version (the registry's promotion gate applies; ``params.alias`` default production).
+- ``promote``: ``platform.models.promote(name, version, alias, reason=..., by=...)`` for
+  that version: the registry's promotion gate compares it with the production version and
+  refuses (``PromotionRefused``, failing the step) when it is worse; ``params.alias``
+  (default production), ``params.force`` with ``params.reason`` to override.
 - ``command``: the job runs the step's shell command; nothing here is involved.
 
 Every kind records its **outcome** under the run (see :mod:`mlplatform.pipelines.state`):
@@ -190,11 +192,10 @@ def _promote(
     alias = params.get("alias", "production")
     before = platform.models.aliases(model["name"])
     reason = params.get("reason") or f"pipeline {pipeline.pipeline} run {ds.isoformat()}"
-    registry = platform.models
-    if hasattr(registry, "promote"):  # the registry's promotion gate (PromotionRefused fails the step)
-        registry.promote(model["name"], model["version"], alias, force=bool(params.get("force", False)), reason=reason)
-    else:
-        log.warning("this registry has no promotion gate; pointing %s at v%s directly", alias, model["version"])
-        registry.set_alias(model["name"], alias, model["version"])
+    # the registry's promotion gate: PromotionRefused (every figure and bound) fails the step
+    platform.models.promote(
+        model["name"], model["version"], alias,
+        force=bool(params.get("force", False)), reason=reason, by=f"mlp pipeline {pipeline.pipeline}",
+    )  # fmt: skip
     after = platform.models.aliases(model["name"])
     return {"read": {"model": model, "aliases_before": before}, "wrote": {"aliases": after}, "model": model}
