@@ -37,7 +37,6 @@ from mlplatform.rl.rewards import RewardRule, join_rewards
 from mlplatform.timestamps import parse_instant
 
 if TYPE_CHECKING:
-    from mlplatform.models.registry import ModelRegistry, ModelVersion
     from mlplatform.rl.offline_rl import MarwilSpec
     from mlplatform.storage import DatasetStore
 
@@ -84,7 +83,7 @@ class RL:
     def __init__(
         self,
         datasets: DatasetStore,
-        models: ModelRegistry,
+        models: Any,  # the ModelRegistry (not imported: the models part imports this one for the policy flavor)
         *,
         connect_ray: Callable[[], Any],
         names: RLDatasets | None = None,
@@ -129,7 +128,7 @@ class RL:
         return frame.reset_index(drop=True)
 
     # ---------------------------------------------------------------- evaluation
-    def resolve(self, policy: Policy | str, *, version: int | None = None, alias: str | None = None) -> tuple[Policy, ModelVersion | None]:
+    def resolve(self, policy: Policy | str, *, version: int | None = None, alias: str | None = None) -> tuple[Policy, Any]:
         """A ``Policy``: itself, or the registered policy model of that name (flavor ``policy``)."""
         if not isinstance(policy, str):
             return policy, None
@@ -248,7 +247,7 @@ class RL:
         params: Mapping[str, Any] | None = None,
         lineage: Mapping[str, Any] | None = None,
         description: str = "",
-    ) -> ModelVersion:
+    ) -> Any:
         """Register ``model`` as the next version of ``name`` (flavor ``policy``); the rewards
         dataset version it learnt from is recorded in its lineage."""
         rewards = self.datasets.get(self.names.rewards)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mlplatform.errors import ModelError
+from mlplatform.errors import DependencyError, ModelError
 from mlplatform.rl.offers import OfferConfig
 from mlplatform.rl.policies import Selection, context_matrix, select
 
@@ -77,9 +77,9 @@ class PolicyModel:
     def from_reward_models(
         cls, name: str, boosters: Sequence[Any], features: Sequence[str], offers: OfferConfig, selection: Selection
     ) -> PolicyModel:
-        from mlplatform.models.flavors.lightgbm import model_text
-
-        return cls(name, "reward_models", tuple(features), offers, selection, reward_models=tuple(model_text(b) for b in boosters))
+        # Text models, as the lightgbm flavor stores them (this part does not import the models part).
+        texts = tuple(t if isinstance(t, str) else getattr(t, "booster_", t).model_to_string() for t in boosters)
+        return cls(name, "reward_models", tuple(features), offers, selection, reward_models=texts)
 
     @classmethod
     def from_mlp(
@@ -111,9 +111,7 @@ class PolicyModel:
             from mlplatform.rl.reward_model import predict_rewards
 
             if not self._boosters:
-                from mlplatform.models.flavors.lightgbm import read_booster
-
-                self._boosters = [read_booster(t.encode()) for t in self.reward_models]
+                self._boosters = [_read_booster(t) for t in self.reward_models]
             return predict_rewards(self._boosters, x)
         h = (x - self.mean) / self.std
         for i, (w, b) in enumerate(self.layers):
@@ -182,3 +180,16 @@ class PolicyModel:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelError(f"stored policy does not parse: {type(exc).__name__}: {exc}") from None
+
+
+def _read_booster(text: str) -> Any:
+    try:
+        import lightgbm
+    except ImportError:
+        raise DependencyError.missing("lightgbm", "lightgbm>=4.3", "a reward-model policy") from None
+    if not text.startswith("tree\n"):
+        raise ModelError("a policy's reward model is not a LightGBM text model")
+    try:
+        return lightgbm.Booster(model_str=text)
+    except lightgbm.basic.LightGBMError as exc:
+        raise ModelError(f"a policy's reward model does not parse: {exc}") from None
