@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -177,7 +178,10 @@ class DataQuality:
         def observed(batch: Any) -> Any:
             import ray as ray_
 
-            ray_.get(sink.add.remote(profile_table(batch, spec)))
+            began = time.process_time()
+            partial = profile_table(batch, spec)
+            partial["seconds"] = time.process_time() - began
+            ray_.get(sink.add.remote(partial))
             return batch
 
         out = ds.map_batches(observed, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
@@ -194,8 +198,10 @@ class DataQuality:
         spec = plan.spec
 
         def partial(batch: pa.Table) -> pa.Table:
-            batch = _in_range(batch, start, end)
-            return pa.table({"p": [json.dumps(profile_table(batch, spec))]})
+            began = time.process_time()
+            profile = profile_table(_in_range(batch, start, end), spec)
+            profile["seconds"] = time.process_time() - began
+            return pa.table({"p": [json.dumps(profile)]})
 
         total = empty(spec)
         for row in ds.map_batches(partial, batch_format="pyarrow", batch_size=None).iter_rows():
@@ -229,6 +235,7 @@ class DataQuality:
             view=view.name, stage=stage, policy=view.quality.policy, rows=profile["rows"],
             created_at=now.isoformat(), start=start.isoformat() if start else None,
             end=end.isoformat() if end else None, checks=checks, uncovered=profile.get("uncovered", 0),
+            profile_seconds=round(profile.get("seconds", 0.0), 4),
             reference={k: v for k, v in plan.reference.items() if k != "features"} if plan.reference else None,
         )
         report = self._write(report, now)

@@ -142,12 +142,15 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             "types": sorted(set(pa_["types"]) | set(pb["types"])),
             "hist": None if pa_["hist"] is None else [x + y for x, y in zip(pa_["hist"], pb["hist"], strict=True)],
         }
-    return {
+    out = {
         "rows": a["rows"] + b["rows"],
         "uncovered": a.get("uncovered", 0) + b.get("uncovered", 0),
         "newest": max(newest) if newest else None,
         "columns": columns,
     }
+    if "seconds" in a or "seconds" in b:  # CPU time spent profiling, when the caller timed it
+        out["seconds"] = a.get("seconds", 0.0) + b.get("seconds", 0.0)
+    return out
 
 
 def _any_value(table: Any, columns: list[str]) -> Any:

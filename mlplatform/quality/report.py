@@ -53,7 +53,8 @@ class QualityReport:
     """What one validation of ``view`` found. ``stage``: backfill, materialize, training_set
     or validate; ``rows``: rows checked; ``uncovered``: training-set rows for which the view
     had no value (every feature null: an entity with no history yet), left out of the checks;
-    ``start``/``end``: the range checked (ISO strings, None = unbounded);
+    ``start``/``end``: the range checked (ISO strings, None = unbounded); ``profile_seconds``:
+    CPU time the profiling took, summed over the tasks that ran it;
     ``reference``: the training set drift was measured against, if any; ``key``: where the
     report is stored under the storage root (empty until written)."""
 
@@ -68,6 +69,7 @@ class QualityReport:
     reference: dict[str, Any] | None = None
     key: str = ""
     uncovered: int = 0
+    profile_seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -97,8 +99,11 @@ class QualityReport:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QualityReport:
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)}  # a report written by a newer version may hold more
         checks = [Check(**c) for c in data.get("checks", [])]
-        return cls(**{**data, "checks": checks})
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "checks": checks})
 
     def summary(self) -> dict[str, Any]:
         """The compact form kept with a training-set snapshot and shown by the model card."""

@@ -27,6 +27,7 @@ from mlplatform.features import (
     StreamSource,
     on_demand_feature_view,
 )
+from mlplatform.quality import Expectation, Quality
 
 applicant = Entity(name="applicant", join_keys=["applicant_id"], description="A customer applying for credit at checkout.")
 merchant = Entity(name="merchant", join_keys=["merchant_id"], description="A store that offers pay-later at checkout.")
@@ -121,6 +122,23 @@ def _history_aggregations() -> list[Aggregation]:
     return aggs
 
 
+def _history_quality() -> Quality:
+    """Counts are never null (a sum over an empty window is 0) and never negative; a worst
+    delinquency beyond ten years or a negative loan amount is a broken upstream batch. The
+    history is rewritten every day, so its newest row is at most two days old. Drift of the
+    features the model leans on is measured against its training set."""
+    counts = Expectation(max_null_rate=0.0, min=0, max=10_000)
+    features = {f"{kind}_{w}": counts for kind in ("loans", "late_installments", "missed_installments") for w in _WINDOWS}
+    features |= {f"max_days_past_due_{w}": Expectation(min=0, max=3650) for w in _WINDOWS}
+    features |= {
+        "loans_90d": Expectation(max_null_rate=0.0, min=0, max=10_000, max_psi=0.25),
+        "missed_installments_90d": Expectation(max_null_rate=0.0, min=0, max=10_000, max_psi=0.25),
+        "outstanding_balance": Expectation(max_null_rate=0.0, max_psi=0.25),
+        "avg_loan_amount_365d": Expectation(min=0, max_psi=0.25),
+    }
+    return Quality(policy="strict", max_staleness="2d", features=features)
+
+
 applicant_history = FeatureView(
     name="applicant_history",
     entities=[applicant],
@@ -129,6 +147,7 @@ applicant_history = FeatureView(
     ttl="400d",
     description="The applicant's repayment history as known at each day's end.",
     owner="credit-risk",
+    quality=_history_quality(),
 )
 
 merchant_risk = FeatureView(
@@ -150,6 +169,14 @@ merchant_risk = FeatureView(
     ttl="120d",
     description="How loans at this merchant have turned out.",
     owner="credit-risk",
+    quality=Quality(
+        policy="strict",
+        max_staleness="7d",
+        features={
+            "default_rate_90d": Expectation(min=0, max=1, max_psi=0.25),
+            "outcomes_90d": Expectation(max_null_rate=0.0, min=0),
+        },
+    ),
 )
 
 merchant_activity = FeatureView(
@@ -166,6 +193,11 @@ merchant_activity = FeatureView(
     ttl="120d",
     description="Checkout volume at this merchant.",
     owner="credit-risk",
+    quality=Quality(
+        policy="warn",
+        max_staleness="2d",
+        features={"applications_90d": Expectation(max_null_rate=0.0, min=0, max_psi=0.25)},
+    ),
 )
 
 applicant_checkouts = FeatureView(

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlplatform.jobs.feature_steps import apply_step, backfill_step, materialize_step
+from mlplatform.jobs.quality_steps import quality_steps
 from mlplatform.jobs.steps import Done, Step, StepRunner
 from mlplatform.platform import Platform
 from workloads.underwriting.generate import TABLES, DataConfig
@@ -281,6 +282,7 @@ def steps(platform: Platform, config: Config) -> Iterator[Step]:
     yield apply_step(platform.features, definitions())
     yield from event_log_steps(platform)
     yield from backfill_steps(platform, config)
+    yield from quality_steps(platform.quality, platform.features, platform.datasets)
     yield training_set_step(platform, config)
     yield train_step(platform, config)
     yield promote_step(platform, config)
