@@ -71,15 +71,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> None:
     from mlplatform.pipelines.schedule import parse_ds
-    from mlplatform.pipelines.scheduler import Scheduler
     from mlplatform.pipelines.spec import load_pipeline
+    from mlplatform.pipelines.state import RunState
+    from mlplatform.storage import Storage
 
     pipeline = load_pipeline(args.pipeline)
-    scheduler = Scheduler(pipeline, address="unused")  # status reads storage only
-    state = scheduler.state
+    storage = Storage(pipeline.platform_config().storage)  # status reads the records only: no Ray
+    state = RunState(storage, pipeline.pipeline)
     days = [parse_ds(args.ds)] if args.ds else state.runs()[-args.last :]
     if not days:
-        print(f"{pipeline.pipeline}: no runs under {scheduler.storage.root}")
+        print(f"{pipeline.pipeline}: no runs under {storage.root}")
     for ds in days:
         run = state.run(ds) or {}
         print(f"{ds} {run.get('status', 'not started')}" + _span(run.get("started_at"), run.get("finished_at")))

@@ -191,3 +191,31 @@ def test_the_airflow_dag_has_a_task_per_step_with_the_steps_retries_and_order(tm
         f"/opt/mlp pipeline run {pipeline.source} --step a --address http://head:8265 "
         f"--ds {AIRFLOW_DS} --attempt {{{{ ti.try_number }}}}"
     )
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_pipeline_commands_answer_bad_input_with_one_line_and_status_reads_records(tmp_path, capsys):
+    from mlplatform.cli import main
+
+    pipeline = _pipeline(tmp_path)
+    assert main(["pipeline", "run", pipeline.source, "--ds", "06/01/2025"]) == 1
+    assert capsys.readouterr().err == "error: bad ds '06/01/2025': give a day as YYYY-MM-DD, e.g. 2025-01-31\n"
+    assert main(["pipeline", "backfill", pipeline.source, "--start", "2025-01-05", "--end", "2025-01-01"]) == 1
+    assert "before its start" in capsys.readouterr().err
+    assert main(["pipeline", "run", pipeline.source, "--ds", "2025-01-06", "--attempt", "2"]) == 1
+    assert "give --step too" in capsys.readouterr().err
+
+    assert main(["pipeline", "status", pipeline.source]) == 0
+    assert capsys.readouterr().out.startswith("daily: no runs under ")
+    state = _state(tmp_path)
+    state.start_run(DS)
+    state.write_attempt(DS, "a", 1, {"job_id": "mlp-daily-a-20250106-a1", "status": "FAILED", "duration_s": 1.5, "log": "/x/1.log"})
+    state.write_attempt(DS, "a", 2, {"job_id": "mlp-daily-a-20250106-a2", "status": "SUCCEEDED", "duration_s": 2.0, "log": "/x/2.log"})
+    state.finish_step(DS, "a", {"status": "succeeded"})
+    state.finish_step(DS, "c", {"status": "skipped", "reason": "when '* * 1' does not match"})
+    assert main(["pipeline", "status", pipeline.source]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2025-01-06 running")
+    assert lines[1].split() == ["a", "succeeded", "attempts", "2", "3.5s", "log", "/x/2.log"]
+    assert lines[2].split() == ["b", "pending", "attempts", "0"]
+    assert lines[3].split()[:4] == ["c", "skipped", "attempts", "0"] and "does not match" in lines[3]
