@@ -219,3 +219,14 @@ def test_pipeline_commands_answer_bad_input_with_one_line_and_status_reads_recor
     assert lines[1].split() == ["a", "succeeded", "attempts", "2", "3.5s", "log", "/x/2.log"]
     assert lines[2].split() == ["b", "pending", "attempts", "0"]
     assert lines[3].split()[:4] == ["c", "skipped", "attempts", "0"] and "does not match" in lines[3]
+
+
+def test_the_scheduler_finds_due_days_catching_up_and_leaving_finished_ones(tmp_path):
+    pipeline = _pipeline(tmp_path, schedule="0 2 * * *", end="2025-01-05")
+    scheduler = Scheduler(pipeline, address="http://127.0.0.1:8265")  # no Ray is contacted to find due days
+    now = datetime(2025, 1, 5, 3, 0, tzinfo=UTC)  # Jan 4's run is due (02:00 on Jan 5)
+    assert scheduler.due(now) == [date(2025, 1, d) for d in range(1, 5)]
+    scheduler.state.finish_run(date(2025, 1, 2), "succeeded", {})
+    scheduler.state.finish_run(date(2025, 1, 3), "failed", {})  # finished too: a rerun is by hand
+    assert scheduler.due(now) == [date(2025, 1, 1), date(2025, 1, 4)]
+    assert scheduler.due(datetime(2025, 2, 1, tzinfo=UTC))[-1] == date(2025, 1, 5)  # the pipeline's end
