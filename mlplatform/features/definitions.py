@@ -47,7 +47,7 @@ from mlplatform.features._definition_base import (
     content_hash,
     parse_ref,
 )
-from mlplatform.quality.expectations import Quality
+from mlplatform.features.expectations import Quality
 
 __all__ = [
     "Aggregation",

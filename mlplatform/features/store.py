@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from mlplatform.features.rollback import GenerationInfo, RollbackResult
     from mlplatform.features.stream_processor import StreamProcessors
     from mlplatform.online import OnlineStore
-    from mlplatform.quality import DataQuality
     from mlplatform.storage import DatasetStore, Storage
     from mlplatform.streams import EventBus
 
@@ -91,7 +90,7 @@ class FeatureStore:
         bus: EventBus | None = None,
         streams: SqliteStreamsConfig | RedisStreamsConfig | None = None,
         decisions: Callable[[datetime | None], list[dict[str, Any]]] | None = None,
-        quality: Callable[[], DataQuality] | None = None,
+        quality: Callable[[], Any] | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
@@ -104,9 +103,10 @@ class FeatureStore:
         self._quality = quality
         self.registry = FeatureRegistry(storage)
 
-    def quality_gate(self) -> DataQuality | None:
-        """The data-quality gate backfills, materializations and training sets pass their data
-        through before publishing it (None when this store was built without one)."""
+    def quality_gate(self) -> Any:
+        """The data-quality gate (``mlplatform.quality.DataQuality``) backfills,
+        materializations and training sets pass their data through before publishing it (None
+        when this store was built without one). Called, never imported: quality uses features."""
         return self._quality() if self._quality is not None else None
 
     # ---------------------------------------------------------------- definitions

@@ -5,15 +5,15 @@ materialization and training set, and recorded as versioned reports.
     platform.quality.reports("applicant_history")       # every recorded report, oldest first
 """
 
-from mlplatform.quality.expectations import Expectation, Quality
+from mlplatform.features.expectations import Expectation, Quality
 from mlplatform.quality.report import Check, QualityReport
 
 __all__ = ["Check", "DataQuality", "Expectation", "Quality", "QualityReport"]
 
 
 def __getattr__(name: str) -> object:
-    # DataQuality reaches the feature store and Ray; loading it on first use keeps
-    # ``mlplatform.features.definitions`` (which imports the expectations) free of cycles.
+    # DataQuality's modules load numpy and pyarrow: on first use, so that importing
+    # mlplatform (which exports the expectations) stays cheap.
     if name == "DataQuality":
         from mlplatform.quality.api import DataQuality
 

@@ -3,7 +3,7 @@
     checks = evaluate(quality, {"loans_30d": "int64"}, profile, reference=ref, end=end_at)
 
 Pure: no Ray, no storage. The semantics of every bound are in
-:mod:`mlplatform.quality.expectations`; PSI is computed as
+:mod:`mlplatform.features.expectations`; PSI is computed as
 :func:`mlplatform.evaluation.metrics.psi` does (shares floored at ``PSI_EPS``), from the bin
 counts the profile holds over the reference's decile edges.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mlplatform.evaluation.metrics import PSI_EPS
-from mlplatform.quality.expectations import Quality
+from mlplatform.features.expectations import Quality
 from mlplatform.quality.report import Check
 
 __all__ = ["dtype_matches", "evaluate", "psi_from_counts"]

@@ -1,4 +1,5 @@
-"""Data-quality expectations, declared with a feature view.
+"""Data-quality expectations, declared with a feature view (checked by :mod:`mlplatform.quality`,
+which uses the feature store; they live here so definitions need not import it).
 
     history = FeatureView(
         name="applicant_history", ...,
