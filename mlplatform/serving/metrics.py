@@ -82,8 +82,8 @@ class ServedValues:
     """
 
     def __init__(self, max_batches: int = 100_000) -> None:
-        self._queue: deque[tuple[Any, Mapping[str, Any], Sequence[float], Sequence[tuple[str, int, Any]]]] = deque()
-        self._max = max_batches
+        # maxlen: appending to a full deque drops the oldest entry atomically
+        self._queue: deque[tuple[Any, Mapping[str, Any], Sequence[float], Sequence[tuple[str, int, Any]]]] = deque(maxlen=max_batches)
         self.dropped = 0
         self._views: dict[tuple[str, int], tuple[tuple[str, str], ...]] = {}  # (model, version) -> (view, first feature)
 
@@ -91,8 +91,7 @@ class ServedValues:
         self, scorer: Any, columns: Mapping[str, Any], probabilities: Sequence[float], rule_scores: Sequence[tuple[str, int, Any]] = ()
     ) -> None:
         """Queue one scored micro-batch for the next ``take``."""
-        if len(self._queue) >= self._max:
-            self._queue.popleft()
+        if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
         self._queue.append((scorer, columns, probabilities, rule_scores))
 
@@ -234,7 +233,8 @@ class ServingMetrics:
         for (model, version), scores in taken["scores"].items():
             tags = {"model": model, "version": str(version)}
             for s in scores:
-                self.scores.observe(s, tags=tags)
+                if s is not None:
+                    self.scores.observe(s, tags=tags)
 
     def refresh_psi(self) -> None:
         """Export the latest monitoring report's PSI figures (if a reader was given)."""

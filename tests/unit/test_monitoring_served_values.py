@@ -57,3 +57,11 @@ def test_the_newest_event_is_per_flush_window_so_a_rollback_to_older_values_show
     assert served.take()["newest"] == {"history": pytest.approx(T0.timestamp())}
     served.add(SCORER, {"loans_30d": column([1.0], [T0 - timedelta(days=2)])}, [0.1])
     assert served.take()["newest"] == {"history": pytest.approx((T0 - timedelta(days=2)).timestamp())}
+
+
+def test_a_flush_thread_that_falls_behind_loses_the_oldest_batches_and_counts_them():
+    served = ServedValues(max_batches=3)
+    for i in range(5):
+        served.add(SCORER, {}, [i / 10])
+    assert served.dropped == 2
+    assert served.take()["scores"] == {("uw", 3): [0.2, 0.3, 0.4]}
