@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import DataError, NotFoundError
+from mlplatform.features.materialize import STATE_PREFIX
 
 if TYPE_CHECKING:
     from mlplatform.features.store import FeatureStore
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["GenerationInfo", "RollbackResult", "generations", "rollback"]
 
 log = logging.getLogger(__name__)
-
-_STATE_PREFIX = "online/state"
 
 
 @dataclass(frozen=True)
@@ -169,7 +168,7 @@ def _materialized_view(store: FeatureStore, view: Any) -> str:
 
 
 def _record_key(view: str, generation: str) -> str:
-    return f"{_STATE_PREFIX}/{view}/generations/{generation}.json"
+    return f"{STATE_PREFIX}/{view}/generations/{generation}.json"
 
 
 def _record(store: FeatureStore, view: str, generation: str) -> dict[str, Any] | None:
@@ -182,7 +181,7 @@ def _record(store: FeatureStore, view: str, generation: str) -> dict[str, Any] |
 def _point_state_at(store: FeatureStore, view: str, target: str, previous: str | None, record: dict[str, Any] | None) -> None:
     """The view's materialization state becomes the restored generation's record, so the next
     incremental run continues from its end into it; without a record, no state (a full rebuild)."""
-    key = f"{_STATE_PREFIX}/{view}.json"
+    key = f"{STATE_PREFIX}/{view}.json"
     if record is None:
         if store.storage.exists(key):
             store.storage.delete(key)
@@ -199,7 +198,7 @@ def _forget_dropped(store: FeatureStore, view: str) -> None:
     kept = [int(g.generation) for g in store.online_store.generations(view)]
     if not kept:
         return
-    prefix = f"{_STATE_PREFIX}/{view}/generations"
+    prefix = f"{STATE_PREFIX}/{view}/generations"
     for entry in store.storage.list(prefix):
         stem = entry[:-5] if entry.endswith(".json") else ""
         if stem.isdigit() and int(stem) < min(kept):
