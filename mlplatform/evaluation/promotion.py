@@ -12,7 +12,7 @@ computes the figures, so the registry depends on neither the datasets nor the me
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlplatform.errors import DataError, ModelError, NotFoundError
@@ -54,9 +54,10 @@ class PromotionEvaluator:
     def __call__(self, registry: ModelRegistry, name: str, version: int, production: int) -> PromotionDecision:
         base = {"model": name, "version": version, "alias": GATED_ALIAS, "production": production}
         try:
-            rows, evidence = _rows(registry, self.datasets, self.config, name, version, production)
+            predictors = {v: registry.load_predictor(name, version=v)[1] for v in (version, production)}
+            rows, evidence = _rows(registry, self.datasets, self.config, name, version, predictors.values())
             label = evidence.pop("label")
-            scores = {v: _score(registry, name, v, rows) for v in (version, production)}
+            scores = {v: _score(predictor, name, v, rows) for v, predictor in predictors.items()}
             y = rows.column(label).to_numpy(zero_copy_only=False)
             checks = compare_scores(y, scores[version], scores[production], self.config)
         except (DataError, ModelError, NotFoundError) as exc:
@@ -123,7 +124,7 @@ def compare_scores(
 
 
 def _rows(
-    registry: ModelRegistry, datasets: DatasetStore, config: PromotionGateConfig, name: str, version: int, production: int
+    registry: ModelRegistry, datasets: DatasetStore, config: PromotionGateConfig, name: str, version: int, predictors: Iterable[Any]
 ) -> tuple[pa.Table, dict[str, Any]]:
     """The latest ``max_rows`` rows of the candidate's out-of-time split, with every column
     either version needs, the label and the timestamp."""
@@ -136,8 +137,8 @@ def _rows(
     if not ts.get("name") or not ts.get("label") or not ts.get("timestamp_column"):
         raise ModelError(f"model {name!r} v{version} records no training_set (name, label, timestamp) in its lineage")
     needed: list[str] = []
-    for v in (version, production):
-        for spec in registry.load_predictor(name, version=v)[1].signature.inputs:
+    for predictor in predictors:
+        for spec in predictor.signature.inputs:
             if spec.name not in needed:
                 needed.append(spec.name)
     label, stamp = ts["label"], ts["timestamp_column"]
@@ -169,10 +170,9 @@ def _rows(
     return table, evidence
 
 
-def _score(registry: ModelRegistry, name: str, version: int, rows: pa.Table) -> np.ndarray:
+def _score(predictor: Any, name: str, version: int, rows: pa.Table) -> np.ndarray:
     import numpy as np
 
-    _, predictor = registry.load_predictor(name, version=version)
     outputs = predictor.predict({spec.name: _column(spec, rows.column(spec.name)) for spec in predictor.signature.inputs})
     if _PROBABILITY not in outputs:
         raise ModelError(f"model {name!r} v{version} has no {_PROBABILITY!r} output to compare (outputs: {sorted(outputs)})")
