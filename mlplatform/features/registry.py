@@ -324,8 +324,21 @@ def _describe(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             details += [f"+ {key[:-1] if key == 'aggregations' else 'feature'} {n}" for n in sorted(set(nb) - set(na))]
             details += [f"- {key[:-1] if key == 'aggregations' else 'feature'} {n}" for n in sorted(set(na) - set(nb))]
             details += [f"{n} changed" for n in sorted(set(na) & set(nb)) if na[n] != nb[n]]
+        elif key == "quality" and isinstance(a, dict) and isinstance(b, dict):
+            details += _describe_quality(a, b)
         elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
             details.append(f"{key} changed")
         else:
             details.append(f"{key}: {a!r} -> {b!r}")
     return details
+
+
+def _describe_quality(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed in a view's expectations: its policy, staleness, default, and each feature's."""
+    details = [f"quality {k}: {old.get(k)!r} -> {new.get(k)!r}" for k in ("policy", "max_staleness")
+               if old.get(k) != new.get(k)]
+    if old.get("default") != new.get("default"):
+        details.append("quality default changed")
+    a, b = old.get("features") or {}, new.get("features") or {}
+    details += [f"quality of {n} changed" for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+    return details or ["quality changed"]

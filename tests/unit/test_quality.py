@@ -65,7 +65,10 @@ def test_registry_records_a_change_of_expectations_without_force(tmp_path):
     platform.features.apply([_view(Quality(policy="warn"))])
     result = platform.features.apply([_view(Quality(policy="strict", max_staleness="2d"))])
     (change,) = result.changed
-    assert change.details == ("quality changed",)
+    assert change.details == ("quality policy: 'warn' -> 'strict'", "quality max_staleness: None -> '2d'")
+    result = platform.features.apply([_view(Quality(policy="strict", max_staleness="2d",
+                                                    features={"loans_90d": Expectation(min=0)}))])
+    assert result.changed[0].details == ("quality of loans_90d changed",)
     assert platform.features.get_feature_view("history").quality.policy == "strict"
 
 
