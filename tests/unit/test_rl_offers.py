@@ -204,3 +204,14 @@ def test_policy_flavor_round_trip_serves_the_same_offers_under_the_cap():
         flavor.load({"policy.json": b"\x80pickle"}, {})
     with pytest.raises(ModelError, match="needs a mlplatform.rl.PolicyModel"):
         flavor.save(object())
+
+
+def test_an_evaluation_window_needs_both_ends_or_neither():
+    from mlplatform.rl.api import window_of
+
+    assert window_of(None, None) is None
+    assert window_of("2024-05-01", "2024-06-01") == (datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 6, 1, tzinfo=UTC))
+    with pytest.raises(DataError, match="both ends of the window or neither"):
+        window_of("2024-05-01", None)
+    with pytest.raises(DataError, match="window end"):
+        window_of("2024-05-01", "next tuesday")
