@@ -49,7 +49,7 @@ def test_every_command_has_help():
     commands = _commands()
     expected = {
         "run", "generate", "apply", "features", "backfill", "materialize", "train", "tune",
-        "models", "models list", "models promote", "deploy", "decide", "score", "submit", "status",
+        "models", "models list", "models promote", "models history", "deploy", "decide", "score", "submit", "status",
     }
     assert expected <= set(commands)
     for name, command in commands.items():
