@@ -179,12 +179,27 @@ def train_and_register(platform: Platform, config: ModelConfig, snapshot: Traini
     return version
 
 
-def promote(platform: Platform, config: ModelConfig, version: ModelVersion) -> bool:
-    """Point ``production`` at ``version`` (when ``config.promote``); True if the alias moved."""
-    if config.promote and platform.models.aliases(config.name).get("production") != version.version:
-        platform.models.set_alias(config.name, "production", version.version)
-        return True
-    return False
+def promote(platform: Platform, config: ModelConfig, version: ModelVersion) -> str:
+    """Promote ``version`` to ``production`` through the promotion gate (when ``config.promote``).
+
+    Returns the step's one-line state: the move, the alias left where it was, or the gate's
+    refusal with its figures (recorded in the alias history; the job goes on with the
+    production version it had, as a scheduled run would).
+    """
+    from mlplatform.errors import PromotionRefused
+
+    current = platform.models.aliases(config.name).get("production")
+    if not config.promote or current == version.version:
+        return "production unset" if current is None else f"production is v{current}"
+    try:
+        platform.models.promote(config.name, version.version, by="mlp run")
+    except PromotionRefused as refused:
+        log.warning("[promote] %s", refused)
+        decision = refused.decision
+        failed = [c.line for c in decision.checks if not c.passed] if decision is not None else []
+        why = "; ".join(failed) or (decision.problem if decision is not None else str(refused))
+        return f"production stays v{current}, gate refused v{version.version}: {why}"
+    return f"production -> v{version.version}"
 
 
 def model_card_uri(platform: Platform, version: ModelVersion) -> str:

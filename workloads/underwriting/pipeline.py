@@ -235,9 +235,7 @@ def promote_step(platform: Platform, config: Config) -> Step:
                 f"no {config.model.name!r} version was trained on training set {snapshot.name} v{snapshot.version} "
                 "with this spec; run the train step first"
             )
-        moved = model.promote(platform, config.model, version)
-        alias = platform.models.aliases(config.model.name).get("production")
-        state = f"production -> v{version.version}" if moved else f"production is v{alias}"
+        state = model.promote(platform, config.model, version)
         return Done(summary=f"{config.model.name}: {state}", value=version)
 
     return Step("promote", run)
