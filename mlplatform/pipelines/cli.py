@@ -111,7 +111,7 @@ def cmd_step(args: argparse.Namespace) -> None:
     from mlplatform.pipelines.spec import load_pipeline
 
     pipeline = load_pipeline(args.pipeline)
-    outcome = run_in_job(pipeline, args.step, parse_ds(args.ds), args.attempt, open_platform=args.open_platform)
+    outcome = run_in_job(pipeline, args.step, parse_ds(args.ds), args.attempt, open_platform=args.open_platform, root=args.root)
     print(f"{args.step} {args.ds}: wrote {', '.join(outcome['wrote']) or 'nothing'}")
 
 
@@ -156,3 +156,4 @@ def register(sub: Any, *, open_platform: Callable[[Any], Any]) -> None:
     p.add_argument("step", help="step name")
     p.add_argument("--ds", required=True, help="the day, YYYY-MM-DD")
     p.add_argument("--attempt", type=int, default=1, help="the attempt this job is (recorded with its outcome)")
+    p.add_argument("--root", help="storage root to use instead of the config's (the scheduler passes its own)")

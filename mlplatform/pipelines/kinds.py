@@ -63,12 +63,19 @@ WORKLOAD_STEPS: dict[str, tuple[str, ...]] = {
 
 
 def run_in_job(
-    pipeline: Pipeline, name: str, ds: date, attempt: int, *, open_platform: Callable[[PlatformConfig], Any]
+    pipeline: Pipeline,
+    name: str,
+    ds: date,
+    attempt: int,
+    *,
+    open_platform: Callable[[PlatformConfig], Any],
+    root: str | None = None,
 ) -> dict[str, Any]:
     """Run step ``name`` for ``ds`` in this process (the job's driver) and record its outcome.
 
     Args:
         open_platform: builds the Platform (a context manager) from the pipeline's config.
+        root: the storage root to use instead of the config's (the scheduler's, resolved).
 
     Raises:
         PlatformError: the step's work failed (the job then fails and the scheduler retries).
@@ -84,6 +91,8 @@ def run_in_job(
         overrides = render(pipeline.overrides, ds, pipeline.pipeline)
         workload = load_workload(pipeline.resolve(pipeline.workload), overrides)
     config = workload.platform_config if workload is not None and pipeline.platform is None else pipeline.platform_config()
+    if root is not None:
+        config = config.model_copy(update={"storage": config.storage.model_copy(update={"root": root})})
     state_platform = open_platform(config)
     state = RunState(state_platform.storage, pipeline.pipeline)
     # Lineage: a model registered by this job names the run (models.registry.complete_lineage).

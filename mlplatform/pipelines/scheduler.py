@@ -274,7 +274,11 @@ class Scheduler:
         source = self.pipeline.source
         if self.pipeline.working_dir is not None:
             source = os.path.relpath(source, self.pipeline.resolve(self.pipeline.working_dir))
-        return shlex.join(["mlp", "pipeline", "step", source, step.name, "--ds", ds.isoformat(), "--attempt", str(attempt)])
+        # --root: the job writes where this scheduler reads, whatever its working directory
+        # (a relative local root such as ./.mlplatform would otherwise resolve elsewhere)
+        return shlex.join(
+            ["mlp", "pipeline", "step", source, step.name, "--ds", ds.isoformat(), "--attempt", str(attempt), "--root", self.storage.root]
+        )
 
     def run_attempt(self, ds: date, name: str, attempt: int) -> str:
         """Run exactly attempt ``attempt`` of one step (what an Airflow task try does: Airflow

@@ -53,6 +53,10 @@ def test_steps_are_ordered_by_dependency_and_settings_default(tmp_path):
     scheduler = Scheduler(pipeline, address="http://127.0.0.1:8265")
     assert scheduler.entrypoint(pipeline.step("a"), DS, 1) == "echo 2025-01-06 20250106 2025-01-07"
     assert submission_id("daily", "a", DS, 3) == "mlp-daily-a-20250106-a3"
+    # other kinds run `mlp pipeline step` in the job, told the scheduler's (resolved) storage root
+    assert scheduler.entrypoint(pipeline.step("c"), DS, 2) == (
+        f"mlp pipeline step {pipeline.source} c --ds 2025-01-06 --attempt 2 --root {tmp_path / 'root'}"
+    )
 
 
 @pytest.mark.parametrize(
