@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlplatform.jobs.steps import Done, Step
 from mlplatform.rl import FixedTierPolicy, OfferConfig, OfferSelector, OfferTier, RewardRule, RiskCap, ScoredPolicy, Selection
@@ -89,6 +89,16 @@ class Config(BaseModel):
     marwil: MarwilSpec = Field(default_factory=lambda: MarwilSpec(reward_scale=4.0), description="The RLlib MARWIL run.")
     model_names: ModelNames = Field(default_factory=ModelNames, description="Registered model names.")
     shadow_alias: str = Field(default="shadow", pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="Alias set on new versions.")
+
+    @model_validator(mode="after")
+    def _check_dates(self) -> Config:
+        start, end = self.simulation.start, self.simulation.start + timedelta(days=self.simulation.days)
+        if not start < self.train_until < min(end, self.as_of):
+            raise ValueError(
+                f"train_until {self.train_until.isoformat()} must fall inside the simulated decisions "
+                f"({start.isoformat()} to {end.isoformat()}) and before as_of {self.as_of.isoformat()}"
+            )
+        return self
 
 
 def simulator(config: Config) -> CreditLineSimulator:
