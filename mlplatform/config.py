@@ -212,8 +212,9 @@ OnlineStoreConfig = Annotated[
 ]
 
 
-Role = Literal["decide", "predict", "read_features", "write_features", "operate"]
-ROLES: tuple[str, ...] = ("decide", "predict", "read_features", "write_features", "operate")
+# read_ui: opens the web UI (mlplatform.ui) and nothing else; operate opens it too.
+Role = Literal["decide", "predict", "read_features", "write_features", "operate", "read_ui"]
+ROLES: tuple[str, ...] = ("decide", "predict", "read_features", "write_features", "operate", "read_ui")
 
 
 def _redis_url(value: str) -> str:
