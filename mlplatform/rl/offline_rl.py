@@ -24,6 +24,7 @@ the logits, never learned.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -165,6 +166,10 @@ def train_marwil(
             _check_logits(algo, model, np.asarray(check_contexts[:256], np.float64))
     finally:
         algo.stop()
+        # RLlib's Ray Data iterator is a generator held by the algorithm: closed now, while Ray
+        # is up, rather than at interpreter exit (where it prints a traceback about Ray being down).
+        del algo
+        gc.collect()
     return model, metrics
 
 

@@ -16,6 +16,7 @@ import pytest
 from mlplatform import Platform
 from mlplatform.errors import DataError, ModelError
 from mlplatform.jobs import load_workload
+from mlplatform.rl.reward_model import RewardModelSpec
 from workloads.credit_line.pipeline import logging_policy, simulator
 from workloads.credit_line.simulator import FEATURES
 
@@ -92,7 +93,8 @@ def test_registered_policies_serve_through_their_predictor(run):
 
 def test_evaluate_a_registered_policy_on_a_window(run):
     platform, config, _ = run
-    result = platform.rl.evaluate("credit_line_bandit", ("2024-05-01", "2024-10-01"), alias="shadow")
+    cheap = RewardModelSpec(num_boost_round=20, num_leaves=7)  # DR's cross-fitted model, small for the test
+    result = platform.rl.evaluate("credit_line_bandit", ("2024-05-01", "2024-10-01"), alias="shadow", reward_model=cheap)
     assert result.policy.startswith("credit_line_bandit v") and 0 < result.decisions < 8_000
     assert set(result.estimates) == {"ips", "snips", "dr"}
     assert all(e.low <= e.value <= e.high for e in result.estimates.values())
@@ -104,7 +106,7 @@ def test_evaluate_a_registered_policy_on_a_window(run):
     with pytest.raises(ModelError, match="not 'policy'"):
         platform.rl.evaluate("not_a_policy")
     # the acting policy itself, as a Policy object: IPS on its own log is its mean reward
-    own = platform.rl.evaluate(logging_policy(config))
+    own = platform.rl.evaluate(logging_policy(config), reward_model=cheap)
     assert own.estimates["ips"].value == pytest.approx(own.logged_value)
 
 
