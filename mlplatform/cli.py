@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         action="append",
         required=True,
-        choices=["decide", "read_features", "write_features", "operate"],
+        choices=["decide", "read_features", "write_features", "operate", "read_ui"],
         help="a role the key holds (repeatable)",
     )
 
@@ -495,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mlplatform.pipelines.cli import register as register_pipeline
 
     register_pipeline(sub, open_platform=lambda config: _platform(SimpleNamespace(platform_config=config)))
+
+    from mlplatform.ui.server import register as register_ui
+
+    register_ui(sub, open_workload=lambda path: _workload(SimpleNamespace(workload=path)), open_platform=_platform)
 
     p = add("status", cmd_status, "Show Ray jobs on a cluster (one job with JOB_ID).")
     p.add_argument("job_id", nargs="?", help="a submission id; default all jobs")

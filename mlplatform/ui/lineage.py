@@ -1,0 +1,73 @@
+"""The lineage graph: source → feature view → feature service → training-set snapshot → model
+version → alias → deployment, read from the feature registry, the model registry and the
+serving config; every node links to the page that describes it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlplatform.ui.svg import Node, lineage_svg
+
+__all__ = ["COLUMNS", "lineage"]
+
+COLUMNS = ("sources", "feature views", "services", "training sets", "model versions", "aliases", "deployments")
+#: Versions drawn per model: those an alias points at, then the newest up to this many.
+MAX_VERSIONS = 8
+
+
+def lineage(platform: Any, base: str) -> dict[str, Any]:
+    features, registry = platform.features, platform.models
+    nodes: dict[str, Node] = {}
+    edges: list[tuple[str, str]] = []
+
+    def add(key: str, label: str, column: int, href: str) -> str:
+        nodes.setdefault(key, Node(key, label, column, href))
+        return key
+
+    catalog = f"{base}/catalog"
+    views = features.list_feature_views() + features.list_on_demand_feature_views()
+    for view in views:
+        v = add(f"view:{view.name}", view.name, 1, f"{catalog}/views/{view.name}" if hasattr(view, "source") else f"{catalog}#{view.name}")
+        for source in ([view.source] if hasattr(view, "source") else [s for s in view.sources if not hasattr(s, "entities")]):
+            edges.append((add(f"source:{source.name}", source.name, 0, f"{catalog}#source-{source.name}"), v))
+        for parent in getattr(view, "sources", ()):
+            if hasattr(parent, "entities"):
+                edges.append((f"view:{parent.name}", v))
+    for service in features.list_feature_services():
+        s = add(f"service:{service.name}", service.name, 2, f"{catalog}#service-{service.name}")
+        for view in sorted({ref.split(":", 1)[0] for ref in service.features}):
+            edges.append((f"view:{view}", s))
+    serving = platform.config.serving
+    for name in registry.names():
+        versions = registry.list(name)
+        aliases = registry.aliases(name)
+        keep = set(aliases.values()) | {mv.version for mv in versions[-MAX_VERSIONS:]}
+        for mv in versions:
+            if mv.version not in keep:
+                continue
+            m = add(f"model:{name}:{mv.version}", f"{name} v{mv.version}", 4, f"{base}/models/{name}/{mv.version}")
+            ts = mv.lineage.get("training_set")
+            service = mv.lineage.get("feature_service") or (ts or {}).get("feature_service")
+            if isinstance(ts, dict):
+                label = ts.get("name") or ts.get("snapshot") or ts.get("dataset") or "training set"
+                version = ts.get("version")
+                t = add(f"ts:{label}:{version}", f"{label}" + (f" v{version}" if version is not None else ""), 3,
+                        f"{base}/models/{name}/{mv.version}#training-set")
+                if service:
+                    edges.append((f"service:{service}", t))
+                edges.append((t, m))
+            elif service:
+                edges.append((f"service:{service}", m))
+        for alias, version in sorted(aliases.items()):
+            a = add(f"alias:{name}:{alias}", f"{name}@{alias}", 5, f"{base}/models/{name}#alias-{alias}")
+            edges.append((f"model:{name}:{version}", a))
+            if alias == "production":
+                edges.append((a, add("deploy:checkout", "checkout decisions", 6, f"{base}/decisions")))
+            if alias == (serving.policy.shadow_alias or ""):
+                edges.append((a, add("deploy:checkout-shadow", "checkout shadow", 6, f"{base}/decisions")))
+        for served in serving.models:
+            if served.name == name and served.alias in aliases:
+                edges.append((f"alias:{name}:{served.alias}",
+                              add(f"deploy:v2:{name}", f"/v2/models/{name}", 6, f"{base}/models/{name}")))
+    ordered = sorted(nodes.values(), key=lambda n: (n.column, n.label))
+    return {"svg": lineage_svg(ordered, edges, COLUMNS), "nodes": ordered}

@@ -1,0 +1,79 @@
+"""Server-drawn SVG: the lineage graph (columns of linked boxes) and metric trends (polylines).
+No JavaScript: every node is an ``<a>`` element, every text escaped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+
+__all__ = ["Node", "lineage_svg", "trend_svg"]
+
+_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 170, 30, 50, 12
+
+
+@dataclass(frozen=True)
+class Node:
+    """One box: ``key`` is unique, ``column`` its stage (0 = sources), ``href`` where it links."""
+
+    key: str
+    label: str
+    column: int
+    href: str
+
+
+def lineage_svg(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], columns: Sequence[str]) -> str:
+    """Nodes in columns (one per stage, titled by ``columns``), edges as lines between box sides."""
+    rows: dict[int, int] = {}
+    where: dict[str, tuple[int, int]] = {}
+    for node in nodes:
+        row = rows.get(node.column, 0)
+        rows[node.column] = row + 1
+        where[node.key] = (20 + node.column * (_BOX_W + _GAP_X), 40 + row * (_BOX_H + _GAP_Y))
+    width = 40 + len(columns) * (_BOX_W + _GAP_X)
+    height = 60 + max(rows.values(), default=1) * (_BOX_H + _GAP_Y)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lineage" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="lineage graph">']
+    for i, title in enumerate(columns):
+        out.append(f'<text x="{20 + i * (_BOX_W + _GAP_X)}" y="22" class="col">{escape(title)}</text>')
+    for a, b in edges:
+        if a in where and b in where:
+            (x1, y1), (x2, y2) = where[a], where[b]
+            out.append(f'<line x1="{x1 + _BOX_W}" y1="{y1 + _BOX_H // 2}" x2="{x2}" y2="{y2 + _BOX_H // 2}" class="edge"/>')
+    for node in nodes:
+        x, y = where[node.key]
+        label = node.label if len(node.label) <= 24 else node.label[:23] + "…"
+        out.append(f'<a href="{escape(node.href)}"><rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="5" '
+                   f'class="node c{node.column}"><title>{escape(node.label)}</title></rect>'
+                   f'<text x="{x + 8}" y="{y + 19}">{escape(label)}</text></a>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def trend_svg(series: dict[str, list[tuple[int, float]]], *, width: int = 560, height: int = 180) -> str:
+    """One polyline per metric over model versions (x: version, y: value, each metric scaled to
+    its own range so AUC and log loss share a chart); an empty string when nothing to draw."""
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return ""
+    versions = sorted({v for points in series.values() for v, _ in points})
+    lo_v, hi_v = versions[0], max(versions[-1], versions[0] + 1)
+    colors = ["#1f6feb", "#d73a49", "#2da44e", "#bf8700", "#8250df", "#57606a"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="trend" width="{width}" height="{height + 20 * len(series)}" '
+           f'role="img" aria-label="metric trends">']
+    out.append(f'<rect x="40" y="10" width="{width - 60}" height="{height - 40}" class="frame"/>')
+    for i, (metric, points) in enumerate(sorted(series.items())):
+        values = [p for _, p in points]
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        coords = " ".join(
+            f"{40 + (v - lo_v) / (hi_v - lo_v) * (width - 60):.1f},{10 + (1 - (y - lo) / span) * (height - 40):.1f}"
+            for v, y in points
+        )
+        color = colors[i % len(colors)]
+        out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="40" y="{height + 20 * i}" fill="{color}">{escape(metric)}: '
+                   f'{lo:.4g} … {hi:.4g} (v{points[0][0]}–v{points[-1][0]})</text>')
+    out.append(f'<text x="40" y="{height - 12}" class="axis">v{lo_v}</text>'
+               f'<text x="{width - 40}" y="{height - 12}" class="axis">v{versions[-1]}</text></svg>')
+    return "".join(out)
