@@ -201,4 +201,7 @@ def serving_parts(config: Mapping[str, Any]) -> ServingParts:
     from mlplatform.serving.api import ServingParts
 
     platform = Platform.from_config(config)
-    return ServingParts(config=platform.config, storage=platform.storage, features=platform.features, models=platform.models)
+    from mlplatform.ui import build_app
+
+    return ServingParts(config=platform.config, storage=platform.storage, features=platform.features, models=platform.models,
+                        ui=lambda keys: build_app(platform, keys))

@@ -60,6 +60,8 @@ class ServingParts:
     storage: Storage
     features: FeatureStore
     models: ModelRegistry
+    #: Builds the web UI served at /ui from the replica's keys (None: no UI).
+    ui: Callable[[Any], Any] | None = None
 
 
 class Serving:

@@ -79,6 +79,7 @@ from ray import serve
 from mlplatform.errors import NotFoundError, PlatformError
 from mlplatform.serving.feature_batches import lookup_many, push_frame
 from mlplatform.serving.guard import Guard
+from mlplatform.serving.ui_mount import UiMount
 from mlplatform.serving.http import ERROR_RESPONSES, app, error_response, platform_error_response
 from mlplatform.serving.idempotency import IdempotencyUnavailable, is_pending, pending_marker
 from mlplatform.serving.model_server.routes import ModelRoutes
@@ -158,6 +159,7 @@ class ServingReplica(ModelRoutes):
         Guard.configure(settings.keys)
         self.settings = settings
         self.parts = settings.parts(settings.config)
+        UiMount.configure((lambda: self.parts.ui(settings.keys)) if self.parts.ui else None)
         self.catalog = FeatureCatalog(self.parts.features)
         policy = DecisionPolicy.model_validate(settings.policy)
         aliases = ("production", policy.shadow_alias) if policy.shadow_alias else ("production",)

@@ -79,7 +79,8 @@ class Guard:
         cls.keys = tuple((bytes.fromhex(digest), frozenset(roles)) for digest, roles in keys)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+        # /ui/...: the web UI asks for its own session cookie (mlplatform.ui.session).
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS or scope["path"].startswith("/ui/") or scope["path"] == "/ui":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         roles = self._roles(headers.get(b"x-api-key"))

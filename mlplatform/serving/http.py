@@ -27,6 +27,7 @@ from mlplatform.errors import DataError, DefinitionError, NotFoundError, Platfor
 from mlplatform.online.base import OnlineStoreUnavailable
 from mlplatform.serving.guard import Guard
 from mlplatform.serving.schemas import ErrorResponse
+from mlplatform.serving.ui_mount import UiMount
 
 __all__ = ["ERROR_RESPONSES", "app", "document_schema", "error_response", "platform_error_response", "shown"]
 
@@ -41,6 +42,7 @@ app = FastAPI(
     openapi_url="/openapi.json",
 )
 app.add_middleware(Guard)
+app.mount("/ui", UiMount())  # the web UI (mlplatform.ui), built in each replica from its config
 _EXTRA_SCHEMAS: list[type[BaseModel]] = []
 
 
