@@ -19,8 +19,9 @@ The other kinds use the platform directly:
 - ``validate``: ``platform.quality.validate(view, start=..., end=...)`` for each view in
   ``params.views`` (default every daily view), over ``params.start``/``params.end``
   (default the day: ``start < event_timestamp <= end`` with start = ds, end = next_ds). A
-  strict view's failure (``QualityError``) fails the step; ``params.fail_on_failed: true``
-  fails it on any failed check.
+  strict view's failure (``QualityError``) fails the step, and so do fewer than
+  ``params.min_rows`` (default 1) rows in the range; ``params.fail_on_failed: true`` fails it
+  on any failed check.
 - ``gate``: the model version an earlier step of the run trained (``params.from_step``,
   default the first dependency that recorded a model) against ``params.min`` / ``params.max``
   thresholds on its metrics, e.g. ``min: {test_auc: 0.6}``; a miss fails the step, so the
@@ -52,7 +53,8 @@ from mlplatform.pipelines.state import RunState
 
 __all__ = ["WORKLOAD_STEPS", "run_in_job"]
 
-log = logging.getLogger(__name__)
+# under mlplatform.jobs: the job's console (its Ray log) shows these lines without --verbose
+log = logging.getLogger("mlplatform.jobs.pipeline")
 WORKLOAD_STEPS: dict[str, tuple[str, ...]] = {
     "generate": ("generate",),
     "backfill": ("apply", "event log", "backfill"),
@@ -148,14 +150,23 @@ def _validate(platform: Any, params: dict[str, Any], ds: date) -> dict[str, Any]
     views = params.get("views") or [v.name for v in platform.features.list_feature_views() if not v.is_realtime]
     start = params.get("start", ds.isoformat())
     end = params.get("end", date.fromordinal(ds.toordinal() + 1).isoformat())
+    min_rows = int(params.get("min_rows", 1))
     reports = {}
     failed = []
     for view in views:
         report = platform.quality.validate(view, start=start, end=end)  # QualityError: strict and failed
-        log.info("%s", report.line())
+        log.info("[validate] %s", report.line())
         reports[view] = {"rows": report.rows, "passed": report.passed, "failed": len(report.failed), "report": report.key}
         if report.failed:
             failed.append(view)
+        if report.rows < min_rows:
+            from mlplatform.errors import QualityError
+
+            # every check of an empty range is skipped, so "passed" would say nothing: a day
+            # without data is a failure of the day
+            raise QualityError(
+                f"{view}: {report.rows} row(s) with {start} < event_timestamp <= {end}, fewer than min_rows {min_rows}"
+            )
     if failed and params.get("fail_on_failed"):
         from mlplatform.errors import QualityError
 
