@@ -215,3 +215,26 @@ def test_an_evaluation_window_needs_both_ends_or_neither():
         window_of("2024-05-01", None)
     with pytest.raises(DataError, match="window end"):
         window_of("2024-05-01", "next tuesday")
+
+
+def test_logged_offers_are_written_in_rllibs_offline_schema(tmp_path):
+    """The episodes MARWIL reads: exactly RLlib's single-agent columns (any other column would
+    be carried into the episode as a model output), one terminated step per offer."""
+    import pyarrow.parquet as pq
+    from ray.rllib.offline.offline_prelearner import SCHEMA
+
+    from mlplatform import Platform
+    from mlplatform.rl.offline_rl import write_episodes
+
+    platform = Platform.from_config({"storage": {"root": str(tmp_path / "root")}})
+    rng = np.random.default_rng(0)
+    x = rng.normal(10.0, 3.0, size=(50, 3))
+    rewards = rng.normal(100.0, 20.0, 50)
+    paths = write_episodes(platform.datasets, "rl/offers/episodes", x, np.arange(50) % 5, rewards, x.mean(0), x.std(0), reward_scale=2.0)
+    table = pa.concat_tables([pq.read_table(p) for p in paths])
+    assert set(table.column_names) <= set(SCHEMA.values()) and {"obs", "actions", "rewards", "new_obs"} <= set(table.column_names)
+    obs = np.array(table["obs"].to_pylist())
+    assert obs.shape == (50, 3) and np.allclose(obs.mean(0), 0, atol=1e-5) and np.allclose(obs.std(0), 1, atol=1e-4)
+    assert np.allclose(table["rewards"].to_numpy(), 2.0 * (rewards - rewards.mean()) / rewards.std(), atol=1e-4)
+    assert table["terminateds"].to_pylist() == [True] * 50 and table["truncateds"].to_pylist() == [False] * 50
+    assert table["eps_id"].to_pandas().is_unique
