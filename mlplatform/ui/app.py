@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 _TEMPLATES = Path(__file__).with_name("templates")
 _MAX_FORM = 8 * 1024
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.@+-]+){2,}/?")
+_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+-]+){2,}/?")
 _HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
@@ -82,7 +82,7 @@ def build_app(platform: Any, keys: tuple[tuple[str, tuple[str, ...]], ...] | Non
 
         def endpoint(request: Any) -> Any:
             if sessions.verify(request.cookies.get(COOKIE)) is None:
-                if request.method == "GET" and "image" not in request.headers.get("accept", ""):
+                if request.method == "GET" and "text/html" in request.headers.get("accept", "text/html"):
                     return RedirectResponse(f"{base(request)}/login", status_code=303, headers=_HEADERS)
                 return Response("log in first", status_code=401, media_type="text/plain", headers=_HEADERS)
             try:

@@ -62,7 +62,7 @@ def version_detail(platform: Any, name: str, version: int) -> dict[str, Any]:
     return {
         "name": name, "version": mv.version, "flavor": mv.flavor, "created_at": mv.created_at, "aliases": mv.aliases,
         "description": mv.description, "metrics": mv.metrics, "params": mv.params,
-        "lineage": {k: v for k, v in lineage.items() if k != "libraries"}, "libraries": lineage.get("libraries") or {},
+        "lineage": {k: v for k, v in lineage.items() if k not in ("libraries", "artifacts")}, "libraries": lineage.get("libraries") or {},
         "training_set": training_set,
         "card": card,
         "images": sorted(f for f in mv.artifacts if any(f.endswith(ext) for ext in IMAGE_TYPES)),

@@ -9,7 +9,7 @@ from html import escape
 
 __all__ = ["Node", "lineage_svg", "trend_svg"]
 
-_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 170, 30, 50, 12
+_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 150, 30, 34, 12
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def lineage_svg(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], columns
             out.append(f'<line x1="{x1 + _BOX_W}" y1="{y1 + _BOX_H // 2}" x2="{x2}" y2="{y2 + _BOX_H // 2}" class="edge"/>')
     for node in nodes:
         x, y = where[node.key]
-        label = node.label if len(node.label) <= 24 else node.label[:23] + "…"
+        label = node.label if len(node.label) <= 21 else node.label[:20] + "…"
         out.append(f'<a href="{escape(node.href)}"><rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="5" '
                    f'class="node c{node.column}"><title>{escape(node.label)}</title></rect>'
                    f'<text x="{x + 8}" y="{y + 19}">{escape(label)}</text></a>')
