@@ -37,6 +37,7 @@ KEYS = (
     (hashlib.sha256(READER.encode()).hexdigest(), ("read_ui",)),
     (hashlib.sha256(CHECKOUT.encode()).hexdigest(), ("decide",)),
 )
+HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 FEATURES = ["loans_90d", "missed_installments_90d", "outstanding_balance"]
 
 
@@ -139,8 +140,9 @@ PAGES = ["/catalog", "/catalog/views/applicant_history", "/lineage", "/models", 
 
 def test_every_page_needs_a_session_and_the_cookie_is_locked_down(ui):
     for path in PAGES:
-        r = requests.get(ui.url + path, allow_redirects=False)
+        r = requests.get(ui.url + path, headers=HTML, allow_redirects=False)  # a browser is sent to the login page
         assert r.status_code == 303 and r.headers["location"] == "/login", path
+        assert requests.get(ui.url + path, allow_redirects=False).status_code == 401  # any other client: 401
     assert requests.get(ui.url + "/models/underwriting/3/files/roc.png", headers={"Accept": "image/png"}).status_code == 401
     assert requests.post(ui.url + "/decisions/d-1", allow_redirects=False).status_code == 401
     assert requests.get(ui.url + "/login").status_code == 200
@@ -180,7 +182,7 @@ def test_logout_locks_the_pages(ui):
     assert s.get(ui.url + "/catalog").status_code == 200
     r = s.post(ui.url + "/logout", allow_redirects=False)
     assert r.status_code == 303 and f'{COOKIE}=""' in r.headers["set-cookie"]
-    r = s.get(ui.url + "/catalog", allow_redirects=False)
+    r = s.get(ui.url + "/catalog", headers=HTML, allow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
 
 
