@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mlplatform.errors import PlatformError
+from mlplatform.ui.definitions import definitions
 
 __all__ = ["catalog", "view_detail"]
 
@@ -17,31 +18,30 @@ log = logging.getLogger(__name__)
 
 def catalog(platform: Any) -> dict[str, Any]:
     """Entities, sources, feature views (with their state), on-demand views and services."""
-    features = platform.features
-    views = [_view_summary(platform, v) for v in features.list_feature_views()]
+    defs = definitions(platform)
     return {
-        "entities": [{"name": e.name, "description": e.description, "join_keys": ", ".join(e.join_keys)} for e in features.list_entities()],
+        "entities": [{"name": e.name, "description": e.description, "join_keys": ", ".join(e.join_keys)} for e in defs.entities],
         "sources": [
             {"name": s.name, "kind": kind, "description": s.description, "dataset": s.dataset}
-            for kind, items in (("batch", features.list_sources()), ("stream", features.list_stream_sources()))
+            for kind, items in (("batch", defs.sources), ("stream", defs.stream_sources))
             for s in items
         ],
-        "views": views,
+        "views": [_view_summary(platform, v) for v in defs.views],
         "on_demand": [
             {"name": v.name, "description": v.description, "features": [_field(f) for f in v.schema_],
              "sources": [s.name for s in v.sources]}
-            for v in features.list_on_demand_feature_views()
+            for v in defs.on_demand
         ],
         "services": [
             {"name": s.name, "description": s.description, "owner": s.owner, "features": list(s.features)}
-            for s in features.list_feature_services()
+            for s in defs.services
         ],
     }
 
 
 def view_detail(platform: Any, name: str) -> dict[str, Any]:
     """One view: its summary, its definition and its version history (newest first)."""
-    view = platform.features.get_feature_view(name)
+    view = definitions(platform).view(name) or platform.features.get_feature_view(name)  # NotFoundError
     summary = _view_summary(platform, view, deep=True)
     history = platform.features.registry.history("feature_view", name)
     summary["history"] = list(reversed(history))
@@ -63,27 +63,40 @@ def _view_summary(platform: Any, view: Any, *, deep: bool = False) -> dict[str, 
         "policy": view.quality.policy if view.quality else None, "offline": None, "online": None, "quality": None,
     }
     dataset = offline_dataset(view.name)
+    errors = []
     try:
         if platform.datasets.exists(dataset):
             version = platform.datasets.get(dataset)
             parts = version.partitions
             out["offline"] = {"rows": version.rows, "version": version.version, "from": _partition(parts[0]) if parts else None,
                               "to": _partition(parts[-1]) if parts else None}
-        generations = platform.features.generations(view.name)
-        current = next((g for g in generations if g.state == "current"), None)
-        if current is not None:
-            age = (datetime.now(UTC) - current.published_at).total_seconds() if current.published_at else None
-            out["online"] = {"generation": current.generation, "rows": current.rows, "end": current.end,
-                             "published_at": current.published_at, "age": _age(age), "kept": len(generations)}
+    except PlatformError as exc:
+        errors.append(f"offline data: {exc}")
+    if view.is_realtime:
+        out["online"] = {"realtime": True}
+    else:
+        try:
+            # The online store's own list: the rollback records (event windows) are read on the view's page.
+            generations = platform.features.generations(view.name) if deep else platform.features.online_store.generations(view.name)
+            current = next((g for g in generations if g.state == "current"), None)
+            if current is not None:
+                age = (datetime.now(UTC) - current.published_at).total_seconds() if current.published_at else None
+                out["online"] = {"generation": current.generation, "rows": current.rows, "end": getattr(current, "end", None),
+                                 "published_at": current.published_at, "age": _age(age), "kept": len(generations)}
+        except PlatformError as exc:  # e.g. the online store is down: said on the page
+            errors.append(f"online state: {exc}")
+    try:
         report = platform.quality.latest(view.name)
         if report is not None:
             failed = [c for c in report.checks if c.status == "failed"]
             out["quality"] = {"passed": report.passed, "stage": report.stage, "rows": report.rows, "at": report.created_at,
                               "checks": len(report.checks), "failed": len(failed),
                               "details": [c.__dict__ for c in report.checks] if deep else []}
-    except PlatformError as exc:  # a part that has nothing yet for this view, said on the page
-        log.info("catalog: state of view %s unavailable: %s", view.name, exc)
-        out["error"] = str(exc)
+    except PlatformError as exc:
+        errors.append(f"quality: {exc}")
+    for error in errors:
+        log.info("catalog: view %s: %s", view.name, error)
+    out["error"] = "; ".join(errors)
     return out
 
 

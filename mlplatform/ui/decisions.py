@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from mlplatform.errors import NotFoundError
+from mlplatform.ui.definitions import definitions
 
 __all__ = ["decision_detail", "replay", "search"]
 
@@ -86,11 +87,11 @@ def _decoded(value: Any) -> Any:
 def _feature_views(platform: Any) -> dict[str, str]:
     """Each feature name -> the view computing it (to find its logged event time)."""
     out: dict[str, str] = {}
-    features = platform.features
-    for view in features.list_feature_views():
+    defs = definitions(platform)
+    for view in defs.views:
         for name in [f.name for f in view.schema_] + [a.name or "" for a in view.aggregations]:
             out.setdefault(name, view.name)
-    for view in features.list_on_demand_feature_views():
+    for view in defs.on_demand:
         for f in view.schema_:
             out.setdefault(f.name, view.name)
     return out

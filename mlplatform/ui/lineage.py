@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mlplatform.ui.definitions import definitions
 from mlplatform.ui.svg import Node, lineage_svg
 
 __all__ = ["COLUMNS", "lineage"]
@@ -16,7 +17,7 @@ MAX_VERSIONS = 8
 
 
 def lineage(platform: Any, base: str) -> dict[str, Any]:
-    features, registry = platform.features, platform.models
+    registry = platform.models
     nodes: dict[str, Node] = {}
     edges: list[tuple[str, str]] = []
 
@@ -25,7 +26,8 @@ def lineage(platform: Any, base: str) -> dict[str, Any]:
         return key
 
     catalog = f"{base}/catalog"
-    views = features.list_feature_views() + features.list_on_demand_feature_views()
+    defs = definitions(platform)
+    views = defs.views + defs.on_demand
     for view in views:
         v = add(f"view:{view.name}", view.name, 1, f"{catalog}/views/{view.name}" if hasattr(view, "source") else f"{catalog}#{view.name}")
         for source in ([view.source] if hasattr(view, "source") else [s for s in view.sources if not hasattr(s, "entities")]):
@@ -33,7 +35,7 @@ def lineage(platform: Any, base: str) -> dict[str, Any]:
         for parent in getattr(view, "sources", ()):
             if hasattr(parent, "entities"):
                 edges.append((f"view:{parent.name}", v))
-    for service in features.list_feature_services():
+    for service in defs.services:
         s = add(f"service:{service.name}", service.name, 2, f"{catalog}#service-{service.name}")
         for view in sorted({ref.split(":", 1)[0] for ref in service.features}):
             edges.append((f"view:{view}", s))

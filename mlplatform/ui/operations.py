@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from mlplatform.errors import PlatformError
+from mlplatform.ui.definitions import definitions
 
 __all__ = ["operations"]
 
@@ -38,7 +39,7 @@ def _pipelines(platform: Any) -> list[dict[str, Any]]:
 
 def _quality(platform: Any) -> list[dict[str, Any]]:
     out = []
-    for view in platform.features.list_feature_views():
+    for view in definitions(platform).views:
         try:
             reports = platform.quality.reports(view.name)
         except PlatformError as exc:
