@@ -10,8 +10,9 @@ from _serving_app import KEY, application
 
 def test_the_ui_is_mounted_at_ui(served):
     url = served.deployed.url
-    r = requests.get(f"{url}/ui/catalog", allow_redirects=False, timeout=60)
-    assert r.status_code == 303 and r.headers["location"] == "/ui/login"
+    r = requests.get(f"{url}/ui/catalog", headers={"Accept": "text/html"}, allow_redirects=False, timeout=60)
+    assert r.status_code == 303 and r.headers["location"] == "/ui/login"  # a browser is sent to the login page
+    assert requests.get(f"{url}/ui/catalog", timeout=30).status_code == 401  # any other client
     assert requests.post(f"{url}/ui/login", data={"key": "wrong-key-" + "w" * 20}, allow_redirects=False, timeout=30).status_code == 401
     s = requests.Session()
     r = s.post(f"{url}/ui/login", data={"key": KEY}, allow_redirects=False, timeout=30)

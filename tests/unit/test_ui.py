@@ -71,6 +71,13 @@ def populate(platform: Platform, spool) -> dict:
                                                "training_set": {"name": "underwriting_ts", "version": seed}},
                                       metrics={"test_auc": 0.7 + seed / 100}, params={"seed": seed})
     platform.models.set_alias("underwriting", "production", mv.version)
+    from datetime import date
+
+    from mlplatform.pipelines.state import RunState
+
+    runs = RunState(platform.storage, "underwriting_daily")
+    runs.start_run(date(2025, 1, 2))
+    runs.finish_run(date(2025, 1, 2), "failed", {"backfill": "succeeded", "train": "failed"})
     row = {"loans_90d": 2.0, "missed_installments_90d": 1.0, "outstanding_balance": 0.0}
     with DecisionLog(platform.storage, spool_dir=spool, replica_id="r1") as log:
         for decision_id in ("d-1", "d-2"):
@@ -210,6 +217,8 @@ def test_pages_show_what_the_platform_recorded(ui):
     for href in ('href="/catalog/views/applicant_history"', 'href="/models/underwriting/3"', "#service-underwriting_v1"):
         assert href in lineage
     assert "checkout decisions" in lineage
+    operations = s.get(ui.url + "/operations").text
+    assert "underwriting_daily" in operations and "2025-01-02" in operations and "train: failed" in operations
 
 
 def test_decision_search_by_either_id_and_replay(ui):
