@@ -25,6 +25,7 @@ from mlplatform._duration import Duration
 from mlplatform.errors import ConfigError
 from mlplatform.decision_policy import DecisionPolicy
 from mlplatform.served_models import ServedModelConfig, unique_models
+from mlplatform.served_offers import ServingOffers
 
 __all__ = [
     "ROLES",
@@ -355,6 +356,10 @@ class ServingConfig(_Model):
     models: tuple[ServedModelConfig, ...] = Field(
         default=(),
         description="Models served on the Open Inference Protocol and /v1/models routes (see mlplatform.served_models).",
+    )
+    offers: ServingOffers | None = Field(
+        default=None,
+        description="Credit-line offers for approved decisions: tiers, risk caps, the acting policy (see mlplatform.serving.offers).",
     )
 
     @field_validator("models")

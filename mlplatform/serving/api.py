@@ -414,7 +414,7 @@ class Serving:
         from mlplatform.serving.decisions.replay import replay
 
         chosen = _policy(policy) if policy is not None else self._policy
-        return replay(self.models, self.storage, decision_id, spool_dir=self.spool_dir(), policy=chosen)
+        return replay(self.models, self.storage, decision_id, spool_dir=self.spool_dir(), policy=chosen, offers=self.config.serving.offers)
 
 
 def _policy(value: DecisionPolicy | Mapping[str, Any]) -> DecisionPolicy:

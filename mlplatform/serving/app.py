@@ -190,6 +190,7 @@ class ServingReplica(ModelRoutes):
             policy=policy,
             rule_models={r.model: self.model_server.scorer(r.model) for r in policy.model_rules},
             rule_deadlines_s=deadlines,
+            offers=self._offers(),
         )
         context = serve.get_replica_context()
         self.replica_id = re.sub(r"[^A-Za-z0-9_.+=-]", "-", f"{context.deployment}-{context.replica_id.unique_id}")[:100]
@@ -214,6 +215,25 @@ class ServingReplica(ModelRoutes):
         self._syncing = threading.Thread(target=self._sync_unconfirmed, name="serving-unconfirmed", daemon=True)
         self._syncing.start()
         log.info("replica %s (pid %d) ready; model %s", self.replica_id, os.getpid(), self._model_ref())
+
+    def _offers(self) -> Any:
+        """The offers of approved decisions (serving.offers), the policy model followed like the decision model."""
+        from mlplatform.serving.offers import DecisionOffers, load_policy
+        from mlplatform.serving.scoring import ModelWatcher
+
+        config = self.parts.config.serving.offers
+        if config is None:
+            return None
+        self.offer_watcher = None
+        if config.policy_model is not None:
+            tiers = config.offer_config()
+            self.offer_watcher = ModelWatcher(
+                self.parts.models, config.policy_model, aliases=(config.alias, *((config.shadow_alias,) if config.shadow_alias else ())),
+                load=lambda version: load_policy(self.parts.models, config.policy_model, version, tiers), poll_s=self.settings.alias_poll_s,
+            )
+            self.offer_watcher.poll()
+            self.offer_watcher.start()
+        return DecisionOffers(config, self.offer_watcher)
 
     # ------------------------------------------------------------------------ routes
     @app.get("/health", response_model=HealthResponse)
@@ -583,6 +603,8 @@ class ServingReplica(ModelRoutes):
             self._stop.set()
         if hasattr(self, "watcher"):
             self.watcher.stop()
+        if getattr(self, "offer_watcher", None) is not None:
+            self.offer_watcher.stop()
         if hasattr(self, "metrics"):
             self.metrics.close()
         if hasattr(self, "model_server"):

@@ -23,6 +23,12 @@ decision's); a rule model that gives no score in time, or fails, leaves its rule
 ``on_unavailable`` and is logged with its status. Their scores, versions, artifact hashes and
 inputs go to the record's ``rule_models``, so replay recomputes them too.
 
+**Offers** (``serving.offers``, ``mlplatform.serving.offers``): each approved application
+of a scored batch also gets a credit-line tier from the acting policy, under the risk cap its
+PD sets; the response shows it (``offer``), the record keeps it with its propensity. Declines,
+reviews and fallback decisions (no PD, so no cap) get none; an offer that cannot be made
+leaves the decision standing without one.
+
 Features are read as of the decision time (``created_at``), by the same ``get_online_features``
 the feature server and training sets' on-demand code use. The model sees them in its own
 ``feature_name()`` order, a missing value as NaN. The record written to the decision log
@@ -48,10 +54,12 @@ from mlplatform.decision_policy import ModelRule
 from mlplatform.errors import ModelError, NotFoundError
 from mlplatform.features.online_lookup import get_online_features
 from mlplatform.online.base import OnlineStoreUnavailable
+from mlplatform.serving.offers import response_offer
 
 if TYPE_CHECKING:
     from mlplatform.serving.catalog import FeatureCatalog
     from mlplatform.decision_policy import DecisionPolicy
+    from mlplatform.serving.offers import DecisionOffers
     from mlplatform.serving.schemas import DecisionRequest
     from mlplatform.serving.scoring import ModelWatcher, Scorer
 
@@ -140,6 +148,7 @@ class DecisionEngine:
         rule_models: Mapping[str, Any] | None = None,
         rule_deadlines_s: Mapping[str, float] | None = None,
         observer: Callable[[Scorer, Mapping[str, Any], list[float], list[tuple[str, int, Any]]], None] | None = None,
+        offers: DecisionOffers | None = None,
     ) -> None:
         self.watcher = watcher
         # Sees every scored micro-batch for the metrics: the decision model's served values and
@@ -147,6 +156,7 @@ class DecisionEngine:
         self.observer = observer
         self.catalog = catalog
         self.policy = policy
+        self.offers = offers  # the offer of approved applications (None: no offers configured)
         rule_models = dict(rule_models or {})
         missing = [r.model for r in policy.model_rules if r.model not in rule_models]
         if missing:
@@ -257,11 +267,25 @@ class DecisionEngine:
                     {"code": r.feature, "text": r.text, "contribution": r.contribution, "value": r.value}
                     for r in e.reasons[:room]
                 ]
+        ids = [uuid.uuid4().hex for _ in jobs]
+        offers = self._offers(ids, jobs, rows, probabilities, decisions)
         return [
             self._outcome(job, decisions[i], probabilities[i], reasons[i], scorer, rows[i], stamps[i], None,
-                          shadow[i] if shadow else None, now, [r.logged(i) for r in rules])
+                          shadow[i] if shadow else None, now, [r.logged(i) for r in rules], ids[i], offers.get(i))
             for i, job in enumerate(jobs)
         ]
+
+    def _offers(self, ids: list[str], jobs: list[Job], rows: list[dict[str, Any]], probabilities: list[float],
+                decisions: list[str]) -> dict[int, dict[str, Any]]:
+        """The offer of each approved job; an offer that cannot be made leaves the decision without one."""
+        if self.offers is None:
+            return {}
+        approved = [i for i, d in enumerate(decisions) if d == "approve"]
+        try:
+            return self.offers.choose(ids, rows, [j.request.model_dump() for j in jobs], probabilities, approved)
+        except Exception:
+            log.exception("choosing offers failed for a batch of %d", len(approved))
+            return {}
 
     # ------------------------------------------------------------------- rule models
     def _start_rules(self, jobs: list[Job], now: datetime, started: float) -> list[tuple[ModelRule, Future[Any], float]]:
@@ -337,9 +361,11 @@ class DecisionEngine:
         shadow: dict[str, Any] | None,
         now: datetime,
         rule_models: list[dict[str, Any]] | None = None,
+        decision_id: str | None = None,
+        offer: dict[str, Any] | None = None,
     ) -> Outcome:
         request = job.request
-        decision_id = uuid.uuid4().hex
+        decision_id = decision_id or uuid.uuid4().hex
         scored = fallback_reason is None
         response = {
             "decision_id": decision_id,
@@ -351,6 +377,8 @@ class DecisionEngine:
             "fallback": not scored,
             "fallback_reason": fallback_reason,
         }
+        if self.offers is not None:
+            response["offer"] = response_offer(offer, self.offers.config) if offer is not None else None
         body = _dumps(response)
         record = {
             "decision_id": decision_id,
@@ -371,6 +399,7 @@ class DecisionEngine:
             "created_at": now.isoformat(),
             "shadow": _dumps_values(shadow) if shadow is not None else None,
             "rule_models": _dumps_values(rule_models) if rule_models else None,
+            "offer": _dumps(offer) if offer is not None else None,
             "returned": True,
             "confirmed": True,
         }

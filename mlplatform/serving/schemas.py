@@ -83,6 +83,14 @@ class ModelRef(BaseModel):
     version: int
 
 
+class OfferOut(BaseModel):
+    """The credit-line offer of an approved decision: the tier, its line and the plan's installments."""
+
+    tier: str
+    amount: float
+    installments: int
+
+
 class DecisionResponse(BaseModel):
     """The answer to a checkout. ``fallback`` is true when it came from the configured fallback
     (then ``fallback_reason`` says why and ``probability_of_default`` is null)."""
@@ -95,6 +103,9 @@ class DecisionResponse(BaseModel):
     model: ModelRef | None
     fallback: bool
     fallback_reason: str | None
+    offer: OfferOut | None = Field(
+        default=None, description="The credit line offered (approved decisions, when serving.offers is configured); null otherwise."
+    )
 
 
 class Problem(BaseModel):

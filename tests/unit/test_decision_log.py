@@ -47,6 +47,7 @@ def record(decision_id: str, **changes) -> dict:
         "created_at": datetime.now(UTC).isoformat(),
         "shadow": None,
         "rule_models": None,
+        "offer": None,
         "returned": True,
         "confirmed": True,
     }

@@ -51,11 +51,12 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool, type | None]] = {
     "created_at": (_STR, False, None),
     "shadow": (_JSON, True, object),
     "rule_models": (_JSON, True, list),
+    "offer": (_JSON, True, dict),
     "returned": ((bool,), False, None),
     "confirmed": ((bool,), False, None),
 }
 # Keys added after the first records were written: a record without them gets these values.
-_DEFAULTS = {"returned": True, "confirmed": True, "rule_models": None}
+_DEFAULTS = {"returned": True, "confirmed": True, "rule_models": None, "offer": None}
 # A fallback decision may have been made without a model, hence without a score.
 _NULLABLE_IN_FALLBACK = {"probability_of_default", "model_name", "model_sha256"}
 
@@ -70,12 +71,15 @@ def record_schema() -> pa.Schema:
 def validate_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """Check a decision record and return it as a plain dict (ints in float fields as floats).
 
-    Keys, all required but ``returned``, ``confirmed`` and ``rule_models`` (no others allowed): ``decision_id``, ``application_id``, ``decision``,
+    Keys, all required but ``returned``, ``confirmed``, ``rule_models`` and ``offer`` (no others allowed): ``decision_id``, ``application_id``, ``decision``,
     ``model_name``, ``model_sha256`` (str); ``request``, ``reasons``,
     ``feature_event_timestamps`` (JSON text); ``feature_names`` (JSON list, the model's feature
     order); ``features`` (JSON object name -> value, null when missing); ``shadow`` (JSON text
     or None); ``rule_models`` (JSON list or None: per model the policy's rules consulted, its
-    name, version, artifact sha256, flavor, score, input and status); ``probability_of_default``, ``latency_ms`` (finite float); ``model_version``
+    name, version, artifact sha256, flavor, score, input and status); ``offer`` (JSON object or
+    None: an approved decision's offer — tier, action, propensity, allowed tiers, every tier's
+    probability, policy and version, context, PD, the shadow policy's choice; see
+    ``mlplatform.serving.offers``); ``probability_of_default``, ``latency_ms`` (finite float); ``model_version``
     (int or None); ``fallback`` (bool); ``fallback_reason`` (str or None); ``created_at`` (ISO
     8601 in UTC, e.g. ``2025-01-31T09:00:00.123456+00:00``); ``returned`` (bool: this decision
     is the answer given for its application — False on a second record of the same

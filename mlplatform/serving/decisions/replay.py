@@ -24,6 +24,10 @@ models in batches of one shape, so a transformer's score does not depend on its 
 ``identical`` holds only if every one of them is identical as well. A rule model that gave
 no score (past its deadline, unavailable) is listed with that status and nothing to compare.
 
+An approved decision's **offer** (``offer`` in the record) is recomputed too
+(``offer_replay``): the same policy version, logged context, PD and decision id must draw the
+same tier with the same propensity; ``identical`` requires it.
+
 Fallback decisions were not scored by a model. They are replayed only when the caller passes
 the decision policy that was in force (``policy.fallback(amount=, currency=, term=)`` on the
 logged request); ``identical`` then says whether the fallback decision comes out the same.
@@ -44,11 +48,13 @@ from mlplatform.errors import DataError, IntegrityError, ModelError
 from mlplatform.models.encoding import encode_features
 from mlplatform.models.flavors.base import numpy_dtype, predict_in_fixed_batches
 from mlplatform.serving.decisions.lookup import find_decision
+from mlplatform.serving.decisions.offer_replay import OfferReplay, replay_offer
 
 if TYPE_CHECKING:
     import lightgbm
 
     from mlplatform.models.registry import ModelRegistry
+    from mlplatform.served_offers import ServingOffers
     from mlplatform.storage import Storage
 
 __all__ = ["ModelReplay", "ReplayResult", "replay", "score_features"]
@@ -93,6 +99,7 @@ class ReplayResult:
     replayed_decision: str | None = None
     note: str = ""
     rule_models: tuple[ModelReplay, ...] = ()
+    offer: OfferReplay | None = None
 
 
 def replay(
@@ -102,6 +109,7 @@ def replay(
     *,
     spool_dir: str | None = None,
     policy: FallbackPolicy | None = None,
+    offers: ServingOffers | None = None,
 ) -> ReplayResult:
     """Recompute the score of a logged decision with exactly the logged model version.
 
@@ -113,6 +121,8 @@ def replay(
         spool_dir: also look in this decision spool (decisions not compacted yet); otherwise
             only the compacted ``decisions/log`` dataset is searched.
         policy: the decision policy that was in force, to replay fallback decisions.
+        offers: the ``serving.offers`` that was in force, to replay an offer of the logging
+            policy (a policy model's offer is replayed from the registry alone).
 
     Returns:
         A ``ReplayResult``.
@@ -159,8 +169,9 @@ def replay(
         )
     replayed = score_features(booster, json.loads(record["features"]))
     rules = tuple(_replay_rule_model(models, decision_id, doc) for doc in json.loads(record.get("rule_models") or "null") or [])
-    identical = logged is not None and replayed == logged and all(r.identical for r in rules)
-    return ReplayResult(**base, replayed_score=replayed, identical=identical, rule_models=rules)
+    offer = replay_offer(models, decision_id, json.loads(record["offer"]), offers) if record.get("offer") else None
+    identical = logged is not None and replayed == logged and all(r.identical for r in rules) and (offer is None or offer.identical)
+    return ReplayResult(**base, replayed_score=replayed, identical=identical, rule_models=rules, offer=offer)
 
 
 def _replay_rule_model(models: ModelRegistry, decision_id: str, doc: Mapping[str, Any]) -> ModelReplay:
