@@ -45,6 +45,15 @@ POLICY = {"approve_below": 0.1, "decline_at": 0.3, "max_amount": 2000, "shadow_a
 FRAUD_PREFIX = "raw/fraudworld"
 FRAUD_K = 8
 FRAUD_DEADLINE_S = 1.0
+#: Offers for approved decisions: the policy model ``offer_policy`` v1 acts (alias production),
+#: v2 is logged beside it (alias shadow). Caps: PD < 0.03 up to line_2000, < 0.06 up to line_1000,
+#: else line_500 only. The policies read the request's amount and term.
+OFFERS = {
+    "tiers": [{"name": "line_500", "amount": 500}, {"name": "line_1000", "amount": 1000}, {"name": "line_2000", "amount": 2000, "installments": 6}],
+    "risk_caps": [{"pd_below": 0.03, "max_tier": "line_2000"}, {"pd_below": 0.06, "max_tier": "line_1000"}],
+    "policy_model": "offer_policy", "shadow_alias": "shadow", "exploration": 0.1,
+}
+OFFER_FEATURES = ("amount", "term")
 
 
 def free_port() -> int:
@@ -169,6 +178,18 @@ def register_fraud(platform: Platform, sequences, seed: int) -> int:
     return mv.version
 
 
+def register_offer_policy(platform: Platform, seed: int, kind: str) -> int:
+    """A small network policy over the request's amount and term (softmax with exploration, or greedy)."""
+    from mlplatform.rl import OfferConfig, PolicyModel, Selection
+
+    rng = np.random.default_rng(seed)
+    offers = OfferConfig(tiers=OFFERS["tiers"], risk_caps=OFFERS["risk_caps"])
+    layers = [(rng.normal(size=(3, len(OFFER_FEATURES))), rng.normal(size=3))]
+    selection = Selection(kind="softmax", epsilon=0.1) if kind == "softmax" else Selection(kind="greedy")
+    model = PolicyModel.from_mlp(f"offers_{kind}", layers, np.array([300.0, 6.0]), np.array([200.0, 3.0]), OFFER_FEATURES, offers, selection)
+    return platform.models.register("offer_policy", flavor="policy", model=model, lineage={}, metrics={}, params={}).version
+
+
 def history(applicant_id: int, when: datetime, **values: float) -> dict:
     row = {"applicant_id": applicant_id, "event_timestamp": when.isoformat()}
     for window in ("30d", "90d", "365d"):
@@ -244,6 +265,7 @@ def deploy_served(tmp_path_factory) -> Served:
                         "input_builder": "tests.integration._fraud_builders:slow_for_one_applicant"},
                        # the same weights served by a deployment of its own (the path a GPU model takes)
                        {"name": "fraud_remote", "deployment": {"num_replicas": 1, "num_cpus": 0}}],
+            "offers": OFFERS,
         },
         # the processors deploy starts reserve no CPU, so the replicas (2 x 0.5) leave exactly one
         # of the session's two CPUs to the Ray Data tasks of the modules that run while the
@@ -260,6 +282,8 @@ def deploy_served(tmp_path_factory) -> Served:
         "fraud_remote", flavor="torch", model=same.model, flavor_config=same.version.flavor_config, lineage={}, metrics={}, params={}
     )
     platform.models.set_alias("fraud_remote", "production", remote.version)
+    platform.models.set_alias("offer_policy", "production", register_offer_policy(platform, seed=1, kind="softmax"))
+    platform.models.set_alias("offer_policy", "shadow", register_offer_policy(platform, seed=2, kind="greedy"))
     started = time.monotonic()
     deployed = platform.serving.deploy("underwriting", policy=POLICY, num_replicas=2, replica_cpus=0.5)
     print(f"deployed in {time.monotonic() - started:.1f}s via {deployed.ingress}")
