@@ -54,6 +54,7 @@ def decision_detail(platform: Any, decision_id: str) -> dict[str, Any]:
         "stamps": stamps if isinstance(stamps, dict) else {},
         "reasons": _decoded(record.get("reasons")) or [],
         "request": _decoded(record.get("request")),
+        "offer": _decoded(record.get("offer")),
         "models": models,
     }
 
