@@ -17,11 +17,14 @@ the smallest tier only, so an approved applicant always has at least one offer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlplatform.errors import DataError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: the config layer holds these classes
+    import numpy as np
 
 __all__ = ["OfferConfig", "OfferTier", "RiskCap"]
 
@@ -77,6 +80,8 @@ class OfferConfig(BaseModel):
 
     @property
     def amounts(self) -> np.ndarray:
+        import numpy as np
+
         return np.array([t.amount for t in self.tiers], dtype=np.float64)
 
     def max_tier_index(self, probability_of_default: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -85,6 +90,8 @@ class OfferConfig(BaseModel):
         Raises:
             DataError: a probability is not a finite number in [0, 1].
         """
+        import numpy as np
+
         p = np.asarray(probability_of_default, dtype=np.float64).reshape(-1)
         bad = ~np.isfinite(p) | (p < 0.0) | (p > 1.0)
         if bad.any():
@@ -98,4 +105,6 @@ class OfferConfig(BaseModel):
     def allowed(self, probability_of_default: Sequence[float] | np.ndarray) -> np.ndarray:
         """Which tiers each applicant may be offered: bool [n, K], tier 0 always allowed."""
         top = self.max_tier_index(probability_of_default)
+        import numpy as np
+
         return np.arange(len(self.tiers))[None, :] <= top[:, None]
