@@ -76,8 +76,14 @@ class Jobs:
         from ray.job_submission import JobSubmissionClient
 
         url = _dashboard_address(address)
+        # The cluster's token goes in explicitly when the environment holds one: Ray decides
+        # whether to send it from a process-wide setting fixed when this process first used
+        # Ray, so a process already connected to a Ray without authentication (a notebook, a
+        # scheduler's own local Ray) would otherwise call an authenticated job API with none.
+        token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            return JobSubmissionClient(url)
+            return JobSubmissionClient(url, headers=headers)
         except Exception as exc:  # connection refused, auth failure, version mismatch
             raise JobError(f"cannot reach the Ray job API at {url}: {exc}") from None
 

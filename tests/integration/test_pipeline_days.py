@@ -110,9 +110,9 @@ def _mark(marker: Path, text: str = "ran") -> str:
 
 
 def _jobs(job_api: str, pipeline: str) -> list[str]:
-    from ray.job_submission import JobSubmissionClient
+    from mlplatform.jobs.submit import Jobs
 
-    return sorted(j.submission_id for j in JobSubmissionClient(job_api).list_jobs() if (j.submission_id or "").startswith(f"mlp-{pipeline}-"))
+    return sorted(j.submission_id for j in Jobs().client(job_api).list_jobs() if (j.submission_id or "").startswith(f"mlp-{pipeline}-"))
 
 
 def _mlp(*args: str, **kwargs) -> subprocess.Popen:
