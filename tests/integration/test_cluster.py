@@ -8,57 +8,19 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
+
+from _ray_cluster import free_port, kill_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_cluster(gcs_port: int) -> None:
-    """Stop only the Ray processes of this cluster (never `ray stop`: it stops every Ray here)."""
-    mine = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd or f"--port={gcs_port}" in cmd:
-            mine.append(proc)
-    # With their children: Serve's HAProxy runs under an actor's worker but its command line
-    # names no Ray port, and an orphaned one keeps 8404/9101 from every later Serve here.
-    for proc in list(mine):
-        try:
-            mine.extend(c for c in proc.children(recursive=True) if c not in mine)
-        except psutil.NoSuchProcess:
-            pass
-    for proc in mine:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    # `ray start --head` recorded this cluster as the machine's current one; like `ray stop`,
-    # forget it, or a later plain ray.init() would try to join the dead cluster.
-    from ray._common.utils import get_ray_address_file
-
-    current = Path(get_ray_address_file(None))
-    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
-        current.unlink(missing_ok=True)
 
 
 def _check(started: subprocess.CompletedProcess) -> None:
@@ -75,7 +37,7 @@ def cluster(s3_server, redis_server):
 
     s3_bucket = f"mlp-cluster-{secrets.token_hex(6)}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=s3_bucket)
-    gcs_port, dash_port, serve_port = _free_port(), _free_port(), _free_port()
+    gcs_port, dash_port, serve_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "MLP_S3_ROOT": f"s3://{s3_bucket}/cluster",
@@ -101,7 +63,7 @@ def cluster(s3_server, redis_server):
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
              # The job API runs in the head's dashboard agent; its HTTP port defaults to 52365,
              # which the test session's own Ray already holds.
-             f"--dashboard-agent-listen-port={_free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}",
              '--resources={"head": 1}', *common],
             env=env, capture_output=True, text=True, timeout=180,
         )
@@ -111,7 +73,7 @@ def cluster(s3_server, redis_server):
         # directory from under the other node's driver once its own tasks were done with it.
         worker = subprocess.run(
             [RAY, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2", '--resources={"node2": 1}',
-             f"--dashboard-agent-listen-port={_free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}",
              f"--temp-dir={node2_tmp}", *common],
             env=env, capture_output=True, text=True, timeout=180,
         )
@@ -123,7 +85,7 @@ def cluster(s3_server, redis_server):
             "SERVE_PORT": str(serve_port),
         }
     finally:
-        _kill_cluster(gcs_port)
+        kill_cluster(gcs_port)
         shutil.rmtree(node2_tmp, ignore_errors=True)
 
 

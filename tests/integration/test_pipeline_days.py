@@ -13,66 +13,32 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from mlplatform.pipelines import Scheduler, load_pipeline, submission_id
 from mlplatform.pipelines.state import RunState
 
+from _ray_cluster import free_port, kill_cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DS = date(2025, 1, 6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_cluster(gcs_port: int) -> None:
-    """Stop only this head's processes (never `ray stop`: it stops every Ray on the machine)."""
-    mine = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if f":{gcs_port}" in cmd or f"--gcs_server_port={gcs_port}" in cmd or f"--port={gcs_port}" in cmd:
-            mine.append(proc)
-    for proc in list(mine):
-        try:
-            mine.extend(c for c in proc.children(recursive=True) if c not in mine)
-        except psutil.NoSuchProcess:
-            pass
-    for proc in mine:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    from ray._common.utils import get_ray_address_file
-
-    current = Path(get_ray_address_file(None))
-    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
-        current.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
 def job_api():
     """A one-node Ray (2 CPUs) with its dashboard, whose job API the schedulers use; its jobs
     find `mlp` on the PATH as a cluster's nodes do. Yields the dashboard URL."""
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     # Token authentication, as cluster.yaml turns it on: the head, the schedulers (this process
     # and the `mlp` it starts) and nothing else carry this cluster's own token.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -83,7 +49,7 @@ def job_api():
     started = subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
-         f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"],
+         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180, cwd=ROOT,
     )  # fmt: skip
     try:
@@ -91,7 +57,7 @@ def job_api():
             pytest.fail(f"ray start failed:\n{(started.stdout + started.stderr)[-3000:]}")
         yield f"http://127.0.0.1:{dash_port}"
     finally:
-        _kill_cluster(gcs_port)
+        kill_cluster(gcs_port)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
