@@ -88,8 +88,9 @@ class ConsistencyReport:
         return "\n".join(lines) + "\n"
 
     def write(self, storage: Storage, prefix: str) -> dict[str, str]:
-        """Write ``rows.parquet``, ``per_feature.parquet``, ``summary.md`` and
-        ``match_rate.png`` under ``prefix``; returns their URIs by name."""
+        """Write ``rows.parquet``, ``per_feature.parquet``, ``summary.md``, ``report.json``
+        (service, decisions, flagged) and ``match_rate.png`` under ``prefix``; returns their URIs
+        by name. ``mlplatform.features.consistency_reports`` lists what is written."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -101,6 +102,10 @@ class ConsistencyReport:
             out[name] = storage.uri(f"{prefix}/{name}.parquet")
         storage.write_bytes(f"{prefix}/summary.md", self.summary().encode())
         out["summary"] = storage.uri(f"{prefix}/summary.md")
+        # the figures a listing shows without parsing the Markdown (consistency_reports)
+        storage.write_json(f"{prefix}/report.json", {"feature_service": self.feature_service, "decisions": self.decisions,
+                                                     "flagged": self.flagged})
+        out["report"] = storage.uri(f"{prefix}/report.json")
         storage.write_bytes(f"{prefix}/match_rate.png", self._png())
         out["png"] = storage.uri(f"{prefix}/match_rate.png")
         return out

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from mlplatform.features.ingest import IngestResult
     from mlplatform.features.backfill import BackfillResult
     from mlplatform.features.consistency import ConsistencyReport
+    from mlplatform.features.consistency_reports import ConsistencyReportInfo
     from mlplatform.features.materialize import MaterializeResult
     from mlplatform.features.online_lookup import OnlineResponse
     from mlplatform.features.push import PushMode
@@ -381,3 +382,10 @@ class FeatureStore:
                 raise ConfigError("this feature store was built without access to the decision log; pass records, or build it with Platform")
             records = self.decisions(since)
         return consistency_report(self, records, feature_service, sample=sample, seed=seed)
+
+    def consistency_reports(self, *, limit: int | None = None) -> list[ConsistencyReportInfo]:
+        """The consistency reports written under ``reports/consistency/`` (by ``mlp consistency``),
+        newest first, with their summary figures (``mlplatform.features.consistency_reports``)."""
+        from mlplatform.features.consistency_reports import consistency_reports
+
+        return consistency_reports(self.storage, limit=limit)

@@ -127,7 +127,7 @@ def test_served_values_match_and_each_fault_is_flagged_on_its_feature(tmp_path, 
         assert worst.loc["loan_activity:borrowed_24h", "abs_diff"] == 500.0
 
         written = report.write(platform.storage, "reports/consistency/test")
-        assert set(written) == {"rows", "per_feature", "summary", "png"}
+        assert set(written) == {"rows", "per_feature", "summary", "report", "png"}
         assert platform.storage.read_bytes("reports/consistency/test/match_rate.png").startswith(b"\x89PNG")
         assert "Flagged" in platform.storage.read_bytes("reports/consistency/test/summary.md").decode()
     finally:
