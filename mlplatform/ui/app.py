@@ -52,11 +52,13 @@ def build_app(platform: Any, keys: tuple[tuple[str, tuple[str, ...]], ...] | Non
         ServingError: no key is configured (the message says how to set one).
     """
     from jinja2 import Environment, FileSystemLoader, select_autoescape
+    from markupsafe import Markup
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse, RedirectResponse, Response
     from starlette.routing import Route
 
     from mlplatform.ui import catalog, decisions, lineage, models, operations
+    from mlplatform.ui.markdown import render_markdown
 
     if keys is None:
         from mlplatform.serving.keys import load_keys
@@ -69,6 +71,7 @@ def build_app(platform: Any, keys: tuple[tuple[str, tuple[str, ...]], ...] | Non
     env.filters["when"] = _when
     env.filters["num"] = _num
     env.filters["q"] = lambda s: quote(str(s), safe="")
+    env.filters["markdown"] = lambda text, files=None: Markup(render_markdown(shown(str(text), root), files=files))
 
     def base(request: Any) -> str:
         return request.scope.get("root_path", "").rstrip("/")
@@ -158,6 +161,13 @@ def build_app(platform: Any, keys: tuple[tuple[str, tuple[str, ...]], ...] | Non
     def operations_page(request: Any) -> Any:
         return render(request, "operations.html", **operations.operations(platform))
 
+    def consistency_page(request: Any) -> Any:
+        return render(request, "consistency.html", nav="operations", **operations.consistency_detail(platform, request.path_params["name"]))
+
+    def consistency_file(request: Any) -> Any:
+        data = operations.consistency_png(platform, request.path_params["name"])
+        return Response(data, media_type="image/png", headers={**_HEADERS, "Cache-Control": "private, max-age=3600"})
+
     routes = [
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", page(logout), methods=["POST"]),
@@ -172,6 +182,8 @@ def build_app(platform: Any, keys: tuple[tuple[str, tuple[str, ...]], ...] | Non
         Route("/decisions", page(decisions_page)),
         Route("/decisions/{decision_id}", page(decision_page), methods=["GET", "POST"]),
         Route("/operations", page(operations_page)),
+        Route("/operations/consistency/{name}", page(consistency_page)),
+        Route("/operations/consistency/{name}/match_rate.png", page(consistency_file)),
     ]
     app = Starlette(routes=routes)
     app.state.platform = platform
@@ -200,6 +212,12 @@ def _when(value: Any) -> str:
         return "-"
     if isinstance(value, (int, float)):
         value = datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:  # an ISO instant as the records keep it; naive is UTC
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+        value = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return str(value)

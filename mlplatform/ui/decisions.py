@@ -54,7 +54,7 @@ def decision_detail(platform: Any, decision_id: str) -> dict[str, Any]:
         "stamps": stamps if isinstance(stamps, dict) else {},
         "reasons": _decoded(record.get("reasons")) or [],
         "request": _decoded(record.get("request")),
-        "offer": _decoded(record.get("offer")),
+        "offer": _offer(platform, _decoded(record.get("offer"))),
         "models": models,
     }
 
@@ -67,6 +67,34 @@ def replay(platform: Any, decision_id: str) -> dict[str, Any]:
         "logged_decision": result.logged_decision, "replayed_decision": result.replayed_decision, "note": result.note,
         "rules": [{"name": r.model_name, "version": r.model_version, "status": r.status, "logged": r.logged_score,
                    "replayed": r.replayed_score, "identical": r.identical} for r in result.rule_models],
+    }
+
+
+def _offer(platform: Any, offer: Any) -> dict[str, Any] | None:
+    """The logged offer for a table: one row per tier (amount, allowed under the cap, the
+    policy's probability, which was chosen), the policy, the context it read, the shadow's choice."""
+    if not isinstance(offer, dict):
+        return None if offer is None else {"raw": offer}
+    offers = getattr(platform.config.serving, "offers", None)
+    configured = {t.name: t for t in offers.tiers} if offers is not None else {}
+    probabilities = offer.get("probabilities") or []
+    names = list(configured) if len(configured) == len(probabilities) else [f"tier {i}" for i in range(len(probabilities))]
+    allowed = set(offer.get("allowed") or [])
+    shadow = offer.get("shadow") if isinstance(offer.get("shadow"), dict) else {}
+    tiers = []
+    for i, p in enumerate(probabilities):
+        tier = configured.get(names[i])
+        tiers.append({"name": names[i], "amount": getattr(tier, "amount", None), "installments": getattr(tier, "installments", None),
+                      "allowed": names[i] in allowed, "probability": p, "chosen": i == offer.get("action"),
+                      "shadow": shadow.get("action") == i})
+    known = {"tier", "action", "propensity", "allowed", "probabilities", "policy", "policy_version", "context",
+             "probability_of_default", "shadow", "policy_model", "fallback_reason"}
+    return {
+        "tier": offer.get("tier"), "propensity": offer.get("propensity"), "policy": offer.get("policy"),
+        "policy_model": offer.get("policy_model"), "policy_version": offer.get("policy_version"),
+        "fallback_reason": offer.get("fallback_reason"), "pd": offer.get("probability_of_default"),
+        "tiers": tiers, "context": offer.get("context") if isinstance(offer.get("context"), dict) else {},
+        "shadow": shadow, "other": {k: v for k, v in offer.items() if k not in known},
     }
 
 

@@ -49,12 +49,12 @@ def lineage(platform: Any, base: str) -> dict[str, Any]:
                 continue
             m = add(f"model:{name}:{mv.version}", f"{name} v{mv.version}", 4, f"{base}/models/{name}/{mv.version}")
             ts = mv.lineage.get("training_set")
-            service = mv.lineage.get("feature_service") or (ts or {}).get("feature_service")
-            if isinstance(ts, dict):
-                label = ts.get("name") or ts.get("snapshot") or ts.get("dataset") or "training set"
+            service = mv.lineage.get("feature_service") or ((ts or {}).get("metadata") or {}).get("feature_service")
+            if isinstance(ts, dict) and ts.get("name"):
+                # a snapshot (save_training_set's TrainingSetSnapshot) or a dataset a pipeline trained on
                 version = ts.get("version")
-                t = add(f"ts:{label}:{version}", f"{label}" + (f" v{version}" if version is not None else ""), 3,
-                        f"{base}/models/{name}/{mv.version}#training-set")
+                label = f"snapshot {ts['name']}" + (f" v{version}" if version is not None else "")
+                t = add(f"ts:{ts['name']}:{version}", label, 3, f"{base}/models/{name}/{mv.version}#training-set")
                 if service:
                     edges.append((f"service:{service}", t))
                 edges.append((t, m))
@@ -63,13 +63,36 @@ def lineage(platform: Any, base: str) -> dict[str, Any]:
         for alias, version in sorted(aliases.items()):
             a = add(f"alias:{name}:{alias}", f"{name}@{alias}", 5, f"{base}/models/{name}#alias-{alias}")
             edges.append((f"model:{name}:{version}", a))
-            if alias == "production":
-                edges.append((a, add("deploy:checkout", "checkout decisions", 6, f"{base}/decisions")))
-            if alias == (serving.policy.shadow_alias or ""):
-                edges.append((a, add("deploy:checkout-shadow", "checkout shadow", 6, f"{base}/decisions")))
+            for key, label, href in _deployments(serving, name, alias):
+                edges.append((a, add(key, label, 6, f"{base}{href}")))
         for served in serving.models:
             if served.name == name and served.alias in aliases:
                 edges.append((f"alias:{name}:{served.alias}",
                               add(f"deploy:v2:{name}", f"/v2/models/{name}", 6, f"{base}/models/{name}")))
     ordered = sorted(nodes.values(), key=lambda n: (n.column, n.label))
     return {"svg": lineage_svg(ordered, edges, COLUMNS), "nodes": ordered}
+
+
+def _deployments(serving: Any, name: str, alias: str) -> list[tuple[str, str, str]]:
+    """Where the Serve application uses ``name@alias``: (node key, label, UI path) each.
+
+    The checkout decision model is the one ``deploy`` was given, which the config does not
+    name; every model the config names for another use (a rule model, a policy, a model served
+    on /v2 only) is placed by that use, and any other model's ``production`` alias is taken as
+    the decision model's."""
+    out = []
+    offers = getattr(serving, "offers", None)
+    rules = {r.model for r in serving.policy.model_rules}
+    policy = offers.policy_model if offers is not None else None
+    if name == policy:
+        if alias == offers.alias:
+            out.append(("deploy:offers", "checkout offers", "/decisions"))
+        if alias == offers.shadow_alias:
+            out.append(("deploy:offers-shadow", "offers shadow", "/decisions"))
+        return out
+    only_v2 = name in {m.name for m in serving.models} and name not in rules
+    if alias == "production" and not only_v2:
+        out.append(("deploy:checkout", "checkout decisions", "/decisions"))
+    if alias == (serving.policy.shadow_alias or "") and name not in rules and not only_v2:
+        out.append(("deploy:checkout-shadow", "checkout shadow", "/decisions"))
+    return out

@@ -1,25 +1,55 @@
 """The operations page's content, as each part records it: pipeline runs (``RunState``),
-data quality reports (``platform.quality``), monitoring (``monitoring.latest``), and the
-online generations kept for rollback (``platform.features.generations``)."""
+data quality reports (``platform.quality``), training/serving consistency reports
+(``platform.features.consistency_reports``, each with a page of its own) and monitoring
+reports (``monitoring.latest`` and the report it names)."""
 
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 from mlplatform.errors import PlatformError
 from mlplatform.ui.definitions import definitions
 
-__all__ = ["operations"]
+__all__ = ["consistency_detail", "consistency_png", "operations"]
 
 log = logging.getLogger(__name__)
 
 MAX_RUNS = 20
+MAX_REPORTS = 20
 
 
 def operations(platform: Any) -> dict[str, Any]:
-    return {"pipelines": _pipelines(platform), "quality": _quality(platform), "monitoring": _monitoring(platform)}
+    return {"pipelines": _pipelines(platform), "quality": _quality(platform), "consistency": _consistency(platform),
+            "monitoring": _monitoring(platform)}
+
+
+def consistency_detail(platform: Any, name: str) -> dict[str, Any]:
+    """One consistency report: its figures and its Markdown summary (NotFoundError if none)."""
+    from mlplatform.features.consistency_reports import read_summary
+
+    summary = read_summary(platform.storage, name)  # NotFoundError for an unknown or bad name
+    info = next((r for r in platform.features.consistency_reports() if r.name == name), None)
+    return {"report": info, "name": name, "summary": summary}
+
+
+def consistency_png(platform: Any, name: str) -> bytes:
+    from mlplatform.errors import NotFoundError
+    from mlplatform.features.consistency_reports import PREFIX, read_summary
+
+    read_summary(platform.storage, name)  # the name is checked there
+    key = f"{PREFIX}/{name}/match_rate.png"
+    if not platform.storage.exists(key):
+        raise NotFoundError(f"consistency report {name!r} has no match_rate.png")
+    return platform.storage.read_bytes(key)
+
+
+def _consistency(platform: Any) -> list[Any]:
+    try:
+        return platform.features.consistency_reports(limit=MAX_REPORTS)
+    except PlatformError as exc:
+        log.info("operations: consistency reports unavailable: %s", exc)
+        return []
 
 
 def _pipelines(platform: Any) -> list[dict[str, Any]]:
@@ -56,10 +86,19 @@ def _monitoring(platform: Any) -> list[dict[str, Any]]:
 
     out = []
     for name in platform.models.names():
-        record = latest_psi(platform.storage, name)
-        if record:
-            out.append({"model": name, "record": {k: v for k, v in record.items() if not isinstance(v, (dict, list))},
-                        "details": {k: v for k, v in record.items() if isinstance(v, dict)}})
+        try:
+            record = latest_psi(platform.storage, name)
+            if not record:
+                continue
+            folder = record.get("report") or ""
+            report = platform.storage.read_json(f"{folder}/report.json") if folder and platform.storage.exists(f"{folder}/report.json") else {}
+        except PlatformError as exc:
+            log.info("operations: monitoring of %s unavailable: %s", name, exc)
+            continue
+        bound = report.get("bound")
+        psi = sorted(((k, v) for k, v in (record.get("psi") or {}).items()), key=lambda kv: -(kv[1] if kv[1] is not None else -1.0))
+        out.append({"model": name, "version": record.get("version"), "at": record.get("created_at"), "report": folder,
+                    "decisions": report.get("decisions"), "reference": report.get("reference") or {}, "bound": bound,
+                    "window": report.get("window") or {}, "flagged": report.get("flagged") or [],
+                    "psi": [{"column": k, "psi": v, "shift": bound is not None and v is not None and v >= bound} for k, v in psi]})
     return out
-
-

@@ -9,7 +9,9 @@ from html import escape
 
 __all__ = ["Node", "lineage_svg", "trend_svg"]
 
-_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 150, 30, 34, 12
+_BOX_H, _GAP_X, _GAP_Y = 30, 30, 12
+#: Box width per column: its longest label at ~7 px a character (12 px sans), within these bounds.
+_MIN_W, _MAX_W, _CHAR_W, _PAD = 110, 240, 7, 18
 
 
 @dataclass(frozen=True)
@@ -23,27 +25,38 @@ class Node:
 
 
 def lineage_svg(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], columns: Sequence[str]) -> str:
-    """Nodes in columns (one per stage, titled by ``columns``), edges as lines between box sides."""
+    """Nodes in columns (one per stage, titled by ``columns``), edges as curves between box sides.
+    Each column is as wide as its longest label needs (up to ``_MAX_W``; longer labels are cut
+    with an ellipsis and shown whole in the box's tooltip)."""
+    widths = [max([_MIN_W, len(title) * _CHAR_W + 4] + [len(n.label) * _CHAR_W + _PAD for n in nodes if n.column == i])
+              for i, title in enumerate(columns)]
+    widths = [min(w, _MAX_W) for w in widths]
+    lefts = [20 + sum(widths[:i]) + i * _GAP_X for i in range(len(columns))]
     rows: dict[int, int] = {}
     where: dict[str, tuple[int, int]] = {}
+    column = {node.key: node.column for node in nodes}
     for node in nodes:
         row = rows.get(node.column, 0)
         rows[node.column] = row + 1
-        where[node.key] = (20 + node.column * (_BOX_W + _GAP_X), 40 + row * (_BOX_H + _GAP_Y))
-    width = 40 + len(columns) * (_BOX_W + _GAP_X)
+        where[node.key] = (lefts[node.column], 40 + row * (_BOX_H + _GAP_Y))
+    width = lefts[-1] + widths[-1] + 20 if columns else 40
     height = 60 + max(rows.values(), default=1) * (_BOX_H + _GAP_Y)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lineage" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="lineage graph">']
     for i, title in enumerate(columns):
-        out.append(f'<text x="{20 + i * (_BOX_W + _GAP_X)}" y="22" class="col">{escape(title)}</text>')
+        out.append(f'<text x="{lefts[i]}" y="22" class="col">{escape(title)}</text>')
     for a, b in edges:
         if a in where and b in where:
             (x1, y1), (x2, y2) = where[a], where[b]
-            out.append(f'<line x1="{x1 + _BOX_W}" y1="{y1 + _BOX_H // 2}" x2="{x2}" y2="{y2 + _BOX_H // 2}" class="edge"/>')
+            x1, y1, y2 = x1 + widths[column[a]], y1 + _BOX_H // 2, y2 + _BOX_H // 2
+            mid = (x1 + x2) / 2
+            out.append(f'<path d="M{x1},{y1} C{mid:.0f},{y1} {mid:.0f},{y2} {x2},{y2}" class="edge"/>')
     for node in nodes:
         x, y = where[node.key]
-        label = node.label if len(node.label) <= 21 else node.label[:20] + "…"
-        out.append(f'<a href="{escape(node.href)}"><rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="5" '
+        w = widths[node.column]
+        fits = (w - _PAD) // _CHAR_W
+        label = node.label if len(node.label) <= fits else node.label[: fits - 1] + "…"
+        out.append(f'<a href="{escape(node.href)}"><rect x="{x}" y="{y}" width="{w}" height="{_BOX_H}" rx="5" '
                    f'class="node c{node.column}"><title>{escape(node.label)}</title></rect>'
                    f'<text x="{x + 8}" y="{y + 19}">{escape(label)}</text></a>')
     out.append("</svg>")

@@ -39,6 +39,12 @@ KEYS = (
 )
 HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 FEATURES = ["loans_90d", "missed_installments_90d", "outstanding_balance"]
+CARD = b"# Model card\n\n| split | AUC |\n|---|---:|\n| test | 0.8 |\n\n<script>alert(1)</script> <b>bold</b>\n\n![roc](roc.png)\n"
+#: d-2's offer as the serving engine logs it (mlplatform.rl.selection records), tiers named by index.
+OFFER = {"tier": "line_1000", "action": 1, "propensity": 0.9, "allowed": ["line_500", "line_1000"], "probabilities": [0.1, 0.9, 0.0],
+         "policy": "logging_epsilon_greedy", "policy_version": None, "context": {"amount": 120.0, "term": 4.0},
+         "probability_of_default": 0.04, "policy_model": None, "shadow": {"alias": "shadow", "shadow": True, "tier": "line_500", "action": 0,
+                                                                          "propensity": 1.0, "policy": "greedy", "policy_version": 2}}
 
 
 def _png() -> bytes:
@@ -65,7 +71,7 @@ def populate(platform: Platform, spool) -> dict:
     for seed in (1, 2, 3):
         booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 4, "seed": seed, "num_threads": 1},
                             lgb.Dataset(x, y), num_boost_round=5 + seed)
-        files = {"model_card.md": b"# Model card\n\nTest AUC 0.8\n", "roc.png": _png()} if seed == 3 else None
+        files = {"model_card.md": CARD, "roc.png": _png()} if seed == 3 else None
         mv = platform.models.register("underwriting", flavor="lightgbm", model=booster, files=files,
                                       lineage={"feature_service": "underwriting_v1", "code_version": "test",
                                                "training_set": {"name": "underwriting_ts", "version": seed}},
@@ -90,8 +96,15 @@ def populate(platform: Platform, spool) -> dict:
                 "feature_event_timestamps": json.dumps({"applicant_history": "2025-01-30T00:00:00+00:00"}),
                 "fallback": False, "fallback_reason": None, "latency_ms": 3.0, "created_at": datetime.now(UTC).isoformat(),
                 "shadow": None, "returned": True, "confirmed": True,
+                **({"offer": json.dumps(OFFER)} if decision_id == "d-2" else {}),
             })
         log.compact()
+    from mlplatform.features.consistency import ConsistencyReport
+
+    per_feature = pd.DataFrame([{"ref": "applicant_history:loans_90d", "feature": "loans_90d", "compared": 2, "exact_matches": 1,
+                                 "missing_online": 0, "extra_online": 0, "mean_abs_diff": 1.0, "exact_match_rate": 0.5}])
+    examples = pd.DataFrame([{"ref": "applicant_history:loans_90d", "decision_id": "d-1", "served": 2.0, "offline": 1.0, "abs_diff": 1.0}])
+    ConsistencyReport("underwriting_v1", 2, pd.DataFrame(), per_feature, examples).write(platform.storage, "reports/consistency/20250103T000000Z")
     return {"version": mv.version}
 
 
@@ -142,7 +155,8 @@ def login(url: str, key: str = KEY) -> requests.Session:
 
 
 PAGES = ["/catalog", "/catalog/views/applicant_history", "/lineage", "/models", "/models/underwriting",
-         "/models/underwriting/3", "/decisions", "/decisions?q=d-2", "/decisions/d-1", "/operations"]
+         "/models/underwriting/3", "/decisions", "/decisions?q=d-2", "/decisions/d-1", "/operations",
+         "/operations/consistency/20250103T000000Z"]
 
 
 def test_every_page_needs_a_session_and_the_cookie_is_locked_down(ui):
@@ -237,7 +251,30 @@ def test_decision_search_by_either_id_and_replay(ui):
     assert logged == again and 'class="ok">yes' in replayed
 
 
-@pytest.mark.parametrize("path", ["/decisions/nope", "/models/nope", "/models/underwriting/99", "/catalog/views/nope",
+def test_card_offer_and_consistency_report_are_rendered(ui):
+    s = login(ui.url)
+    version = s.get(ui.url + "/models/underwriting/3").text
+    card = version[version.index('id="model-card"'):]
+    assert "<h1>Model card</h1>" in card and "<table>" in card and '<td style="text-align:right">0.8</td>' in card
+    # raw HTML in a card is text, never markup; a relative image is served from the version's files
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in card and "<script>" not in version and "<b>bold" not in card
+    assert '<img src="/models/underwriting/3/files/roc.png" alt="roc"' in card
+    # the offer as a table: one row per tier, the chosen one marked, the shadow's choice beside it
+    decision = s.get(ui.url + "/decisions/d-2").text
+    tiers = decision[decision.index('id="offer-tiers"'):]
+    assert '<tr class="chosen"><td>tier 1</td>' in tiers and "acting" in tiers and "shadow" in tiers
+    assert "Propensity" in decision and "logging_epsilon_greedy" in decision and "line_1000" in decision and '"tier"' not in decision
+    # consistency reports: listed on the operations page with their figures, each with a page
+    operations = s.get(ui.url + "/operations").text
+    assert 'href="/operations/consistency/20250103T000000Z"' in operations and "50.00%" in operations
+    report = s.get(ui.url + "/operations/consistency/20250103T000000Z").text
+    assert "<h1>Training/serving consistency: underwriting_v1</h1>" in report and "<table>" in report and "1 flagged" in report
+    png = s.get(ui.url + "/operations/consistency/20250103T000000Z/match_rate.png")
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("path", ["/decisions/nope", "/operations/consistency/nope", "/operations/consistency/%2E%2E",
+                                  "/operations/consistency/nope/match_rate.png", "/models/nope", "/models/underwriting/99", "/catalog/views/nope",
                                   "/models/underwriting/3/files/model.txt", "/models/underwriting/3/files/..%2F..%2Fx.png"])
 def test_unknown_things_are_404_pages(ui, path):
     s = login(ui.url)
