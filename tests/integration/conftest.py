@@ -28,6 +28,9 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
+            # Metrics reach the agent every 2 s instead of 10 s, so test_prometheus's waits for
+            # exported values are short and have slack on a loaded machine.
+            _system_config={"metrics_report_interval_ms": 2000},
         )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -93,14 +93,26 @@ def firing(url: str, alert: str, **labels: str) -> bool:
     )
 
 
-def wait_for(what: str, check, timeout: float):
+def wait_for(what: str, check, timeout: float, explain=lambda: ""):
+    """``check()`` once a second until it is truthy; on timeout, fail with ``explain()``."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}. {explain()}")
         time.sleep(1.0)
+
+
+def exported(url: str) -> str:
+    """What Prometheus holds of the application's series, for a failure message."""
+    try:
+        up = query(url, 'up{job="ray"}')
+        series = query(url, 'count by (__name__) ({__name__=~"ray_mlp_.*"})')
+        return f"up: {up}; ray_mlp_* series: {series}"
+    except Exception as e:  # noqa: BLE001 - a diagnostic must not hide the failure it explains
+        return f"(Prometheus query failed: {e})"
 
 
 def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(served, prometheus):
@@ -115,6 +127,7 @@ def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(serve
     feeding.set()
     stop = threading.Event()
     errors: list[str] = []
+    sent = {"pushes": 0, "decisions": 0}
 
     def traffic() -> None:
         """The stream (a push of the applicant's fresh history) while ``feeding``, and checkouts throughout."""
@@ -122,9 +135,11 @@ def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(serve
             while not stop.is_set():
                 if feeding.is_set():
                     pushed = push_online(deployed, VIEW, [history(APPLICANT, datetime.now(UTC) - timedelta(seconds=1), loans_30d=1.0)])
+                    sent["pushes"] += 1
                     if pushed.status_code != 200:
                         errors.append(pushed.text)
                 answer = post(f"{deployed.url}/v1/decisions", application(APPLICANT), session=session)
+                sent["decisions"] += 1
                 if answer.status_code != 200 or answer.json()["fallback"]:
                     errors.append(answer.text)
                 stop.wait(0.5)
@@ -132,10 +147,14 @@ def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(serve
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
     try:
-        assert wait_for("the ray target to be up", lambda: query(prometheus, 'up{job="ray"}'), 20)
+        def explain() -> str:
+            return f"Sent {sent}, {len(errors)} failed (first: {errors[:2]}); {exported(prometheus)}"
+
+        up = 'min(up{job="ray"}) == 1'  # every node's metrics export answers
+        wait_for("the ray targets to be up", lambda: query(prometheus, up), 30, explain)
         age_query = f'mlp:feature_age_seconds{{model="underwriting",view="{VIEW}"}}'
-        # Fresh while fed: the newest value served is seconds old (Ray exports every ~10 s).
-        fresh = wait_for("the view's freshness", lambda: query(prometheus, age_query), 45)
+        # Fresh while fed: the newest value served is seconds old (exported every 2 s in tests).
+        fresh = wait_for("the view's freshness", lambda: query(prometheus, age_query), 90, explain)
         (age,) = fresh.values()
         assert 0 <= age < STALE_AFTER_S, fresh
         assert not firing(prometheus, "FeatureStale", view=VIEW)
@@ -148,15 +167,15 @@ def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(serve
 
         feeding.clear()  # the stream stops; checkouts go on, served the last value
         stopped = time.monotonic()
-        wait_for("FeatureStale to fire", lambda: firing(prometheus, "FeatureStale", model="underwriting", view=VIEW), 60)
+        wait_for("FeatureStale to fire", lambda: firing(prometheus, "FeatureStale", model="underwriting", view=VIEW), 60, explain)
         (age,) = query(prometheus, age_query).values()
         assert age > STALE_AFTER_S
         assert time.monotonic() - stopped >= STALE_AFTER_S - 12  # it rose: it did not start stale
 
         # The report's PSI, read by the replicas every 30 s and exported as gauges.
-        psi = wait_for("mlp_psi", lambda: query(prometheus, f'max by (feature) (ray_mlp_psi{{model="underwriting",version="{version}"}})'), 45)
+        psi = wait_for("mlp_psi", lambda: query(prometheus, f'max by (feature) (ray_mlp_psi{{model="underwriting",version="{version}"}})'), 60, explain)
         assert psi == {"feature=score": 0.4, "feature=loans_30d": 0.01}
-        wait_for("ScoreDrift to fire", lambda: firing(prometheus, "ScoreDrift", model="underwriting", version=str(version)), 10)
+        wait_for("ScoreDrift to fire", lambda: firing(prometheus, "ScoreDrift", model="underwriting", version=str(version)), 20, explain)
         assert not firing(prometheus, "FeatureDrift")
     finally:
         stop.set()
