@@ -7,8 +7,10 @@ of 1,000 features and 100 model versions, read by a real HTTP client.
 The registry is generated under a temporary root: ``--views`` feature views of 50 windowed
 aggregations each (1,000 features by default) over one source, a feature service naming all
 of them, ``--versions`` LightGBM versions of one model (each with metrics, lineage and, for the
-last one, a model card with a PNG), aliases moved a few times, and ``--decisions`` logged
-decisions (compacted into the decision log; 20 share one application id). Pages are served by
+last one, a model card (Markdown with a dozen tables, rendered on the page) and a PNG),
+aliases moved a few times, ``--decisions`` logged decisions (compacted into the decision log;
+20 share one application id) and 20 consistency reports of 50 features each (the operations
+page lists them, reading each one's figures). Pages are served by
 uvicorn on a thread of this process and requested one at a time with ``requests`` (keep-alive)
 after one warm-up request each; the p50 / p95 / max milliseconds per page are printed. The
 decision search by application id reads the whole decision log (an audit, not a hot path).
@@ -65,7 +67,7 @@ def build(root: Path, views: int, versions: int, decisions: int) -> None:
     booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 4, "num_threads": 1}, lgb.Dataset(x, y), 5)
     png = _png()
     for i in range(1, versions + 1):
-        files = {"model_card.md": b"# card\n", "roc.png": png} if i == versions else None
+        files = {"model_card.md": _card(), "roc.png": png} if i == versions else None
         mv = platform.models.register("pd", flavor="lightgbm", model=booster, files=files, params={"i": i},
                                       lineage={"feature_service": "everything", "code_version": "bench",
                                                "training_set": {"name": "ts", "version": i}},
@@ -84,6 +86,23 @@ def build(root: Path, views: int, versions: int, decisions: int) -> None:
                 "shadow": None, "returned": True, "confirmed": True,
             })
         log.compact()
+    from mlplatform.features.consistency import ConsistencyReport
+    from mlplatform.features.consistency_reports import PREFIX
+
+    per_feature = pd.DataFrame([{"ref": ref, "feature": ref.split(":")[1], "compared": 1000, "exact_matches": 990, "missing_online": 10,
+                                 "extra_online": 0, "mean_abs_diff": 0.1, "exact_match_rate": 0.99} for ref in refs[:50]])
+    examples = pd.DataFrame([{"ref": refs[0], "feature": "f0_0", "decision_id": "d-1", "served": 1.0, "offline": 2.0, "abs_diff": 1.0}])
+    for day in range(20):
+        ConsistencyReport("everything", 1000, pd.DataFrame(), per_feature, examples).write(platform.storage, f"{PREFIX}/202601{day + 1:02d}T000000Z")
+
+
+def _card() -> bytes:
+    """A model card's size and shape: headings, a dozen tables of ~10 rows."""
+    lines = ["# Model card: pd", "", "Probability of default.", ""]
+    for t in range(12):
+        lines += [f"## Table {t}", "", "| metric | train | valid | test |", "|---|---:|---:|---:|"]
+        lines += [f"| m{r} | 0.{r}1 | 0.{r}2 | 0.{r}3 |" for r in range(10)] + [""]
+    return "\n".join(lines).encode()
 
 
 def _png() -> bytes:
@@ -142,6 +161,7 @@ def main() -> None:
         "model version + card": ("GET", f"/models/pd/{args.versions}"), "card plot (PNG)": ("GET", f"/models/pd/{args.versions}/files/roc.png"),
         "decision search (decision id)": ("GET", "/decisions?q=d-5"), "decision search (application id)": ("GET", "/decisions?q=app-3"),
         "decision": ("GET", "/decisions/d-5"), "decision replay": ("POST", "/decisions/d-5"), "operations": ("GET", "/operations"),
+        "consistency report": ("GET", "/operations/consistency/20260120T000000Z"),
     }
     print(f"{'page':34s} {'p50 ms':>8s} {'p95 ms':>8s} {'max ms':>8s}  (n={args.requests}, {os.cpu_count()} cores, {host.machine()}, "
           f"load {os.getloadavg()[0]:.1f})")

@@ -9,9 +9,9 @@ from html import escape
 
 __all__ = ["Node", "lineage_svg", "trend_svg"]
 
-_BOX_H, _GAP_X, _GAP_Y = 30, 30, 12
+_BOX_H, _GAP_X, _GAP_Y = 30, 26, 12
 #: Box width per column: its longest label at ~7 px a character (12 px sans), within these bounds.
-_MIN_W, _MAX_W, _CHAR_W, _PAD = 110, 240, 7, 18
+_MIN_W, _MAX_W, _CHAR_W, _PAD = 100, 260, 7, 18
 
 
 @dataclass(frozen=True)
