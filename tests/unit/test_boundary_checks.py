@@ -231,3 +231,23 @@ def test_unconfirmed_answers_survive_until_the_store_takes_them(tmp_path):
     threading.Event().wait(0.01)
     expired.sync(store)
     assert expired.get("app-1") is None and not expired.any()
+
+
+def test_unconfirmed_answers_added_by_another_replica_are_found_at_once(tmp_path):
+    """A retry reaching this replica right after another replica of the node answered it finds
+    that answer, whether the folders changed a moment ago (listed again) or settled long ago
+    (the unchanged-mtime shortcut)."""
+    writer = UnconfirmedAnswers(tmp_path / "unconfirmed")
+    writer.add_many([("first", "{}")])  # an outage under way (an empty folder is looked at every 0.2 s)
+    reader = UnconfirmedAnswers(tmp_path / "unconfirmed", settled_s=0.05)
+    for i in range(60):
+        assert reader.get(f"missing-{i}") is None
+        writer.add_many([(f"app-{i}", f'{{"answer":{i}}}')])
+        assert reader.get(f"app-{i}") == f'{{"answer":{i}}}', i
+        if i % 10 == 9:
+            threading.Event().wait(0.06)  # settled: the next lookups may take the shortcut
+    store = SqliteIdempotencyStore(tmp_path / "d.db")
+    assert writer.sync(store) == (61, 0)  # moved to synced/: still found, by both
+    threading.Event().wait(0.06)
+    assert reader.get("app-0") == '{"answer":0}' and reader.get("app-59") == '{"answer":59}'
+    assert reader.get("never") is None and reader.any()

@@ -12,8 +12,8 @@ replica of the node shares: one small file per micro-batch (``<time>-<pid>-<n>.a
 line ``application_id<TAB>answer`` per decision, fsynced, renamed into place, the folder
 fsynced), so an outage costs one fsync a batch, not one a decision. Every replica checks this
 folder for a retried application before deciding it anew (``get``, from an index of the
-files it has read, refreshed when the folder changes; ``any`` keeps the check free while the
-folder is empty), and each one's housekeeping writes the answers into the store as soon as it
+files it has read, listed again only when a folder's mtime changed; ``any`` keeps the check
+free while the folder is empty), and each one's housekeeping writes the answers into the store as soon as it
 answers again (``sync``), first writer wins: the store's ``put_if_absent_many`` keeps an
 answer that is already there, and that case is counted as a conflict and logged. Synced files
 move to ``synced/`` and stay readable for an hour, so a retry that reaches the node during a
@@ -41,13 +41,17 @@ _SYNCED = "synced"
 #: How long answers stay readable here after the store took them: a retry that reaches this
 #: node while the store is unreachable again still finds its first answer.
 RETENTION_S = 3600.0
+#: Seconds after which a folder's mtime is trusted to show every later change (a change within
+#: one tick of a coarse clock, or of a whole-second file system, may leave it as it was).
+SETTLED_S = 2.0
 
 
 class UnconfirmedAnswers:
     """A folder of ``.answers`` files shared by the replicas of one node (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike[str], *, retention_s: float = RETENTION_S) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, retention_s: float = RETENTION_S, settled_s: float = SETTLED_S) -> None:
         self.folder = os.fspath(folder)
+        self._settled_ns = int(settled_s * 1e9)
         self.synced = os.path.join(self.folder, _SYNCED)
         self.retention_s = retention_s
         os.makedirs(self.synced, mode=0o700, exist_ok=True)
@@ -58,6 +62,7 @@ class UnconfirmedAnswers:
         self._nonempty = True  # until the first look says otherwise
         self._waiting = True
         self._looked = 0.0
+        self._stamps: tuple[int, int] | None = None  # both folders' mtimes at the last listing, when settled
         self.refresh()
 
     def add_many(self, entries: list[tuple[str, str]]) -> None:
@@ -87,11 +92,18 @@ class UnconfirmedAnswers:
     def any(self) -> bool:
         """Whether the folder may hold answers (looked at again at most every 0.2 s)."""
         if time.monotonic() - self._looked > 0.2:
-            self.refresh()
+            if self._changed():
+                self.refresh()
+            else:
+                self._looked = time.monotonic()
         return self._nonempty
 
     def refresh(self) -> None:
         """Read files other replicas added since the last look (waiting and synced ones)."""
+        # The folders' mtimes, read before listing them: a file added or moved later changes
+        # them, so ``get`` can skip the listing while they are unchanged (see ``_changed``).
+        before = time.time_ns()
+        stamps = _mtimes(self.folder, self.synced)
         waiting = {n for n in _listdir(self.folder) if n.endswith(_SUFFIX)}
         kept = {os.path.join(_SYNCED, n) for n in _listdir(self.synced) if n.endswith(_SUFFIX)}
         names = waiting | kept
@@ -104,17 +116,27 @@ class UnconfirmedAnswers:
                 self._read.add(name)
             self._nonempty = bool(names)
             self._waiting = bool(waiting)
+            # Trust the mtimes only when both are older than ``settled_s``: a change within the
+            # same tick of a coarse clock (or of a file system with whole-second times) could
+            # leave an mtime as it was.
+            settled = stamps is not None and max(stamps) < before - self._settled_ns
+            self._stamps = stamps if settled else None
         self._looked = time.monotonic()
+
+    def _changed(self) -> bool:
+        """Whether a file may have been added or moved since the last listing (two ``stat``s
+        instead of two listings of folders that can hold an hour of files)."""
+        return self._stamps is None or _mtimes(self.folder, self.synced) != self._stamps
 
     def waiting(self) -> bool:
         """Whether answers wait for the store (as of the last look)."""
         return self._waiting
 
     def get(self, application_id: str) -> str | None:
-        """The kept answer of ``application_id``, or None (the folder is read again first if
-        the index does not have it)."""
+        """The kept answer of ``application_id``, or None (the folders are listed again first
+        if the index does not have it and a folder changed since the last listing)."""
         answer = self._index.get(application_id)
-        if answer is None and self._nonempty:
+        if answer is None and self._nonempty and self._changed():
             self.refresh()
             answer = self._index.get(application_id)
         return answer
@@ -178,6 +200,13 @@ def _entries(path: str) -> list[tuple[str, str]]:
         if sep and application_id and answer:
             out.append((application_id, answer))
     return out
+
+
+def _mtimes(*folders: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(os.stat(f).st_mtime_ns for f in folders)
+    except FileNotFoundError:
+        return None
 
 
 def _listdir(folder: str) -> list[str]:
