@@ -164,6 +164,13 @@ def build_app(platform: Any, keys: tuple[tuple[str, tuple[str, ...]], ...] | Non
     def consistency_page(request: Any) -> Any:
         return render(request, "consistency.html", nav="operations", **operations.consistency_detail(platform, request.path_params["name"]))
 
+    def monitoring_page(request: Any) -> Any:
+        return render(request, "monitoring.html", nav="operations", m=operations.monitoring_detail(platform, request.path_params["model"]))
+
+    def monitoring_file(request: Any) -> Any:
+        data = operations.monitoring_file(platform, request.path_params["model"], request.path_params["file"])
+        return Response(data, media_type="image/png", headers={**_HEADERS, "Cache-Control": "private, max-age=3600"})
+
     def consistency_file(request: Any) -> Any:
         data = operations.consistency_png(platform, request.path_params["name"])
         return Response(data, media_type="image/png", headers={**_HEADERS, "Cache-Control": "private, max-age=3600"})
@@ -184,6 +191,8 @@ def build_app(platform: Any, keys: tuple[tuple[str, tuple[str, ...]], ...] | Non
         Route("/operations", page(operations_page)),
         Route("/operations/consistency/{name}", page(consistency_page)),
         Route("/operations/consistency/{name}/match_rate.png", page(consistency_file)),
+        Route("/operations/monitoring/{model}", page(monitoring_page)),
+        Route("/operations/monitoring/{model}/files/{file}", page(monitoring_file)),
     ]
     app = Starlette(routes=routes)
     app.state.platform = platform

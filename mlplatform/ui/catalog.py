@@ -5,7 +5,7 @@ offline data reaches, what is online and how fresh, and its latest quality resul
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mlplatform.errors import PlatformError
@@ -53,7 +53,7 @@ def _view_summary(platform: Any, view: Any, *, deep: bool = False) -> dict[str, 
     from mlplatform.features.store import offline_dataset
 
     fields = [_field(f) for f in view.schema_] + [
-        {"name": a.name or f"{a.function}_{a.column}", "dtype": a.function + (f" over {a.window}" if a.window else ""),
+        {"name": a.name or f"{a.function}_{a.column}", "dtype": f"{a.function}({a.column})" + (f" over {_window(a.window)}" if a.window else ""),
          "description": a.description, "reason": a.reason or ""}
         for a in view.aggregations
     ]
@@ -91,7 +91,7 @@ def _view_summary(platform: Any, view: Any, *, deep: bool = False) -> dict[str, 
             failed = [c for c in report.checks if c.status == "failed"]
             out["quality"] = {"passed": report.passed, "stage": report.stage, "rows": report.rows, "at": report.created_at,
                               "checks": len(report.checks), "failed": len(failed),
-                              "details": [c.__dict__ for c in report.checks] if deep else []}
+                              "details": _by_feature(report.checks) if deep else None}
     except PlatformError as exc:
         errors.append(f"quality: {exc}")
     for error in errors:
@@ -102,6 +102,25 @@ def _view_summary(platform: Any, view: Any, *, deep: bool = False) -> dict[str, 
 
 def _field(f: Any) -> dict[str, Any]:
     return {"name": f.name, "dtype": f.dtype, "description": f.description, "reason": f.reason or ""}
+
+
+def _window(window: Any) -> str:
+    from mlplatform._duration import format_duration
+
+    return format_duration(window) if isinstance(window, timedelta) else str(window)
+
+
+def _by_feature(checks: list[Any]) -> dict[str, Any]:
+    """A report's checks as one row per feature and one column per expectation (failed rows first)."""
+    names: list[str] = []
+    rows: dict[str, dict[str, Any]] = {}
+    for c in checks:
+        if c.expectation not in names:
+            names.append(c.expectation)
+        row = rows.setdefault(c.feature or "(view)", {"feature": c.feature or "(view)", "failed": False, "checks": {}})
+        row["checks"][c.expectation] = {"status": c.status, "observed": c.observed, "bound": c.bound}
+        row["failed"] = row["failed"] or c.status == "failed"
+    return {"expectations": names, "rows": sorted(rows.values(), key=lambda r: not r["failed"])}
 
 
 def _partition(part: str) -> str:

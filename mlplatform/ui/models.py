@@ -3,6 +3,7 @@ the promotion gate's verdicts), metric trends across versions, and one version's
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mlplatform.errors import NotFoundError
@@ -12,6 +13,7 @@ __all__ = ["IMAGE_TYPES", "model_detail", "models_index", "version_detail", "ver
 
 IMAGE_TYPES = {".png": "image/png", ".svg": "image/svg+xml"}
 _CARD = "model_card.md"
+_LINKED = re.compile(r"!\[[^\]]*\]\(<?([^)\s>]+)")
 
 
 def models_index(platform: Any) -> dict[str, Any]:
@@ -19,8 +21,12 @@ def models_index(platform: Any) -> dict[str, Any]:
     out = []
     for name in registry.names():
         versions = registry.list(name)
-        out.append({"name": name, "versions": len(versions), "latest": versions[-1].version if versions else None,
-                    "aliases": registry.aliases(name)})
+        latest = versions[-1] if versions else None
+        out.append({"name": name, "versions": len(versions), "latest": latest.version if latest else None,
+                    "aliases": registry.aliases(name), "flavor": latest.flavor if latest else None,
+                    "created_at": latest.created_at if latest else None,
+                    "service": latest.lineage.get("feature_service") if latest else None,
+                    "description": latest.description if latest else ""})
     return {"models": out}
 
 
@@ -39,6 +45,7 @@ def model_detail(platform: Any, name: str) -> dict[str, Any]:
             {"version": v.version, "flavor": v.flavor, "created_at": v.created_at, "aliases": v.aliases,
              "description": v.description, "metrics": {k: v.metrics[k] for k in numeric if k in v.metrics},
              "service": v.lineage.get("feature_service"), "pipeline_run": v.lineage.get("pipeline_run"),
+             "training_set": _snapshot_label(v.lineage.get("training_set")),
              "has_card": _CARD in v.artifacts}
             for v in reversed(versions)
         ],
@@ -59,13 +66,16 @@ def version_detail(platform: Any, name: str, version: int) -> dict[str, Any]:
         card = platform.storage.read_artifact(f"{mv.artifact_prefix}/{_CARD}", mv.artifacts[_CARD]).decode("utf-8", "replace")
     lineage = dict(mv.lineage)
     training_set = lineage.pop("training_set", None)
+    images = sorted(f for f in mv.artifacts if any(f.endswith(ext) for ext in IMAGE_TYPES))
     return {
         "name": name, "version": mv.version, "flavor": mv.flavor, "created_at": mv.created_at, "aliases": mv.aliases,
         "description": mv.description, "metrics": mv.metrics, "params": mv.params,
         "lineage": {k: v for k, v in lineage.items() if k not in ("libraries", "artifacts")}, "libraries": lineage.get("libraries") or {},
         "training_set": training_set,
         "card": card,
-        "images": sorted(f for f in mv.artifacts if any(f.endswith(ext) for ext in IMAGE_TYPES)),
+        "images": images,
+        # plots the card does not show itself (a card links its plots as ![..](roc.png))
+        "gallery": [f for f in images if f not in set(_LINKED.findall(card or ""))],
         "files": sorted(mv.artifacts),
     }
 
@@ -77,6 +87,12 @@ def version_file(platform: Any, name: str, version: int, file: str) -> tuple[byt
     if kind is None or file not in mv.artifacts:
         raise NotFoundError(f"model {name!r} version {version} has no image {file!r}")
     return platform.storage.read_artifact(f"{mv.artifact_prefix}/{file}", mv.artifacts[file]), kind
+
+
+def _snapshot_label(ts: Any) -> str | None:
+    if not isinstance(ts, dict) or not ts.get("name"):
+        return None
+    return f"{ts['name']} v{ts['version']}" if ts.get("version") is not None else str(ts["name"])
 
 
 def _number(x: Any) -> bool:

@@ -6,17 +6,19 @@ reports (``monitoring.latest`` and the report it names)."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from mlplatform.errors import PlatformError
 from mlplatform.ui.definitions import definitions
 
-__all__ = ["consistency_detail", "consistency_png", "operations"]
+__all__ = ["consistency_detail", "consistency_png", "monitoring_detail", "monitoring_file", "operations"]
 
 log = logging.getLogger(__name__)
 
 MAX_RUNS = 20
 MAX_REPORTS = 20
+_PNG = re.compile(r"^[\w.-]{1,200}\.png$")
 
 
 def operations(platform: Any) -> dict[str, Any]:
@@ -42,6 +44,30 @@ def consistency_png(platform: Any, name: str) -> bytes:
     if not platform.storage.exists(key):
         raise NotFoundError(f"consistency report {name!r} has no match_rate.png")
     return platform.storage.read_bytes(key)
+
+
+def monitoring_detail(platform: Any, model: str) -> dict[str, Any]:
+    """The latest monitoring report of ``model``: its figures and its Markdown (report.md)."""
+    from mlplatform.errors import NotFoundError
+
+    found = next((m for m in _monitoring(platform) if m["model"] == model), None)
+    if found is None:
+        raise NotFoundError(f"model {model!r} has no monitoring report")
+    key = f"{found['report']}/report.md"
+    found["markdown"] = platform.storage.read_bytes(key).decode("utf-8", "replace") if platform.storage.exists(key) else ""
+    return found
+
+
+def monitoring_file(platform: Any, model: str, file: str) -> bytes:
+    """A PNG of the latest monitoring report of ``model`` (a plain ``*.png`` name in its folder)."""
+    from mlplatform.errors import NotFoundError
+    from mlplatform.monitoring.latest import latest_psi
+
+    record = latest_psi(platform.storage, model) if model in platform.models.names() else None
+    folder = (record or {}).get("report") or ""
+    if not folder or not _PNG.match(file) or not platform.storage.exists(f"{folder}/{file}"):
+        raise NotFoundError(f"model {model!r} has no monitoring plot {file!r}")
+    return platform.storage.read_bytes(f"{folder}/{file}")
 
 
 def _consistency(platform: Any) -> list[Any]:

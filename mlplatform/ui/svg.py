@@ -11,7 +11,7 @@ __all__ = ["Node", "lineage_svg", "trend_svg"]
 
 _BOX_H, _GAP_X, _GAP_Y = 30, 26, 12
 #: Box width per column: its longest label at ~7 px a character (12 px sans), within these bounds.
-_MIN_W, _MAX_W, _CHAR_W, _PAD = 100, 260, 7, 18
+_MIN_W, _MAX_W, _CHAR_W, _PAD = 96, 250, 6.6, 16
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,12 @@ def lineage_svg(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], columns
     with an ellipsis and shown whole in the box's tooltip)."""
     widths = [max([_MIN_W, len(title) * _CHAR_W + 4] + [len(n.label) * _CHAR_W + _PAD for n in nodes if n.column == i])
               for i, title in enumerate(columns)]
-    widths = [min(w, _MAX_W) for w in widths]
+    widths = [min(round(w), _MAX_W) for w in widths]
     lefts = [20 + sum(widths[:i]) + i * _GAP_X for i in range(len(columns))]
     rows: dict[int, int] = {}
     where: dict[str, tuple[int, int]] = {}
     column = {node.key: node.column for node in nodes}
-    for node in nodes:
+    for node in _ordered(nodes, edges, column):
         row = rows.get(node.column, 0)
         rows[node.column] = row + 1
         where[node.key] = (lefts[node.column], 40 + row * (_BOX_H + _GAP_Y))
@@ -54,13 +54,37 @@ def lineage_svg(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], columns
     for node in nodes:
         x, y = where[node.key]
         w = widths[node.column]
-        fits = (w - _PAD) // _CHAR_W
+        fits = int((w - _PAD) // _CHAR_W)
         label = node.label if len(node.label) <= fits else node.label[: fits - 1] + "…"
         out.append(f'<a href="{escape(node.href)}"><rect x="{x}" y="{y}" width="{w}" height="{_BOX_H}" rx="5" '
                    f'class="node c{node.column}"><title>{escape(node.label)}</title></rect>'
                    f'<text x="{x + 8}" y="{y + 19}">{escape(label)}</text></a>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _ordered(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], column: dict[str, int]) -> list[Node]:
+    """Nodes column by column; within a column, in the mean row of the boxes that lead into it
+    (fewer crossing edges: a model version sits beside its snapshot), those with none after,
+    in the given order."""
+    parents: dict[str, list[str]] = {}
+    for a, b in edges:
+        if a in column and b in column and column[a] < column[b]:
+            parents.setdefault(b, []).append(a)
+    row: dict[str, int] = {}
+    out: list[Node] = []
+    for c in sorted({n.column for n in nodes}):
+        here = [n for n in nodes if n.column == c]
+
+        def key(item: tuple[int, Node]) -> tuple[int, float, int]:
+            i, n = item
+            placed = [row[p] for p in parents.get(n.key, ()) if p in row]
+            return (0, sum(placed) / len(placed), i) if placed else (1, 0.0, i)
+
+        for i, (_, n) in enumerate(sorted(enumerate(here), key=key)):
+            row[n.key] = i
+            out.append(n)
+    return out
 
 
 def trend_svg(series: dict[str, list[tuple[int, float]]], *, width: int = 560, height: int = 180) -> str:

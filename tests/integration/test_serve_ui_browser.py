@@ -31,6 +31,7 @@ Serve application is tested in test_serve_ui.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import socket
 import threading
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _serving_app import HEADERS, KEY, SAFE, application, feature_names, post, start_redis
+from _serving_app import HEADERS, KEY, application, feature_names, history, post, push_online, start_redis
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -49,6 +50,7 @@ CARD_MODEL = "underwriting_card_demo"
 SNAPSHOT = "underwriting_ui"
 CONSISTENCY = "20260105T101500Z"
 BATCH_VIEWS = ("applicant_history", "merchant_activity", "merchant_risk")
+APPLICANT, MERCHANT = 900_310, 917
 
 
 class UiServer:
@@ -162,7 +164,7 @@ def ui_platform(platform, redis_url: str):
         view = own.features.get_feature_view(name)
         columns = [f.name for f in view.schema_] + [a.name or f"{a.function}_{a.column}" for a in view.aggregations]
         rows = [{**{k: key for e in view.entities for k in e.join_keys}, "event_timestamp": when, **dict.fromkeys(columns, 0.0)}
-                for key in (SAFE, SAFE + 1)]
+                for key in (APPLICANT, APPLICANT + 1)]
         online = own.features.online_store
         generation = online.begin(view)
         online.write(view, generation, rows)
@@ -175,8 +177,14 @@ def ui(served, tmp_path_factory):
     platform = served.platform
     assert not served.closed, "run this module before test_serving.py closes the application (pytest's file order does)"
     started = time.monotonic()
+    # an applicant and a merchant of this module's own (the serving modules own SAFE and merchant 7)
+    now = datetime.now(UTC) - timedelta(hours=2)
+    assert push_online(served.deployed, "applicant_history", [history(APPLICANT, now, loans_90d=2.0, loans_365d=5.0,
+                                                                      late_installments_365d=1.0, avg_loan_amount_365d=180.0)]).status_code == 200
+    for view, values in (("merchant_risk", {"default_rate_90d": 0.03, "outcomes_90d": 120}), ("merchant_activity", {"applications_90d": 900})):
+        assert push_online(served.deployed, view, [{"merchant_id": MERCHANT, "event_timestamp": now.isoformat(), **values}]).status_code == 200
     for amount in (80.0, 120.0, 160.0):  # most are approved, with an offer
-        answer = post(f"{served.deployed.url}/v1/decisions", application(SAFE, amount=amount), headers=HEADERS)
+        answer = post(f"{served.deployed.url}/v1/decisions", application(APPLICANT, amount=amount, merchant_id=MERCHANT), headers=HEADERS)
         assert answer.status_code == 200, answer.text
     snapshot, train_rows, card = register_from_snapshot(platform)
     time.sleep(0.5)
@@ -184,7 +192,8 @@ def ui(served, tmp_path_factory):
     redis_proc, redis_url = start_redis(tmp_path_factory.mktemp("ui-redis"))
     own = ui_platform(platform, redis_url)
     print(f"ui fixture: {time.monotonic() - started:.1f}s")
-    decided = [r for r in platform.serving.decisions() if r["model_name"] == "underwriting" and not r["fallback"] and r["returned"]]
+    decided = [r for r in platform.serving.decisions() if r["model_name"] == "underwriting" and not r["fallback"] and r["returned"]
+               and json.loads(r["request"]).get("applicant_id") == APPLICANT]
     assert decided, "the served application logged no scored decision"
     offered = [r for r in decided if r.get("offer")]
     from mlplatform.ui import build_app
@@ -195,8 +204,6 @@ def ui(served, tmp_path_factory):
     server.decision = (offered or decided)[-1]
     server.offered = bool(offered)
     if offered:
-        import json
-
         server.decision_offer_tier = json.loads(offered[-1]["offer"])["tier"]
     yield server
     server.close()
@@ -277,8 +284,10 @@ def test_pages_in_a_browser(ui, browser):
     assert "production" in model and "Alias history" in model
     card = w.visit(f"{ui.url}/models/{CARD_MODEL}/{ui.card_version}", "07-model-card")
     assert "Model card" in card
-    images = page.eval_on_selector_all(".plots img", "els => els.map(i => [i.getAttribute('alt'), i.complete, i.naturalWidth])")
-    assert {alt for alt, _, _ in images} >= {"roc.png", "calibration.png", "score_distribution.png", "lift.png"}
+    # the card's plots, in the card (and any it does not show in a gallery beside it), loaded
+    images = page.eval_on_selector_all("#model-card img, .plots img",
+                                       "els => els.map(i => [i.getAttribute('src').split('/').pop(), i.complete, i.naturalWidth])")
+    assert {name for name, _, _ in images} >= {"roc.png", "calibration.png", "score_distribution.png", "lift.png"}, images
     assert all(done and width > 0 for _, done, width in images), images
     # the card is rendered Markdown: headings and tables, no Markdown syntax left
     assert page.locator("#model-card h1, #model-card h2").count() >= 2
@@ -319,6 +328,10 @@ def test_pages_in_a_browser(ui, browser):
     assert "Training/serving consistency: underwriting_v1" in report and "1 flagged" in report and "94.00%" in report
     assert page.locator("main .markdown table").count() == 2
     assert page.eval_on_selector("img[alt='match_rate.png']", "i => i.complete && i.naturalWidth > 0")
+    monitoring = w.visit(f"{ui.url}/operations/monitoring/underwriting", "12-monitoring")
+    assert "Monitoring: underwriting" in monitoring and page.locator("#monitoring-report table").count() >= 1
+    plots = page.eval_on_selector_all("#monitoring-report img", "els => els.map(i => i.complete && i.naturalWidth > 0)")
+    assert plots and all(plots), plots
     assert not w.problems, w.problems
 
     with page.expect_navigation():

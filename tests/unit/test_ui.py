@@ -105,6 +105,14 @@ def populate(platform: Platform, spool) -> dict:
                                  "missing_online": 0, "extra_online": 0, "mean_abs_diff": 1.0, "exact_match_rate": 0.5}])
     examples = pd.DataFrame([{"ref": "applicant_history:loans_90d", "decision_id": "d-1", "served": 2.0, "offline": 1.0, "abs_diff": 1.0}])
     ConsistencyReport("underwriting_v1", 2, pd.DataFrame(), per_feature, examples).write(platform.storage, "reports/consistency/20250103T000000Z")
+    from mlplatform.monitoring.report import build_report, write_report
+
+    now = datetime.now(UTC)
+    records = [{"model_name": "underwriting", "model_version": mv.version, "fallback": False, "returned": True, "created_at": now.isoformat(),
+                "probability_of_default": 0.2, "features": json.dumps({**row, "loans_90d": float(i % 5)})} for i in range(40)]
+    write_report(platform.storage, build_report(model="underwriting", version=mv.version, reference={f: x[f].to_numpy() for f in FEATURES},
+                                                reference_scores=booster.predict(x), records=records, window=(now - pd.Timedelta("1h"), now),
+                                                reference_name={"name": "underwriting_ts", "version": 3, "split": "train", "rows": len(x)}), plots=1)
     return {"version": mv.version}
 
 
@@ -271,10 +279,19 @@ def test_card_offer_and_consistency_report_are_rendered(ui):
     assert "<h1>Training/serving consistency: underwriting_v1</h1>" in report and "<table>" in report and "1 flagged" in report
     png = s.get(ui.url + "/operations/consistency/20250103T000000Z/match_rate.png")
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    # the latest monitoring report: figures on the operations page, its Markdown and plots on a page of its own
+    assert 'href="/operations/monitoring/underwriting"' in operations and "against training set <strong>underwriting_ts</strong> v3" in operations
+    monitoring = s.get(ui.url + "/operations/monitoring/underwriting").text
+    images = re.findall(r'<img src="(/operations/monitoring/underwriting/files/[^"]+)"', monitoring)
+    assert images and "<table>" in monitoring
+    for src in images:
+        plot = s.get(ui.url + src)
+        assert plot.status_code == 200 and plot.content[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("path", ["/decisions/nope", "/operations/consistency/nope", "/operations/consistency/%2E%2E",
-                                  "/operations/consistency/nope/match_rate.png", "/models/nope", "/models/underwriting/99", "/catalog/views/nope",
+                                  "/operations/consistency/nope/match_rate.png", "/operations/monitoring/nope",
+                                  "/operations/monitoring/underwriting/files/report.json", "/operations/monitoring/underwriting/files/..%2Fx.png", "/models/nope", "/models/underwriting/99", "/catalog/views/nope",
                                   "/models/underwriting/3/files/model.txt", "/models/underwriting/3/files/..%2F..%2Fx.png"])
 def test_unknown_things_are_404_pages(ui, path):
     s = login(ui.url)
