@@ -125,7 +125,7 @@ class ConsistencyReport:
         ax.set_title(f"{self.feature_service}: served vs training values ({self.decisions:,} decisions)")
         fig.tight_layout()
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
+        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")  # a long title is not cut
         plt.close(fig)
         return buffer.getvalue()
 

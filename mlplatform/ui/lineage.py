@@ -21,8 +21,8 @@ def lineage(platform: Any, base: str) -> dict[str, Any]:
     nodes: dict[str, Node] = {}
     edges: list[tuple[str, str]] = []
 
-    def add(key: str, label: str, column: int, href: str) -> str:
-        nodes.setdefault(key, Node(key, label, column, href))
+    def add(key: str, label: str, column: int, href: str, missing: bool = False) -> str:
+        nodes.setdefault(key, Node(key, label, column, href, missing))
         return key
 
     catalog = f"{base}/catalog"
@@ -58,8 +58,9 @@ def lineage(platform: Any, base: str) -> dict[str, Any]:
                 if service:
                     edges.append((f"service:{service}", t))
                 edges.append((t, m))
-            elif service:
-                edges.append((f"service:{service}", m))
+            elif service:  # trained on data no snapshot records: said in the snapshot column, not skipped over
+                t = add(f"ts:none:{service}", "no snapshot recorded", 3, f"{base}/models/{name}/{mv.version}", missing=True)
+                edges += [(f"service:{service}", t), (t, m)]
         for alias, version in sorted(aliases.items()):
             a = add(f"alias:{name}:{alias}", f"{name}@{alias}", 5, f"{base}/models/{name}#alias-{alias}")
             edges.append((f"model:{name}:{version}", a))

@@ -11,7 +11,7 @@ __all__ = ["Node", "lineage_svg", "trend_svg"]
 
 _BOX_H, _GAP_X, _GAP_Y = 30, 26, 12
 #: Box width per column: its longest label at ~7 px a character (12 px sans), within these bounds.
-_MIN_W, _MAX_W, _CHAR_W, _PAD = 96, 250, 6.6, 16
+_MIN_W, _MAX_W, _CHAR_W, _PAD = 96, 260, 6.8, 20
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class Node:
     label: str
     column: int
     href: str
+    #: drawn dashed and grey: a placeholder for what was not recorded
+    missing: bool = False
 
 
 def lineage_svg(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], columns: Sequence[str]) -> str:
@@ -48,16 +50,20 @@ def lineage_svg(nodes: Sequence[Node], edges: Sequence[tuple[str, str]], columns
     for a, b in edges:
         if a in where and b in where:
             (x1, y1), (x2, y2) = where[a], where[b]
-            x1, y1, y2 = x1 + widths[column[a]], y1 + _BOX_H // 2, y2 + _BOX_H // 2
+            y1, y2 = y1 + _BOX_H // 2, y2 + _BOX_H // 2
+            if column[a] == column[b]:  # within a column (a view built on another): a loop on the left
+                out.append(f'<path d="M{x1},{y1} C{x1 - 18},{y1} {x2 - 18},{y2} {x2},{y2}" class="edge"/>')
+                continue
+            x1 += widths[column[a]]
             mid = (x1 + x2) / 2
             out.append(f'<path d="M{x1},{y1} C{mid:.0f},{y1} {mid:.0f},{y2} {x2},{y2}" class="edge"/>')
     for node in nodes:
         x, y = where[node.key]
         w = widths[node.column]
-        fits = int((w - _PAD) // _CHAR_W)
+        fits = int((w - _PAD) / _CHAR_W + 0.5)  # the width was rounded from a label this long
         label = node.label if len(node.label) <= fits else node.label[: fits - 1] + "…"
         out.append(f'<a href="{escape(node.href)}"><rect x="{x}" y="{y}" width="{w}" height="{_BOX_H}" rx="5" '
-                   f'class="node c{node.column}"><title>{escape(node.label)}</title></rect>'
+                   f'class="node c{node.column}{" missing" if node.missing else ""}"><title>{escape(node.label)}</title></rect>'
                    f'<text x="{x + 8}" y="{y + 19}">{escape(label)}</text></a>')
     out.append("</svg>")
     return "".join(out)
