@@ -67,6 +67,7 @@ def replay(platform: Any, decision_id: str) -> dict[str, Any]:
         "logged_decision": result.logged_decision, "replayed_decision": result.replayed_decision, "note": result.note,
         "rules": [{"name": r.model_name, "version": r.model_version, "status": r.status, "logged": r.logged_score,
                    "replayed": r.replayed_score, "identical": r.identical} for r in result.rule_models],
+        "offer": _offer_replay(getattr(result, "offer", None)),
     }
 
 
@@ -96,6 +97,14 @@ def _offer(platform: Any, offer: Any) -> dict[str, Any] | None:
         "tiers": tiers, "context": offer.get("context") if isinstance(offer.get("context"), dict) else {},
         "shadow": shadow, "other": {k: v for k, v in offer.items() if k not in known},
     }
+
+
+def _offer_replay(offer: Any) -> dict[str, Any] | None:
+    if offer is None:
+        return None
+    return {"policy": offer.policy, "version": offer.policy_version, "logged": offer.logged_tier, "replayed": offer.replayed_tier,
+            "logged_propensity": offer.logged_propensity, "replayed_propensity": offer.replayed_propensity,
+            "identical": offer.identical, "within_cap": offer.within_cap, "replayable": offer.replayable, "note": offer.note}
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:

@@ -315,7 +315,9 @@ def test_pages_in_a_browser(ui, browser):
     page.screenshot(path=str(ARTIFACTS / "09-decision-replayed.png"), full_page=True)
     logged, replayed = page.inner_text("td.logged"), page.inner_text("td.replayed")
     assert logged == replayed and logged != "-", (logged, replayed)
-    assert page.inner_text("#replay-result td.ok") == "yes"
+    assert page.inner_text("#replay-result td.ok >> nth=0") == "yes"
+    offer = page.inner_text("#replay-offer")  # the offer recomputed to the same tier
+    assert offer.count(ui.decision_offer_tier) == 2 and offer.rstrip().endswith("yes"), offer
 
     operations = w.visit(f"{ui.url}/operations", "10-operations")
     assert "underwriting_daily" in operations and "2026-01-05" in operations and "train: succeeded" in operations
