@@ -2,6 +2,7 @@
 
     for info in consistency_reports(platform.storage):     # or platform.features.consistency_reports()
         info.name, info.feature_service, info.decisions, info.flagged, info.min_exact_match_rate
+    info = read_info(platform.storage, name)               # one report's figures
     text = read_summary(platform.storage, info.name)      # the report's summary.md
 
 ``mlp consistency`` writes each report (``ConsistencyReport.write``) to its own folder
@@ -24,7 +25,7 @@ from mlplatform.errors import NotFoundError, PlatformError
 if TYPE_CHECKING:
     from mlplatform.storage import Storage
 
-__all__ = ["PREFIX", "ConsistencyReportInfo", "consistency_reports", "read_summary"]
+__all__ = ["PREFIX", "ConsistencyReportInfo", "consistency_reports", "read_info", "read_summary"]
 
 #: Where ``mlp consistency`` writes its reports, one folder each, under the storage root.
 PREFIX = "reports/consistency"
@@ -67,6 +68,19 @@ def consistency_reports(storage: Storage, *, limit: int | None = None) -> list[C
         if info is not None:
             out.append(info)
     return out
+
+
+def read_info(storage: Storage, name: str) -> ConsistencyReportInfo:
+    """The figures of report ``name`` alone (without listing the others).
+
+    Raises:
+        NotFoundError: no readable report of that name.
+    """
+    read_summary(storage, name)  # checks the name
+    info = _info(storage, name)
+    if info is None:
+        raise NotFoundError(f"consistency report {name!r} has no per_feature.parquet")
+    return info
 
 
 def read_summary(storage: Storage, name: str) -> str:

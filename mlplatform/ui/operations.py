@@ -28,11 +28,10 @@ def operations(platform: Any) -> dict[str, Any]:
 
 def consistency_detail(platform: Any, name: str) -> dict[str, Any]:
     """One consistency report: its figures and its Markdown summary (NotFoundError if none)."""
-    from mlplatform.features.consistency_reports import read_summary
+    from mlplatform.features.consistency_reports import read_info, read_summary
 
     summary = read_summary(platform.storage, name)  # NotFoundError for an unknown or bad name
-    info = next((r for r in platform.features.consistency_reports() if r.name == name), None)
-    return {"report": info, "name": name, "summary": summary}
+    return {"report": read_info(platform.storage, name), "name": name, "summary": summary}
 
 
 def consistency_png(platform: Any, name: str) -> bytes:

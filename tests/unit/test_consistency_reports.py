@@ -10,7 +10,7 @@ import pytest
 from mlplatform import Platform
 from mlplatform.errors import NotFoundError
 from mlplatform.features.consistency import ConsistencyReport
-from mlplatform.features.consistency_reports import PREFIX, consistency_reports, read_summary
+from mlplatform.features.consistency_reports import PREFIX, consistency_reports, read_info, read_summary
 
 
 def _report(rates: dict[str, float], decisions: int) -> ConsistencyReport:
@@ -43,6 +43,9 @@ def test_reports_are_listed_newest_first_with_their_figures(tmp_path):
     assert (old.feature_service, old.decisions, old.flagged) == (None, None, ["a:x"])
     assert [r.name for r in consistency_reports(storage, limit=1)] == ["20260102T000000Z"]
     assert "| a:y | 12 | 75.00% |" in read_summary(storage, "20260102T000000Z")
+    assert read_info(storage, "20260102T000000Z") == new
     for bad in ("nope", "../../etc", ".."):
         with pytest.raises(NotFoundError):
             read_summary(storage, bad)
+        with pytest.raises(NotFoundError):
+            read_info(storage, bad)
