@@ -47,7 +47,11 @@ def prometheus(tmp_path, ray_session):
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
 
     config = yaml.safe_load((CONFIGS / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    # Scrapes every 5 s with 5 s to answer: late in the suite the session Ray exports the series
+    # of every task, actor and deployment so far, and one scrape of its agent took 1.5 s after
+    # eight test files (Prometheus's lastScrapeDuration), more than the 1 s a 1 s interval
+    # allows: every scrape failed (up == 0) and nothing arrived.
+    config["global"].update(scrape_interval="5s", scrape_timeout="5s", evaluation_interval="1s")
     (job,) = config["scrape_configs"]
     job["file_sd_configs"][0]["files"] = [str(discovery)]
     config["rule_files"] = [str(tmp_path / "alerts.yml")]
@@ -110,7 +114,9 @@ def exported(url: str) -> str:
     try:
         up = query(url, 'up{job="ray"}')
         series = query(url, 'count by (__name__) ({__name__=~"ray_mlp_.*"})')
-        return f"up: {up}; ray_mlp_* series: {series}"
+        targets = requests.get(f"{url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        scrapes = [(t["scrapeUrl"], t["health"], t["lastError"], t["lastScrapeDuration"]) for t in targets]
+        return f"up: {up}; ray_mlp_* series: {series}; scrapes (url, health, error, seconds): {scrapes}"
     except Exception as e:  # noqa: BLE001 - a diagnostic must not hide the failure it explains
         return f"(Prometheus query failed: {e})"
 
@@ -151,10 +157,11 @@ def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(serve
             return f"Sent {sent}, {len(errors)} failed (first: {errors[:2]}); {exported(prometheus)}"
 
         up = 'min(up{job="ray"}) == 1'  # every node's metrics export answers
-        wait_for("the ray targets to be up", lambda: query(prometheus, up), 30, explain)
+        wait_for("the ray targets to be up", lambda: query(prometheus, up), 60, explain)
         age_query = f'mlp:feature_age_seconds{{model="underwriting",view="{VIEW}"}}'
         # Fresh while fed: the newest value served is seconds old (exported every 2 s in tests).
         fresh = wait_for("the view's freshness", lambda: query(prometheus, age_query), 90, explain)
+        print("exported while fed:", exported(prometheus))  # shown when the test fails, or with -s
         (age,) = fresh.values()
         assert 0 <= age < STALE_AFTER_S, fresh
         assert not firing(prometheus, "FeatureStale", view=VIEW)
