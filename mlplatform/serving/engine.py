@@ -278,9 +278,9 @@ class DecisionEngine:
     def _offers(self, ids: list[str], jobs: list[Job], rows: list[dict[str, Any]], probabilities: list[float],
                 decisions: list[str]) -> dict[int, dict[str, Any]]:
         """The offer of each approved job; an offer that cannot be made leaves the decision without one."""
-        if self.offers is None:
-            return {}
         approved = [i for i, d in enumerate(decisions) if d == "approve"]
+        if self.offers is None or not approved:  # no request is dumped for a batch without approvals
+            return {}
         try:
             return self.offers.choose(ids, rows, [j.request.model_dump() for j in jobs], probabilities, approved)
         except Exception:
