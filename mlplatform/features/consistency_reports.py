@@ -25,7 +25,7 @@ from mlplatform.errors import NotFoundError, PlatformError
 if TYPE_CHECKING:
     from mlplatform.storage import Storage
 
-__all__ = ["PREFIX", "ConsistencyReportInfo", "consistency_reports", "read_info", "read_summary"]
+__all__ = ["PREFIX", "ConsistencyReportInfo", "consistency_reports", "read_info", "read_summary", "report_key"]
 
 #: Where ``mlp consistency`` writes its reports, one folder each, under the storage root.
 PREFIX = "reports/consistency"
@@ -76,7 +76,7 @@ def read_info(storage: Storage, name: str) -> ConsistencyReportInfo:
     Raises:
         NotFoundError: no readable report of that name.
     """
-    read_summary(storage, name)  # checks the name
+    report_key(storage, name, "summary.md")  # checks the name
     info = _info(storage, name)
     if info is None:
         raise NotFoundError(f"consistency report {name!r} has no per_feature.parquet")
@@ -89,10 +89,22 @@ def read_summary(storage: Storage, name: str) -> str:
     Raises:
         NotFoundError: no report of that name (or the name is not a plain folder name).
     """
-    key = f"{PREFIX}/{name}/summary.md"
-    if not _NAME.match(name) or name in (".", "..") or not storage.exists(key):
+    return storage.read_bytes(report_key(storage, name, "summary.md")).decode("utf-8", "replace")
+
+
+def report_key(storage: Storage, name: str, file: str) -> str:
+    """The storage key of ``file`` in report ``name``, once both are known to exist.
+
+    Raises:
+        NotFoundError: no report of that name (or the name is not a plain folder name), or
+            the report has no such file.
+    """
+    if not _NAME.match(name) or name in (".", "..") or not storage.exists(f"{PREFIX}/{name}/summary.md"):
         raise NotFoundError(f"no consistency report named {name!r} under {PREFIX}/")
-    return storage.read_bytes(key).decode("utf-8", "replace")
+    key = f"{PREFIX}/{name}/{file}"
+    if file != "summary.md" and (not _NAME.match(file) or not storage.exists(key)):
+        raise NotFoundError(f"consistency report {name!r} has no {file}")
+    return key
 
 
 def _info(storage: Storage, name: str) -> ConsistencyReportInfo | None:

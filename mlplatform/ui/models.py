@@ -67,6 +67,7 @@ def version_detail(platform: Any, name: str, version: int) -> dict[str, Any]:
     lineage = dict(mv.lineage)
     training_set = lineage.pop("training_set", None)
     images = sorted(f for f in mv.artifacts if any(f.endswith(ext) for ext in IMAGE_TYPES))
+    linked = set(_LINKED.findall(card or ""))
     return {
         "name": name, "version": mv.version, "flavor": mv.flavor, "created_at": mv.created_at, "aliases": mv.aliases,
         "description": mv.description, "metrics": mv.metrics, "params": mv.params,
@@ -75,7 +76,7 @@ def version_detail(platform: Any, name: str, version: int) -> dict[str, Any]:
         "card": card,
         "images": images,
         # plots the card does not show itself (a card links its plots as ![..](roc.png))
-        "gallery": [f for f in images if f not in set(_LINKED.findall(card or ""))],
+        "gallery": [f for f in images if f not in linked],
         "files": sorted(mv.artifacts),
     }
 

@@ -35,21 +35,16 @@ def consistency_detail(platform: Any, name: str) -> dict[str, Any]:
 
 
 def consistency_png(platform: Any, name: str) -> bytes:
-    from mlplatform.errors import NotFoundError
-    from mlplatform.features.consistency_reports import PREFIX, read_summary
+    from mlplatform.features.consistency_reports import report_key
 
-    read_summary(platform.storage, name)  # the name is checked there
-    key = f"{PREFIX}/{name}/match_rate.png"
-    if not platform.storage.exists(key):
-        raise NotFoundError(f"consistency report {name!r} has no match_rate.png")
-    return platform.storage.read_bytes(key)
+    return platform.storage.read_bytes(report_key(platform.storage, name, "match_rate.png"))
 
 
 def monitoring_detail(platform: Any, model: str) -> dict[str, Any]:
     """The latest monitoring report of ``model``: its figures and its Markdown (report.md)."""
     from mlplatform.errors import NotFoundError
 
-    found = next((m for m in _monitoring(platform) if m["model"] == model), None)
+    found = _monitoring_of(platform, model) if model in platform.models.names() else None
     if found is None:
         raise NotFoundError(f"model {model!r} has no monitoring report")
     key = f"{found['report']}/report.md"
@@ -107,23 +102,25 @@ def _quality(platform: Any) -> list[dict[str, Any]]:
 
 
 def _monitoring(platform: Any) -> list[dict[str, Any]]:
+    return [m for m in (_monitoring_of(platform, name) for name in platform.models.names()) if m is not None]
+
+
+def _monitoring_of(platform: Any, name: str) -> dict[str, Any] | None:
+    """Model ``name``'s latest monitoring report for the page, or None (none, or unreadable)."""
     from mlplatform.monitoring.latest import latest_psi
 
-    out = []
-    for name in platform.models.names():
-        try:
-            record = latest_psi(platform.storage, name)
-            if not record:
-                continue
-            folder = record.get("report") or ""
-            report = platform.storage.read_json(f"{folder}/report.json") if folder and platform.storage.exists(f"{folder}/report.json") else {}
-        except PlatformError as exc:
-            log.info("operations: monitoring of %s unavailable: %s", name, exc)
-            continue
-        bound = report.get("bound")
-        psi = sorted(((k, v) for k, v in (record.get("psi") or {}).items()), key=lambda kv: -(kv[1] if kv[1] is not None else -1.0))
-        out.append({"model": name, "version": record.get("version"), "at": record.get("created_at"), "report": folder,
-                    "decisions": report.get("decisions"), "reference": report.get("reference") or {}, "bound": bound,
-                    "window": report.get("window") or {}, "flagged": report.get("flagged") or [],
-                    "psi": [{"column": k, "psi": v, "shift": bound is not None and v is not None and v >= bound} for k, v in psi]})
-    return out
+    try:
+        record = latest_psi(platform.storage, name)
+        if not record:
+            return None
+        folder = record.get("report") or ""
+        report = platform.storage.read_json(f"{folder}/report.json") if folder and platform.storage.exists(f"{folder}/report.json") else {}
+    except PlatformError as exc:
+        log.info("operations: monitoring of %s unavailable: %s", name, exc)
+        return None
+    bound = report.get("bound")
+    psi = sorted(((k, v) for k, v in (record.get("psi") or {}).items()), key=lambda kv: -(kv[1] if kv[1] is not None else -1.0))
+    return {"model": name, "version": record.get("version"), "at": record.get("created_at"), "report": folder,
+            "decisions": report.get("decisions"), "reference": report.get("reference") or {}, "bound": bound,
+            "window": report.get("window") or {}, "flagged": report.get("flagged") or [],
+            "psi": [{"column": k, "psi": v, "shift": bound is not None and v is not None and v >= bound} for k, v in psi]}
