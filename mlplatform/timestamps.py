@@ -12,7 +12,7 @@ join, the window kernel, backfills, materialization, push and the online store.
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import numpy as np
@@ -110,6 +110,10 @@ def micros_and_valid(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np
     return values, np.ones(values.size, dtype=bool)
 
 
+#: Years a plain datetime is converted in directly (the nanosecond Timestamp's whole years).
+_PANDAS_YEARS = (1678, 2261)
+
+
 def parse_instant(value: Any, what: str) -> datetime:
     """One point in time as a UTC-aware datetime, truncated to microseconds.
 
@@ -123,6 +127,11 @@ def parse_instant(value: Any, what: str) -> datetime:
     Raises:
         DataError: the value is not a point in time (None included).
     """
+    if type(value) is datetime and _PANDAS_YEARS[0] <= value.year <= _PANDAS_YEARS[1]:
+        # A plain datetime is already whole microseconds: converted without pandas (~25 us
+        # less a call, which a served model's input builder pays per request). Far years take
+        # the path below, so the edges of the calendar fail as they did.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, date) and not isinstance(value, datetime):
         value = datetime(value.year, value.month, value.day)
     try:
