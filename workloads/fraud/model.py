@@ -91,6 +91,10 @@ def flops_per_sample(config: TransformerConfig, *, training: bool = True) -> flo
 class FraudTransformer(nn.Module):
     """Encoder over ``K`` history tokens plus the current application; one logit per row."""
 
+    #: ``forward``'s control flow depends on input shapes only (the ``max_events`` check), not
+    #: on values, so the torch flavor may serve it from a recorded graph (``torch_graphs``).
+    trace_safe = True
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FraudTransformer:
         """The model built from ``TransformerConfig.to_json()`` (how the torch flavor builds it).

@@ -34,6 +34,10 @@ Loading never unpickles: the weights are read with ``safetensors.torch.load`` (a
 and raw tensor bytes), and bytes that are not a safetensors file — a ``torch.save`` pickle,
 say — are refused before anything parses them. Importing the class does run the code of its
 module: that code must be installed where the model loads (the lineage records its commit).
+
+A class that sets ``trace_safe = True`` (its ``forward`` has no control flow that depends on
+input values) has its fp32 forward run, for shapes called often, from a graph recorded by
+``torch.jit.trace`` and checked equal to eager bit for bit (``torch_graphs``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from mlplatform.models.flavors.base import (
     datatype_of,
     numpy_dtype,
 )
+from mlplatform.models.flavors.torch_graphs import ShapeGraphs, traceable
 
 if TYPE_CHECKING:
     import torch
@@ -186,6 +191,8 @@ class TorchPredictor:
         self.transform = transform
         self.device = device
         self.precision = precision
+        # fp32 forwards of a trace_safe class run hot shapes from recorded graphs (torch_graphs)
+        self.graphs = ShapeGraphs(module) if precision == "fp32" and traceable(module) else None
 
     def __repr__(self) -> str:
         return f"TorchPredictor({type(self.module).__name__}, device={str(self.device)!r}, precision={self.precision!r})"
@@ -222,7 +229,7 @@ class TorchPredictor:
         with torch.inference_mode():
             try:
                 with autocast:
-                    raw = self.module(**tensors)
+                    raw = self.graphs(tensors) if self.graphs is not None else self.module(**tensors)
             except (IndexError, ValueError) as exc:
                 raise DataError(f"the model refused the inputs: {exc}") from None
             outputs = _named_outputs(self.signature, raw)
