@@ -18,7 +18,9 @@ cut into behaviour sequences by ``sequences_from_tables`` (training's kernel), a
 arrays the model server hands the predictor (``online.input_arrays``). Call ``i`` of a point
 takes the next ``batch`` rows (wrapping round).
 
-**Timed.** ``predictor.predict(arrays)``: the inputs checked against the signature, copied to
+**Timed.** ``predictor.predict(arrays)`` (for fp32, also ``predict (eager)``: the same
+predictor with its recorded graphs off, ``torch_graphs``, interleaved; their scores are checked
+equal byte for byte first): the inputs checked against the signature, copied to
 the device, the forward pass under ``inference_mode`` (and ``torch.autocast(bfloat16)`` for
 bf16, as the flavor runs ``precision="bf16"``), the sigmoid in FP64, the outputs copied back to
 the host (on CUDA that copy waits for the kernels, so a call's time includes them). Each point:
@@ -247,14 +249,24 @@ def main() -> None:
     for device, precision in [] if args.no_predict else targets:
         _, predictor = platform.models.load_predictor("fraud", version=version, device=device, precision=precision)
         params = params or sum(p.numel() for p in predictor.module.parameters())
+        paths = [("predict", predictor)]
+        if getattr(predictor, "graphs", None) is not None:  # also the same forward run eagerly, interleaved
+            _, eager = platform.models.load_predictor("fraud", version=version, device=device, precision=precision)
+            eager.graphs = None
+            paths.append(("predict (eager)", eager))
         for batch in args.batches:
             inputs = batches_of(arrays, batch, max(1, min(64, -(-n // batch))))
-            result = time_calls(predictor.predict, inputs, rows=batch, seconds=args.seconds, min_calls=args.min_calls,
-                                warmup=args.warmup)
-            result.update(path="predict", device=gpu if device == "cuda" else "cpu", precision=precision, batch=batch)
-            rows.append(result)
-            print(f"predict {device:4s} {precision} b={batch:4d}  {result['samples_s']:10.0f} samples/s  p50 {result['p50']:7.3f} ms  "
-                  f"p99 {result['p99']:7.3f} ms  ({result['calls']} calls)", flush=True)
+            outputs = [p.predict(inputs[0])["probability"] for _, p in paths]
+            if any(o.tobytes() != outputs[0].tobytes() for o in outputs):
+                raise SystemExit(f"the recorded forward's scores differ from eager ones at batch {batch}")
+            for path, model in paths:
+                result = time_calls(model.predict, inputs, rows=batch, seconds=args.seconds, min_calls=args.min_calls,
+                                    warmup=args.warmup)
+                result.update(path=path, device=gpu if device == "cuda" else "cpu", precision=precision, batch=batch)
+                rows.append(result)
+                print(f"{path:15s} {device:4s} {precision} b={batch:4d}  {result['samples_s']:10.0f} samples/s  p50 "
+                      f"{result['p50']:7.3f} ms  p99 {result['p99']:7.3f} ms  CPU {result['cpu_ms']:7.3f} ms/call  "
+                      f"({result['calls']} calls)", flush=True)
 
     if not args.no_builder:
         from mlplatform.serving.catalog import FeatureCatalog

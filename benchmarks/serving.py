@@ -168,7 +168,8 @@ def build_platform(root: Path, redis_url: str | None, deadline: str = "50ms"):
     config = {
         "storage": {"root": str(root)},
         "ray": {"num_cpus": os.cpu_count()},
-        "serving": {"port": _free_port(), "api_key_env": "MLP_BENCH_KEY", "deadline": deadline},
+        "serving": {"port": _free_port(), "api_key_env": "MLP_BENCH_KEY", "deadline": deadline,
+                    "api_key_roles": ["decide", "predict", "read_features", "operate"]},
     }
     if redis_url:
         config["online_store"] = {"type": "redis", "url": redis_url}
@@ -579,6 +580,12 @@ def main() -> None:
     if "decision2" in targets:
         statuses = rule_statuses(platform, two_spool, measured_from)
         print(f"fraud rule in two-model decisions (decision log): {statuses}")
+    for kind, base in (("decision", deployed.url), ("decision2", f"{deployed.url}/two")):
+        if kind in targets:
+            try:
+                print(f"{kind}: {replica_batches(base, args.replicas)}")
+            except OSError as exc:  # urllib's errors: the figures are extra, the run's results stand
+                print(f"{kind}: replica batches not read: {exc}")
 
     platform.serving.shutdown()
     if two_models:
@@ -588,6 +595,26 @@ def main() -> None:
     if redis is not None:
         redis.terminate()
     platform.close()
+
+
+def replica_batches(base: str, replicas: int) -> str:
+    """Decisions per micro-batch since each replica started (``/v1/internal/replica``; each
+    GET reaches one replica, so a few are tried)."""
+    import urllib.request
+
+    seen: dict[str, dict] = {}
+    for _ in range(8 * replicas):
+        request = urllib.request.Request(f"{base}/v1/internal/replica", headers={"X-API-Key": KEY})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            doc = json.loads(response.read())
+        seen[doc["replica_id"]] = doc
+        if len(seen) == replicas:
+            break
+    parts = []
+    for doc in seen.values():
+        d = doc["batches"]["decide"]
+        parts.append(f"{d['requests'] / max(1, d['batches']):.2f}")
+    return f"decisions a micro-batch {', '.join(parts)} ({len(seen)} of {replicas} replicas, since each started)"
 
 
 def _wait_answering(url: str, timeout: float = 300.0) -> None:
