@@ -175,8 +175,13 @@ def test_prometheus_sees_freshness_rise_past_the_alert_when_the_feed_stops(serve
         feeding.clear()  # the stream stops; checkouts go on, served the last value
         stopped = time.monotonic()
         wait_for("FeatureStale to fire", lambda: firing(prometheus, "FeatureStale", model="underwriting", view=VIEW), 60, explain)
-        (age,) = query(prometheus, age_query).values()
+        # The alert's own expression, evaluated now (at or after the alert's evaluation). The
+        # recorded mlp:feature_age_seconds lives in another rule group, evaluated up to an
+        # interval earlier: a fresh clone's run read 24.85 s from it just after the alert fired.
+        (age,) = query(prometheus, f'time() - max by (model, view) (ray_mlp_feature_newest_event_timestamp_seconds'
+                                   f'{{model="underwriting",view="{VIEW}"}})').values()
         assert age > STALE_AFTER_S
+        wait_for("the recorded age past the threshold", lambda: next(iter(query(prometheus, age_query).values()), 0) > STALE_AFTER_S, 10, explain)
         assert time.monotonic() - stopped >= STALE_AFTER_S - 12  # it rose: it did not start stale
 
         # The report's PSI, read by the replicas every 30 s and exported as gauges.
