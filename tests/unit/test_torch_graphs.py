@@ -67,7 +67,10 @@ def test_an_input_the_graph_rejects_gets_the_eager_error(platform):
     bad = {**good, "category": np.full_like(good["category"], 10_000)}
     with pytest.raises(DataError, match="refused the inputs"):
         predictor.predict(bad)
-    np.testing.assert_array_equal(predictor.predict(good)["probability"], predictor.predict(good)["probability"])
+    _, eager = platform.models.load_predictor("fraud")
+    eager.graphs = None
+    np.testing.assert_array_equal(predictor.predict(good)["probability"], eager.predict(good)["probability"])  # still served right
+    assert predictor.graphs.recorded == 1
 
 
 def test_a_recording_that_differs_from_eager_keeps_the_shape_eager(caplog):
