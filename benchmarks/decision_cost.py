@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default=None, help="also run the platform's code as of this git revision, alternately")
     args = parser.parse_args()
     if args.baseline_rev:
-        side_by_side(args.baseline_rev, args.rounds)
+        side_by_side(args)
         return
 
     from mlplatform.serving.catalog import FeatureCatalog
@@ -166,18 +166,18 @@ def main() -> None:
     platform.close()
 
 
-def side_by_side(rev: str, rounds: int) -> None:
-    """Rounds of: this script (without ``--baseline-rev``, one round) on ``rev``'s code, then
-    on the current tree's; each process's result lines are printed under its label."""
+def side_by_side(args: argparse.Namespace) -> None:
+    """Rounds of: this script (one round, same measurements) on ``args.baseline_rev``'s code,
+    then on the current tree's; each process's result lines are printed under its label."""
     import shutil
     import subprocess
 
-    here = Path(__file__).resolve().parent
-    repo = here.parent
+    rev, rounds = args.baseline_rev, args.rounds
+    repo = Path(__file__).resolve().parent.parent
     tree = Path(tempfile.mkdtemp(prefix="mlp-baseline-"))
     subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev], check=True, capture_output=True)
-    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--baseline-rev" and sys.argv[i] != "--baseline-rev"]
-    argv = [a for i, a in enumerate(argv) if a != "--rounds" and (i == 0 or argv[i - 1] != "--rounds")]
+    argv = ["--batch", *map(str, args.batch), "--decisions", str(args.decisions),
+            *(["--two-models"] if args.two_models else []), *(["--monitoring"] if args.monitoring else [])]
     try:
         for r in range(1, rounds + 1):
             for label, path in ((f"baseline {rev}", str(tree)), ("current", "")):

@@ -19,7 +19,7 @@ When a graph is used:
   one-off shapes — batch scoring's last, shorter batch — never pay for a trace (~20-60 ms);
 - the recording must give the eager outputs of that call exactly (``torch.equal``), else the
   shape stays eager for good and a warning says so;
-- at most ``MAX_GRAPHS`` shapes are recorded per module; others run eagerly.
+- at most ``MAX_GRAPHS`` shapes are tried per module (kept or left eager); others run eagerly.
 
 Because a graph's outputs equal eager outputs bit for bit, replay (which may score a row
 eagerly, in a process where that shape is not hot) recomputes a served score exactly.
