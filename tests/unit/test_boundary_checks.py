@@ -251,3 +251,29 @@ def test_unconfirmed_answers_added_by_another_replica_are_found_at_once(tmp_path
     threading.Event().wait(0.06)
     assert reader.get("app-0") == '{"answer":0}' and reader.get("app-59") == '{"answer":59}'
     assert reader.get("never") is None and reader.any()
+
+
+def test_unconfirmed_lookups_list_the_folders_only_after_a_counted_change(tmp_path, monkeypatch):
+    """A new application (not in the index) costs one stat, not a listing of folders that can
+    keep an hour of answers, even right after a change; a change is seen at the next lookup."""
+    import mlplatform.serving.decisions.unconfirmed as unconfirmed
+
+    listed = []
+    real = unconfirmed._listdir
+    monkeypatch.setattr(unconfirmed, "_listdir", lambda folder: listed.append(folder) or real(folder))
+    writer = UnconfirmedAnswers(tmp_path / "unconfirmed")
+    writer.add_many([("first", '{"a":1}')])
+    reader = UnconfirmedAnswers(tmp_path / "unconfirmed")  # the folder changed a moment ago
+    listed.clear()
+    assert all(reader.get(f"new-{i}") is None for i in range(200)) and listed == []
+    writer.add_many([("second", '{"a":2}')])
+    assert reader.get("second") == '{"a":2}' and len(listed) == 2  # both folders, once
+    assert reader.get("new-x") is None and len(listed) == 2
+    store = SqliteIdempotencyStore(tmp_path / "d.db")
+    assert writer.sync(store) == (2, 0)  # moved to synced/: a counted change, still found
+    assert reader.get("first") == '{"a":1}'
+    # A writer that does not count its changes (an older replica): ``any`` sees the folder's
+    # mtime move within 0.2 s, and the answer is found from then on.
+    (tmp_path / "unconfirmed" / "00000000000000000001-1-0.answers").write_text('third\t{"a":3}\n')
+    threading.Event().wait(0.25)
+    assert reader.any() and reader.get("third") == '{"a":3}'

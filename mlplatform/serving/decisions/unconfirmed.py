@@ -12,8 +12,13 @@ replica of the node shares: one small file per micro-batch (``<time>-<pid>-<n>.a
 line ``application_id<TAB>answer`` per decision, fsynced, renamed into place, the folder
 fsynced), so an outage costs one fsync a batch, not one a decision. Every replica checks this
 folder for a retried application before deciding it anew (``get``, from an index of the
-files it has read, listed again only when a folder's mtime changed; ``any`` keeps the check
-free while the folder is empty), and each one's housekeeping writes the answers into the store as soon as it
+files it has read; ``any`` keeps the check free while the folder is empty). The folders are
+listed again only after a change: every writer, after adding, moving or removing files,
+appends one byte to the folder's ``.changes`` file, whose size (exact, unlike an mtime of a
+coarse clock) ``get`` compares with the size read before its last listing — one ``stat`` a
+new application, however many files the folder keeps. ``any`` also lists them when a
+folder's mtime moved (every 0.2 s at most), for a writer that does not count its changes.
+Each replica's housekeeping writes the answers into the store as soon as it
 answers again (``sync``), first writer wins: the store's ``put_if_absent_many`` keeps an
 answer that is already there, and that case is counted as a conflict and logged. Synced files
 move to ``synced/`` and stay readable for an hour, so a retry that reaches the node during a
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = ".answers"
 _SYNCED = "synced"
+_CHANGES = ".changes"  # one byte appended per change of either folder (see the module docstring)
 #: How long answers stay readable here after the store took them: a retry that reaches this
 #: node while the store is unreachable again still finds its first answer.
 RETENTION_S = 3600.0
@@ -63,6 +69,8 @@ class UnconfirmedAnswers:
         self._waiting = True
         self._looked = 0.0
         self._stamps: tuple[int, int] | None = None  # both folders' mtimes at the last listing, when settled
+        self._changes = os.path.join(self.folder, _CHANGES)
+        self._counted: tuple[int, int] | None = None  # the .changes file's (inode, size) before the last listing
         self.refresh()
 
     def add_many(self, entries: list[tuple[str, str]]) -> None:
@@ -83,6 +91,7 @@ class UnconfirmedAnswers:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._count_change()
         with self._lock:
             for application_id, answer in entries:
                 self._index.setdefault(application_id, answer)
@@ -92,7 +101,7 @@ class UnconfirmedAnswers:
     def any(self) -> bool:
         """Whether the folder may hold answers (looked at again at most every 0.2 s)."""
         if time.monotonic() - self._looked > 0.2:
-            if self._changed():
+            if self._changed() or self._count() != self._counted:
                 self.refresh()
             else:
                 self._looked = time.monotonic()
@@ -100,9 +109,11 @@ class UnconfirmedAnswers:
 
     def refresh(self) -> None:
         """Read files other replicas added since the last look (waiting and synced ones)."""
-        # The folders' mtimes, read before listing them: a file added or moved later changes
-        # them, so ``get`` can skip the listing while they are unchanged (see ``_changed``).
+        # The count of changes and the folders' mtimes, read before listing them: a file added,
+        # moved or removed later changes them, so ``get`` (the count) and ``any`` (both) can
+        # skip the listing while they are unchanged.
         before = time.time_ns()
+        counted = self._count()
         stamps = _mtimes(self.folder, self.synced)
         waiting = {n for n in _listdir(self.folder) if n.endswith(_SUFFIX)}
         kept = {os.path.join(_SYNCED, n) for n in _listdir(self.synced) if n.endswith(_SUFFIX)}
@@ -121,6 +132,7 @@ class UnconfirmedAnswers:
             # leave an mtime as it was.
             settled = stamps is not None and max(stamps) < before - self._settled_ns
             self._stamps = stamps if settled else None
+            self._counted = counted
         self._looked = time.monotonic()
 
     def _changed(self) -> bool:
@@ -134,9 +146,9 @@ class UnconfirmedAnswers:
 
     def get(self, application_id: str) -> str | None:
         """The kept answer of ``application_id``, or None (the folders are listed again first
-        if the index does not have it and a folder changed since the last listing)."""
+        if the index does not have it and a change was counted since the last listing)."""
         answer = self._index.get(application_id)
-        if answer is None and self._nonempty and self._changed():
+        if answer is None and self._nonempty and self._count() != self._counted:
             self.refresh()
             answer = self._index.get(application_id)
         return answer
@@ -174,18 +186,39 @@ class UnconfirmedAnswers:
                 os.replace(os.path.join(self.folder, name), os.path.join(self.synced, name))
             except FileNotFoundError:
                 pass  # another replica of the node synced it
+        self._count_change()
         self.refresh()
         return len(pairs) - conflicts, conflicts
 
     def _expire(self) -> None:
         cutoff = time.time() - self.retention_s
+        removed = False
         for name in _listdir(self.synced):
             path = os.path.join(self.synced, name)
             try:
                 if os.stat(path).st_mtime < cutoff:
                     os.remove(path)
+                    removed = True
             except FileNotFoundError:
                 pass
+        if removed:
+            self._count_change()
+
+    def _count_change(self) -> None:
+        """Tell the node's other replicas that a folder changed (after the change is made)."""
+        fd = os.open(self._changes, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b".")
+        finally:
+            os.close(fd)
+
+    def _count(self) -> tuple[int, int]:
+        """The ``.changes`` file's (inode, size); (0, 0) before anyone counted a change."""
+        try:
+            st = os.stat(self._changes)
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_ino, st.st_size)
 
 
 def _entries(path: str) -> list[tuple[str, str]]:
