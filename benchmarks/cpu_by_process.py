@@ -7,7 +7,8 @@ process a benchmark's time goes to (replicas of each Serve application, HAProxy,
 Each line of the output file is one second: ``machine`` (CPU seconds of the whole machine,
 ``/proc/stat``) and the CPU seconds of each group of processes (``/proc/<pid>/stat`` user +
 system): Ray actors by their title (``ServeReplica`` of the default application,
-``ServeReplica:two-models`` of ``benchmarks/serving.py``'s second one), other processes by
+``ServeReplica:two-models`` of ``benchmarks/serving.py``'s second one, ``ServeReplica:baseline``
+of its bare baseline, kept apart so it is not counted as the decision's), other processes by
 name. ``--summary`` averages the seconds in which one of the two applications' replicas was
 busy (> 0.5 CPU) and the other idle (< 0.1): divide a replica group's CPU by that point's
 rps for its CPU a request. Linux only.
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 
-GROUPS = ("ServeReplica:two-models", "ServeReplica", "haproxy", "wrk", "raylet", "gcs_server", "ServeController", "python")
+GROUPS = ("ServeReplica:two-models", "ServeReplica:baseline", "ServeReplica", "haproxy", "wrk", "raylet", "gcs_server", "ServeController", "python")
 
 
 def snapshot() -> tuple[dict[str, tuple[str, int]], int]:
