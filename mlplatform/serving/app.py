@@ -78,7 +78,7 @@ from ray import serve
 
 from mlplatform.errors import NotFoundError, PlatformError
 from mlplatform.serving.feature_batches import lookup_many, push_frame
-from mlplatform.serving.decision_route import DecisionRoute
+from mlplatform.serving.fast_routes import FastRoutes
 from mlplatform.serving.guard import Guard
 from mlplatform.serving.ui_mount import UiMount
 from mlplatform.serving.http import ERROR_RESPONSES, app, error_response, platform_error_response
@@ -215,7 +215,8 @@ class ServingReplica(ModelRoutes):
         self._housekeeping.start()
         self._syncing = threading.Thread(target=self._sync_unconfirmed, name="serving-unconfirmed", daemon=True)
         self._syncing.start()
-        DecisionRoute.serve(self.decide)  # valid applications skip FastAPI's routing (mlplatform.serving.decision_route)
+        # valid decisions and lookups skip FastAPI's routing (mlplatform.serving.fast_routes)
+        FastRoutes.serve({"/v1/decisions": (DecisionRequest, self.decide), "/get-online-features": (FeatureRequest, self.get_online_features)})
         log.info("replica %s (pid %d) ready; model %s", self.replica_id, os.getpid(), self._model_ref())
 
     def _offers(self) -> Any:
@@ -613,7 +614,7 @@ class ServingReplica(ModelRoutes):
             self.model_server.stop()
         if hasattr(self, "log"):
             self.log.close()  # rolls the open segment so any compactor may take it
-        DecisionRoute.serve(None)
+        FastRoutes.serve({})
         for pool in ("_io", "_disk"):
             if hasattr(self, pool):
                 getattr(self, pool).shutdown(wait=False, cancel_futures=True)

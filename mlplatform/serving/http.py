@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from mlplatform.errors import DataError, DefinitionError, NotFoundError, PlatformError
 from mlplatform.online.base import OnlineStoreUnavailable
-from mlplatform.serving.decision_route import DecisionRoute
+from mlplatform.serving.fast_routes import FastRoutes
 from mlplatform.serving.guard import Guard
 from mlplatform.serving.schemas import ErrorResponse
 from mlplatform.serving.ui_mount import UiMount
@@ -42,7 +42,7 @@ app = FastAPI(
     redoc_url=None,
     openapi_url="/openapi.json",
 )
-app.add_middleware(DecisionRoute)  # inside Guard (added last, so outermost): keys and sizes are checked first
+app.add_middleware(FastRoutes)  # inside Guard (added last, so outermost): keys and sizes are checked first
 app.add_middleware(Guard)
 app.mount("/ui", UiMount())  # the web UI (mlplatform.ui), built in each replica from its config
 _EXTRA_SCHEMAS: list[type[BaseModel]] = []
