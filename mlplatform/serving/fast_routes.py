@@ -16,7 +16,7 @@ sits outside this middleware. The routes stay FastAPI's for the OpenAPI document
 Why: in a decision replica the event loop holds the GIL about two thirds of the time, and a
 quarter of that went to FastAPI's and Starlette's layers around the handler (route matching
 over every route, five middlewares, dependency solving): ~180 µs of CPU a request.
-BENCHMARKS.md has the figures (``benchmarks/decision_route.py``).
+BENCHMARKS.md has the figures (``benchmarks/fast_routes.py``).
 
 One serving replica per process: the routes are a class attribute, as ``Guard``'s keys are.
 """
