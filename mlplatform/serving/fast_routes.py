@@ -29,6 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from mlplatform.serving.guard import replay_body
+
 __all__ = ["FastRoutes"]
 
 Handler = Callable[[Any], Awaitable[Any]]
@@ -68,7 +70,7 @@ class FastRoutes:
             except Exception:  # not JSON, or refused by the schema: FastAPI answers it, as before
                 request = None
         if request is None:
-            return await self.app(scope, _replay(body, receive), send)
+            return await self.app(scope, replay_body(body, receive), send)
         response = await handler(request)
         await response(scope, receive, send)
 
@@ -80,16 +82,3 @@ def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
             return value
     return None
 
-
-def _replay(body: bytes, receive: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
-    """A ``receive`` that gives ``body`` (already read) first, then whatever the client sends."""
-    pending: bytes | None = body
-
-    async def replay() -> dict[str, Any]:
-        nonlocal pending
-        if pending is None:
-            return await receive()
-        out, pending = {"type": "http.request", "body": pending, "more_body": False}, None
-        return out
-
-    return replay

@@ -34,9 +34,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["DECISION_MAX_BYTES", "MAX_BODY_BYTES", "ROUTE_ROLES", "Guard", "role_for"]
+__all__ = ["DECISION_MAX_BYTES", "MAX_BODY_BYTES", "ROUTE_ROLES", "Guard", "replay_body", "role_for"]
 
 DECISION_MAX_BYTES = 16 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -110,16 +111,7 @@ class Guard:
                 return await _send_json(send, 413, _too_large(limit))
             if not message.get("more_body"):
                 break
-        body: bytes | None = b"".join(chunks)
-
-        async def replay() -> dict[str, Any]:
-            nonlocal body
-            if body is None:  # the body was handed on: what follows (a disconnect) comes from the client
-                return await receive()
-            out, body = {"type": "http.request", "body": body, "more_body": False}, None
-            return out
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replay_body(b"".join(chunks), receive), send)
 
     def _roles(self, key: bytes | None) -> frozenset[str] | None:
         """The roles of ``key``; None when it is not a configured key."""
@@ -131,6 +123,21 @@ class Guard:
             if hmac.compare_digest(digest, expected):
                 found = roles if found is None else found | roles
         return found
+
+
+def replay_body(body: bytes, receive: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A ``receive`` that gives ``body`` (already read) first, then whatever the client sends
+    (a disconnect), for an app that reads the body again."""
+    pending: bytes | None = body
+
+    async def replay() -> dict[str, Any]:
+        nonlocal pending
+        if pending is None:
+            return await receive()
+        out, pending = {"type": "http.request", "body": pending, "more_body": False}, None
+        return out
+
+    return replay
 
 
 def _too_large(limit: int) -> dict[str, Any]:
